@@ -1,0 +1,57 @@
+"""What every entry point needs, built once: settings, the database engine, the event log, the
+fleet. The CLI, the HTTP app, the scheduler and the shell all start from ``Context.load``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from sqlalchemy import Engine
+
+from core.errors import DbopsError
+from core.fleet import Fleet, load_fleet
+from core.settings import Settings, load_settings
+from storage.db import make_engine
+from storage.events import EventLog
+from storage.migrate import SchemaError, check_schema
+
+log = logging.getLogger("dbops")
+
+
+@dataclass
+class Context:
+    settings: Settings
+    _fleet: Fleet | None = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, **overrides: object) -> Context:
+        return cls(load_settings(**overrides))
+
+    @cached_property
+    def engine(self) -> Engine:
+        return make_engine(self.settings.database_url)
+
+    @cached_property
+    def events(self) -> EventLog:
+        return EventLog(self.engine)
+
+    def ready(self) -> Context:
+        """Refuse to go on against a database whose schema is not this version's."""
+        try:
+            check_schema(self.engine)
+        except SchemaError as exc:
+            raise DbopsError(str(exc)) from None
+        return self
+
+    @property
+    def fleet(self) -> Fleet:
+        if self._fleet is None:
+            if self.settings.dbops_fleet is None:
+                raise DbopsError(
+                    "No fleet configured.",
+                    hint="Set DBOPS_FLEET to your fleet.toml, or try `dbops demo` for a sandbox.",
+                )
+            self._fleet = load_fleet(self.settings.dbops_fleet)
+        return self._fleet

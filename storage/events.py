@@ -1,0 +1,561 @@
+"""The append-only, hash-chained event log.
+
+Every command, button press, job run, alert, escalation step, message and remote command is an
+event. Each row's ``hash`` is sha256 over the previous row's hash and a canonical JSON of the row
+(sorted keys, UTC ISO-8601 timestamps, no floats), computed here in Python and never from the
+database's own rendering of JSON, so SQLite and PostgreSQL chains verify the same way.
+
+Writers are serialised so the chain never forks: ``BEGIN IMMEDIATE`` on SQLite, a
+transaction-level advisory lock on PostgreSQL. Inside the lock the head is read, ids are assigned
+head + 1, ... (no gaps), and a (source, source_id) that is already stored returns the stored event
+and writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from enum import Enum
+from functools import lru_cache
+from pathlib import PurePath
+from typing import Any
+
+from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from storage.db import is_sqlite
+from storage.models import Event
+
+GENESIS = "0" * 64
+# pg_advisory_xact_lock key: the bytes "dbopsevt" read as a signed 64-bit integer.
+PG_LOCK_KEY = int.from_bytes(b"dbopsevt", "big", signed=True)
+REDACTED = "[redacted]"
+
+_SECRET_KEY = re.compile(
+    r"pass(word|wd)?|token|secret|dsn|api[_-]?key|authori[sz]ation|private[_-]?key|credential|cookie",
+    re.IGNORECASE,
+)
+# user:password@ in URLs, and password=... in libpq connection strings.
+_URL_PASSWORD = re.compile(r"(?P<pre>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]+)(?=@)", re.I)
+_KV_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.I)
+_BEARER = re.compile(
+    r"(?P<pre>\b(?:bearer\s+|xox[abpr]-|sk_(?:live|test)_|whsec_))(?P<pw>[\w.-]+)", re.I
+)
+
+
+def scrub_text(text: str) -> str:
+    """Mask passwords inside URLs and connection strings, and bearer/Slack/Stripe tokens."""
+    text = _URL_PASSWORD.sub(lambda m: m["pre"] + "***", text)
+    text = _KV_PASSWORD.sub(lambda m: m["pre"] + "***", text)
+    return _BEARER.sub(lambda m: m["pre"] + "***", text)
+
+
+_MAYBE_SECRET = re.compile(r"://|password|bearer|xox|sk_|whsec_", re.IGNORECASE)
+
+
+@lru_cache(maxsize=4096)
+def _secret_key(key: str) -> bool:
+    return _SECRET_KEY.search(key) is not None
+
+
+def sanitise(value: Any, key: str | None = None) -> Any:
+    """The payload as it is stored and hashed: secrets redacted, only JSON types, no floats.
+
+    Floats become strings (their repr) because their JSON rendering is not canonical across
+    databases and drivers; datetimes become UTC ISO-8601 strings.
+    """
+    if key is not None and _secret_key(key):
+        return REDACTED if value not in (None, "") else value
+    kind = type(value)
+    if kind is dict:
+        return _sanitise_dict(value)
+    if kind is str:
+        return scrub_text(value) if _MAYBE_SECRET.search(value) else value
+    if value is None or kind is bool or kind is int:
+        return value
+    return _sanitise_other(value)
+
+
+def _sanitise_dict(value: Mapping[Any, Any]) -> dict[str, Any]:
+    # The hot path of every append: plain dicts of strings and ints, inlined.
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        key = k if type(k) is str else str(k)
+        kind = type(v)
+        if _secret_key(key):
+            out[key] = REDACTED if v not in (None, "") else v
+        elif kind is str:
+            out[key] = scrub_text(v) if _MAYBE_SECRET.search(v) else v
+        elif v is None or kind is int or kind is bool:
+            out[key] = v
+        elif kind is dict:
+            out[key] = _sanitise_dict(v)
+        else:
+            out[key] = _sanitise_other(v)
+    return out
+
+
+def _sanitise_other(value: Any) -> Any:
+    if isinstance(value, str):
+        return sanitise(str(value))
+    if isinstance(value, bool | int):
+        return int(value) if not isinstance(value, bool) else value
+    if isinstance(value, float | Decimal):
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
+        return repr(value) if isinstance(value, float) else str(value)
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return int(value.total_seconds()) if not value.microseconds else str(value.total_seconds())
+    if isinstance(value, Enum):
+        return sanitise(value.value)
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, Mapping):
+        return _sanitise_dict(value)
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
+        return [sanitise(v) for v in items]
+    return sanitise(str(value))
+
+
+def iso(ts: datetime) -> str:
+    """UTC ISO-8601 with microseconds and a Z; a naive datetime is taken to be UTC already."""
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+_str = json.encoder.encode_basestring  # the C encoder json.dumps uses with ensure_ascii=False
+
+
+def canonical(obj: Any) -> str:
+    """JSON with sorted keys, no whitespace, UTF-8 as is, and no NaN or infinity."""
+    return _ENCODER.encode(obj)
+
+
+def _opt(value: str | None) -> str:
+    return "null" if value is None else _str(value)
+
+
+def _body(
+    id_: int,
+    ts_iso: str,
+    kind: str,
+    actor: str | None,
+    subject: str | None,
+    payload_json: str,
+    source: str,
+    source_id: str | None,
+) -> str:
+    # Exactly canonical() of the row without its hashes, spelled out because it is the hot path
+    # of append_many; test_events_append checks that the two agree.
+    return (
+        f'{{"actor":{_opt(actor)},"id":{int(id_)},"kind":{_str(kind)},'
+        f'"payload":{payload_json},"source":{_str(source)},'
+        f'"source_id":{_opt(source_id)},"subject":{_opt(subject)},"ts":{_str(ts_iso)}}}'
+    )
+
+
+def _sha(prev_hash: str, body: str) -> str:
+    return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
+
+
+def row_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
+    """sha256 of the previous hash followed by the canonical JSON of the row."""
+    body = _body(
+        row["id"],
+        iso(row["ts"]),
+        row["kind"],
+        row["actor"],
+        row["subject"],
+        canonical(row["payload"]),
+        row["source"],
+        row["source_id"],
+    )
+    return _sha(prev_hash, body)
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    kind: str
+    subject: str | None = None
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    actor: str | None = None
+    source: str = "dbops"
+    source_id: str | None = None
+    ts: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    id: int
+    ts: datetime
+    kind: str
+    actor: str | None
+    subject: str | None
+    payload: dict[str, Any]
+    source: str
+    source_id: str | None
+    prev_hash: str
+    hash: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "ts": iso(self.ts),
+            "kind": self.kind,
+            "actor": self.actor,
+            "subject": self.subject,
+            "payload": self.payload,
+            "source": self.source,
+            "source_id": self.source_id,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    checked: int
+    bad_id: int | None = None
+    reason: str | None = None
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"event log intact: {self.checked} events, chain verified"
+        return f"event log tampered at event {self.bad_id}: {self.reason}"
+
+
+_T = Event.__table__  # type: ignore[attr-defined]
+_COLUMNS = (
+    "id",
+    "ts",
+    "kind",
+    "actor",
+    "subject",
+    "payload",
+    "source",
+    "source_id",
+    "prev_hash",
+    "hash",
+)
+
+
+def _payload(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        loaded: dict[str, Any] = json.loads(value)
+        return loaded
+    return dict(value or {})
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def _stored(row: Any) -> StoredEvent:
+    m = row._mapping
+    return StoredEvent(
+        id=m["id"],
+        ts=_aware(m["ts"]),
+        kind=m["kind"],
+        actor=m["actor"],
+        subject=m["subject"],
+        payload=_payload(m["payload"]),
+        source=m["source"],
+        source_id=m["source_id"],
+        prev_hash=m["prev_hash"],
+        hash=m["hash"],
+    )
+
+
+class EventLog:
+    """Append to, query and verify the event log on one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sqlite = is_sqlite(engine)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def append(
+        self,
+        kind: str,
+        subject: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        actor: str | None = None,
+        source: str = "dbops",
+        source_id: str | None = None,
+        ts: datetime | None = None,
+    ) -> StoredEvent:
+        new = NewEvent(kind, subject, payload or {}, actor, source, source_id, ts)
+        return self.append_many([new])[0]
+
+    def append_many(self, events: Sequence[NewEvent]) -> list[StoredEvent]:
+        """Append a batch in one transaction; returns one stored event per input, in order.
+
+        An input whose (source, source_id) is already stored, or repeats an earlier input of the
+        same batch, comes back as the event stored first.
+        """
+        if not events:
+            return []
+        for ev in events:
+            if not ev.kind or len(ev.kind) > 64 or not ev.source or len(ev.source) > 64:
+                raise ValueError("an event kind and source are 1-64 characters")
+            if ev.source_id is not None and len(ev.source_id) > 200:
+                raise ValueError("an event source_id is at most 200 characters")
+        # Redaction and JSON happen before the lock: they are most of the work.
+        payloads = [_sanitise_dict(ev.payload) for ev in events]
+        payload_json = [canonical(p) for p in payloads]
+        try:
+            # Duplicates are rare, so first try without looking for them: the unique constraint
+            # catches one, and the retry (still under the writers' lock) returns the stored event.
+            return self._append(events, payloads, payload_json, look_up=False)
+        except IntegrityError:
+            return self._append(events, payloads, payload_json, look_up=True)
+
+    def _append(
+        self,
+        events: Sequence[NewEvent],
+        payloads: list[dict[str, Any]],
+        payload_json: list[str],
+        *,
+        look_up: bool,
+    ) -> list[StoredEvent]:
+        opts = {"sqlite_begin": "IMMEDIATE"} if self._sqlite else {}
+        with self.engine.connect().execution_options(**opts) as conn, conn.begin():
+            self._lock(conn)
+            existing = self._existing(conn, events) if look_up else {}
+            head = conn.execute(self._head_sql).first()
+            next_id, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
+            now = datetime.now(UTC)
+            now_iso, now_param = iso(now), self._ts_param(now)
+            params: list[tuple[Any, ...]] = []
+            out: list[StoredEvent] = []
+            for ev, payload, pjson in zip(events, payloads, payload_json, strict=True):
+                key = (ev.source, ev.source_id)
+                if ev.source_id is not None and key in existing:
+                    out.append(existing[key])
+                    continue
+                ts, ts_iso, ts_param = now, now_iso, now_param
+                if ev.ts is not None:
+                    ts = _aware(ev.ts)
+                    ts_iso, ts_param = iso(ts), self._ts_param(ts)
+                subject = ev.subject[:200] if ev.subject else ev.subject
+                actor = ev.actor[:64] if ev.actor else ev.actor
+                body = _body(
+                    next_id, ts_iso, ev.kind, actor, subject, pjson, ev.source, ev.source_id
+                )
+                digest = _sha(prev, body)
+                stored = StoredEvent(
+                    next_id,
+                    ts,
+                    ev.kind,
+                    actor,
+                    subject,
+                    payload,
+                    ev.source,
+                    ev.source_id,
+                    prev,
+                    digest,
+                )
+                out.append(stored)
+                params.append(
+                    (
+                        next_id,
+                        ts_param,
+                        ev.kind,
+                        actor,
+                        subject,
+                        pjson,
+                        ev.source,
+                        ev.source_id,
+                        prev,
+                        digest,
+                    )
+                )
+                if ev.source_id is not None:
+                    existing[key] = stored
+                prev = digest
+                next_id += 1
+            if params:
+                # Straight to the driver's executemany: the JSON is already rendered, and
+                # SQLAlchemy's per-row type processing would triple the cost of a batch.
+                conn.exec_driver_sql(self._insert_sql, params)
+        return out
+
+    @property
+    def _head_sql(self) -> Any:
+        return select(_T.c.id, _T.c.hash).order_by(_T.c.id.desc()).limit(1)
+
+    @property
+    def _insert_sql(self) -> str:
+        marks = ", ".join(["?" if self._sqlite else "%s"] * len(_COLUMNS))
+        return f"INSERT INTO events ({', '.join(_COLUMNS)}) VALUES ({marks})"
+
+    def _ts_param(self, ts: datetime) -> Any:
+        # SQLAlchemy stores SQLite datetimes as naive text in this format; keep to it.
+        return ts.strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else ts
+
+    def _lock(self, conn: Connection) -> None:
+        if not self._sqlite:
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})")
+
+    def _existing(
+        self, conn: Connection, events: Sequence[NewEvent]
+    ) -> dict[tuple[str, str | None], StoredEvent]:
+        by_source: dict[str, set[str]] = {}
+        for e in events:
+            if e.source_id is not None:
+                by_source.setdefault(e.source, set()).add(e.source_id)
+        found: dict[tuple[str, str | None], StoredEvent] = {}
+        for source, ids in by_source.items():
+            wanted = sorted(ids)
+            for start in range(0, len(wanted), 500):
+                hits = self._hits(conn, source, wanted[start : start + 500])
+                if hits:
+                    for row in conn.execute(select(_T).where(_T.c.id.in_(hits))):
+                        ev = _stored(row)
+                        found[(ev.source, ev.source_id)] = ev
+        return found
+
+    def _hits(self, conn: Connection, source: str, source_ids: list[str]) -> list[int]:
+        """Ids of stored events with these source ids: index probes of uq_events_source."""
+        if self._sqlite:
+            stmt = select(_T.c.id).where(_T.c.source == source, _T.c.source_id.in_(source_ids))
+            return list(conn.execute(stmt).scalars())
+        # On PostgreSQL an IN list makes the planner scan every row of the source and filter
+        # (seconds per batch once the log has some thousands of rows); a join with unnest probes
+        # the unique index once per key.
+        rows = conn.exec_driver_sql(
+            "SELECT e.id FROM unnest(%s::text[]) AS k(sid) "
+            "JOIN events e ON e.source = %s AND e.source_id = k.sid",
+            (source_ids, source),
+        )
+        return [r[0] for r in rows]
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def query(
+        self,
+        *,
+        subject: str | None = None,
+        kind: str | None = None,
+        kind_prefix: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+        newest_first: bool = False,
+    ) -> list[StoredEvent]:
+        """Events matching every given filter, oldest first (or newest first), at most ``limit``.
+
+        Page forwards with ``after_id`` = the last id of the previous page.
+        """
+        stmt = select(_T)
+        conds = []
+        if subject is not None:
+            conds.append(_T.c.subject == subject)
+        if kind is not None:
+            conds.append(_T.c.kind == kind)
+        if kind_prefix is not None:
+            conds.append(_T.c.kind.startswith(kind_prefix, autoescape=True))
+        if since is not None:
+            conds.append(_T.c.ts >= _aware(since))
+        if until is not None:
+            conds.append(_T.c.ts < _aware(until))
+        if after_id is not None:
+            conds.append(_T.c.id > after_id)
+        if conds:
+            stmt = stmt.where(and_(*conds))
+        order = _T.c.id.desc() if newest_first else _T.c.id.asc()
+        stmt = stmt.order_by(order).limit(max(1, min(limit, 10_000)))
+        with self.engine.connect() as conn:
+            return [_stored(r) for r in conn.execute(stmt)]
+
+    def tail(self, n: int = 20) -> list[StoredEvent]:
+        return list(reversed(self.query(limit=n, newest_first=True)))
+
+    def about(self, subjects: Iterable[str], limit: int = 20) -> list[StoredEvent]:
+        """The newest events about any of ``subjects``, oldest first."""
+        subjects = list(subjects)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_T)
+                .where(or_(*[_T.c.subject == s for s in subjects]))
+                .order_by(_T.c.id.desc())
+                .limit(limit)
+            ).all()
+        return list(reversed([_stored(r) for r in rows]))
+
+    def get(self, source: str, source_id: str) -> StoredEvent | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(_T).where(_T.c.source == source, _T.c.source_id == source_id)
+            ).first()
+        return _stored(row) if row else None
+
+    def count(self) -> int:
+        from sqlalchemy import func
+
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(_T)).scalar_one())
+
+    def iter_all(self, batch: int = 2000) -> Iterator[StoredEvent]:
+        after = 0
+        while True:
+            page = self.query(after_id=after, limit=batch)
+            if not page:
+                return
+            yield from page
+            after = page[-1].id
+
+    # -- verifying -------------------------------------------------------------------------
+
+    def verify(self) -> Verdict:
+        """Walk the chain from the first event; name the first event that does not fit.
+
+        Catches an edited row (its hash no longer matches), a deleted row (a gap in the ids and
+        a broken link) and rows swapped or re-ordered (the links do not follow).
+        """
+        prev_hash, expected_id, checked = GENESIS, 1, 0
+        for ev in self.iter_all():
+            row = ev.__dict__
+            if ev.id != expected_id:
+                missing = (
+                    f"{expected_id}" if ev.id == expected_id + 1 else (f"{expected_id}-{ev.id - 1}")
+                )
+                return Verdict(
+                    False,
+                    checked,
+                    ev.id if ev.id > expected_id else expected_id,
+                    f"event(s) {missing} missing before it (deleted)"
+                    if ev.id > expected_id
+                    else "ids out of order",
+                )
+            if ev.prev_hash != prev_hash:
+                return Verdict(
+                    False,
+                    checked,
+                    ev.id,
+                    "its prev_hash does not match the event before it "
+                    "(rows re-ordered, swapped or replaced)",
+                )
+            if row_hash(prev_hash, row) != ev.hash:
+                return Verdict(False, checked, ev.id, "its contents do not match its hash (edited)")
+            prev_hash, expected_id, checked = ev.hash, ev.id + 1, checked + 1
+        return Verdict(True, checked)

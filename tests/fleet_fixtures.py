@@ -1,0 +1,1 @@
+"""Session-wide sandbox fleet fixtures."""
