@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from bot.context import Context
+from bot.tables import report_table
+from core import sandbox
+from core.customers import customer_from_mapping, list_customers, read_customers, upsert_customers
 from core.errors import DbopsError
+from core.names import not_found
+from core.ops import Ops
+from core.remote import trust_host
+from core.report import render_status_text, render_text
 from storage.events import iso
 from storage.migrate import current_revision, head_revision, upgrade
 
@@ -22,8 +30,14 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The dbops database itself.", no_args_is_help=True)
 events_app = typer.Typer(help="The append-only event log.", no_args_is_help=True)
+fleet_app = typer.Typer(help="Servers and customers.", no_args_is_help=True)
+sandbox_app = typer.Typer(
+    help="A fleet of real PostgreSQL clusters on this machine.", no_args_is_help=True
+)
 app.add_typer(db_app, name="db")
 app.add_typer(events_app, name="events")
+app.add_typer(fleet_app, name="fleet")
+app.add_typer(sandbox_app, name="sandbox")
 
 out = Console()
 err = Console(stderr=True)
@@ -103,6 +117,172 @@ def events_export() -> None:
     write = sys.stdout.write
     for e in ctx.events.iter_all():
         write(json.dumps(e.as_json(), ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, ensure_ascii=False, indent=2, default=str))
+
+
+def _ops(ctx: Context) -> Ops:
+    return Ops(ctx.fleet, ctx.engine, ctx.events)
+
+
+@app.command("report")
+def report_cmd(as_json: JsonFlag = False) -> None:
+    """The morning report (SOP-101): servers, databases, backups, disk, log errors."""
+    ctx = _ctx().ready()
+    ops = _ops(ctx)
+    try:
+        report = ops.report()
+    finally:
+        ops.close()
+    ctx.events.append(
+        "report.run",
+        "fleet",
+        {"summary": report["summary"], "duration_ms": report["duration_ms"]},
+        actor="cli",
+    )
+    if as_json:
+        _print_json(report)
+    elif out.is_terminal:
+        out.print(report_table(report, ctx.settings.tz))
+    else:
+        print(render_text(report, ctx.settings.tz))
+
+
+@app.command("status")
+def status_cmd(customer: str, as_json: JsonFlag = False) -> None:
+    """One customer's database, its server and its checks."""
+    ctx = _ctx().ready()
+    ops = _ops(ctx)
+    try:
+        status = ops.status(customer)
+    finally:
+        ops.close()
+    if as_json:
+        _print_json(status)
+    else:
+        print(render_status_text(status, ctx.settings.tz))
+
+
+@fleet_app.command("import")
+def fleet_import(path: Path) -> None:
+    """Add or update customers from a file: JSON (a list, or {"customers": [...]}, such as a
+    sandbox.json) or TOML with [[customers]] tables."""
+    ctx = _ctx().ready()
+    customers = [customer_from_mapping(c) for c in read_customers(path)]
+    for c in customers:
+        if c.server not in {s.name for s in ctx.fleet.servers}:
+            raise not_found("server", c.server, [s.name for s in ctx.fleet.servers])
+    count = upsert_customers(ctx.engine, customers)
+    ctx.events.append(
+        "fleet.import",
+        "customers",
+        {"file": str(path), "customers": [c.name for c in customers]},
+        actor="cli",
+    )
+    out.print(f"Imported {count} customers.")
+
+
+@fleet_app.command("trust")
+def fleet_trust(server: str) -> None:
+    """Fetch SERVER's SSH host key, show its fingerprint and record it in known_hosts."""
+    ctx = _ctx().ready()
+    srv = ctx.fleet.server(server)
+    fingerprint = trust_host(srv, ctx.fleet.known_hosts_path)
+    ctx.events.append(
+        "fleet.trust",
+        srv.name,
+        {"fingerprint": fingerprint, "known_hosts": str(ctx.fleet.known_hosts_path)},
+        actor="cli",
+    )
+    out.print(
+        f"{srv.name} ({srv.host}:{srv.ssh_port}) host key {fingerprint} recorded in "
+        f"{ctx.fleet.known_hosts_path}. Compare it with the server's own "
+        "`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` before you rely on it.",
+        highlight=False,
+    )
+
+
+@fleet_app.command("list")
+def fleet_list(as_json: JsonFlag = False) -> None:
+    """The servers of fleet.toml and the customers on each."""
+    ctx = _ctx().ready()
+    customers = list_customers(ctx.engine)
+    rows = [
+        {
+            "name": s.name,
+            "host": s.host,
+            "transport": s.transport,
+            "customers": [c.name for c in customers if c.server == s.name],
+        }
+        for s in ctx.fleet.servers
+    ]
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("server", "host", "via", "customers")
+    for r in rows:
+        table.add_row(r["name"], r["host"], r["transport"], ", ".join(r["customers"]))
+    out.print(table)
+
+
+SandboxDir = Annotated[Path, typer.Option("--dir", help="The sandbox directory.")]
+
+
+@sandbox_app.command("up")
+def sandbox_up(
+    directory: SandboxDir,
+    servers: Annotated[int, typer.Option(help="How many PostgreSQL clusters.")] = 3,
+    customers: Annotated[int, typer.Option(help="How many customer databases.")] = 15,
+    ssh: Annotated[
+        bool, typer.Option("--ssh", help="Reach each server through its own sshd.")
+    ] = False,
+) -> None:
+    """Start a sandbox fleet (or the one already in --dir); print its JSON; seed its customers
+    into DATABASE_URL."""
+    state = sandbox.up(directory, servers=servers, customers=customers, ssh=ssh)
+    ctx = _ctx()
+    upgrade(ctx.engine)
+    upsert_customers(ctx.engine, [customer_from_mapping(c) for c in state["customers"]])
+    ctx.events.append(
+        "sandbox.up",
+        "sandbox",
+        {"dir": str(directory), "servers": servers, "customers": customers, "ssh": ssh},
+        actor="cli",
+    )
+    _print_json(state)
+
+
+@sandbox_app.command("down")
+def sandbox_down(directory: SandboxDir) -> None:
+    """Stop every cluster, sshd and fault process of the sandbox (its files stay)."""
+    _print_json(sandbox.down(directory))
+
+
+@sandbox_app.command("break")
+def sandbox_break(directory: SandboxDir, fault: str, target: str) -> None:
+    """Break TARGET (a customer or server) with FAULT: db-down, server-down, connections,
+    idle-txn, lock, log-errors, backup-missing."""
+    _print_json(sandbox.break_fault(directory, fault, target))
+
+
+@sandbox_app.command("heal")
+def sandbox_heal(directory: SandboxDir) -> None:
+    """Undo every fault currently broken."""
+    _print_json(sandbox.heal(directory))
+
+
+def _register_surfaces() -> None:
+    """Commands that live beside the surfaces they start (Slack app, shell, demo)."""
+    try:
+        from bot import cli_slack
+    except ImportError:  # the Slack surface has not landed yet
+        return
+    cli_slack.register(app)
+
+
+_register_surfaces()
 
 
 def main() -> None:

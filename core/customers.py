@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
@@ -89,3 +92,25 @@ def upsert_customers(engine: Engine, customers: Iterable[Customer]) -> int:
             count += 1
         session.commit()
     return count
+
+
+def read_customers(path: Path) -> list[Mapping[str, Any]]:
+    """Customer entries from a JSON file (a list, or an object with "customers", such as a
+    sandbox.json) or a TOML file with [[customers]] tables."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DbopsError(f"cannot read {path}: {exc.strerror}.") from None
+    try:
+        data: Any = tomllib.loads(raw) if path.suffix == ".toml" else json.loads(raw)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise DbopsError(
+            f"{path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}"
+        ) from None
+    items = data.get("customers") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise DbopsError(
+            f"{path} holds no list of customers.",
+            hint='Use [{"name": ..., "server": ...}] or [[customers]] tables.',
+        )
+    return items

@@ -19,8 +19,8 @@ SERVER_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
 def _shown(value: str) -> str:
     """A short, printable rendering of a rejected value for an error message."""
-    text = value if len(value) <= 40 else value[:37] + "..."
-    return repr(text.encode("ascii", "backslashreplace").decode("ascii"))
+    text = value.encode("ascii", "backslashreplace").decode("ascii")
+    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
 def validate_name(value: str, what: str = "customer") -> str:

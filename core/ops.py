@@ -1,0 +1,114 @@
+"""The operations the bot, the shell and the CLI call: parse -> Ops -> render.
+
+One ``Ops`` per process holds the fleet, the customers' database, the event log and a pool of
+runners (one SSH connection per server, reused). Every method returns plain data (dicts and
+lists in the shapes of DESIGN.md); nothing here knows about Slack or terminals.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine
+
+from core.customers import Customer, get_customer, list_customers
+from core.errors import DbopsError
+from core.fleet import Fleet
+from core.names import not_found, validate_server_name
+from core.remote import RunnerPool
+from core.report import build_report, customer_status
+from storage.events import EventLog, StoredEvent
+
+# Slash commands must be answered within 3 s; status gets most of that, the report more
+# (it is posted after the ack, so its deadline is ours to choose).
+STATUS_DEADLINE_S = 2.5
+REPORT_DEADLINE_S = 10.0
+
+
+@dataclass
+class Ops:
+    fleet: Fleet
+    engine: Engine
+    events: EventLog
+    _pool: RunnerPool | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def runners(self) -> RunnerPool:
+        with self._lock:
+            if self._pool is None:
+                self._pool = RunnerPool(self.fleet, record=self._record)
+            return self._pool
+
+    def _record(self, kind: str, subject: str, payload: dict[str, Any]) -> None:
+        self.events.append(kind, subject, payload, actor="dbops")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def customer(self, name: str) -> Customer:
+        return get_customer(self.engine, name)
+
+    def customers(self) -> list[Customer]:
+        return list_customers(self.engine)
+
+    def status(self, name: str, *, deadline_s: float = STATUS_DEADLINE_S) -> dict[str, Any]:
+        """One customer's database, its server and the checks that matter, within the deadline."""
+        customer = self.customer(name)
+        runner = self.runners.get(customer.server)
+        result = customer_status(self.fleet, customer, runner, deadline_s=deadline_s)
+        result["plan"] = customer.plan
+        return result
+
+    def report(
+        self, *, deadline_s: float = REPORT_DEADLINE_S, open_incidents: Sequence[Any] = ()
+    ) -> dict[str, Any]:
+        return build_report(
+            self.fleet,
+            self.customers(),
+            self.runners,
+            deadline_s=deadline_s,
+            open_incidents=open_incidents,
+        )
+
+    def servers(self, *, deadline_s: float = 5.0) -> list[dict[str, Any]]:
+        """Every server with its reachability, PostgreSQL state and customer count."""
+        report = build_report(
+            self.fleet,
+            self.customers(),
+            self.runners,
+            deadline_s=deadline_s,
+            log_window=timedelta(minutes=5),
+        )
+        per_server: dict[str, int] = {}
+        for db in report["databases"]:
+            per_server[db["server"]] = per_server.get(db["server"], 0) + 1
+        out = []
+        for s in report["servers"]:
+            bad = [c for c in s["checks"] if c["verdict"] != "ok"]
+            out.append({**s, "customers": per_server.get(s["name"], 0), "problems": bad})
+        return out
+
+    def log(self, subject: str, *, limit: int = 20) -> list[StoredEvent]:
+        """The newest events about a customer, a server or an incident (``inc-12`` or ``12``)."""
+        subject = subject.strip()
+        if subject.isdigit() or subject.startswith("inc-"):
+            number = subject.removeprefix("inc-")
+            if not number.isdigit() or len(number) > 9:
+                raise DbopsError(f"{subject[:40]!r} is not an incident id; use e.g. inc-12.")
+            return self.events.about([f"inc-{int(number)}"], limit=limit)
+        names = {c.name for c in self.customers()} | {s.name for s in self.fleet.servers}
+        if subject not in names:
+            validate_server_name(subject)  # a clear error for hostile text before the lookup
+            raise not_found("customer or server", subject, names)
+        return self.events.about([subject], limit=limit)
+
+    def since(self, hours: int) -> datetime:
+        return datetime.now(UTC) - timedelta(hours=hours)

@@ -1,0 +1,353 @@
+"""The morning report (SOP-101) and `dbops status CUSTOMER`, as data and as text.
+
+``build_report`` runs every health check on the fleet (core.health) and returns DESIGN.md's
+Report JSON; ``render_text`` turns it into the lines SOP-101 expects ("All 3 VPS servers
+responding", "15/15 customer databases online", ...). ``customer_status`` is the same for one
+customer's database and server, fast enough for a slash command.
+
+Numbers stay integers (bytes, milliseconds, seconds, percent); times are ISO 8601 in UTC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from jinja2 import FileSystemLoader, StrictUndefined
+from jinja2.sandbox import SandboxedEnvironment
+
+from core.customers import Customer
+from core.fleet import Fleet
+from core.health import (
+    Check,
+    DatabaseHealth,
+    RunnerSource,
+    ServerHealth,
+    check_fleet,
+    pretty_age,
+    pretty_bytes,
+    worst,
+)
+from core.remote import Runner
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+
+
+def iso(when: datetime | None) -> str | None:
+    if when is None:
+        return None
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _checks(checks: Iterable[Check]) -> list[dict[str, Any]]:
+    return [c.as_json() for c in checks]
+
+
+def server_json(health: ServerHealth) -> dict[str, Any]:
+    return {
+        "name": health.name,
+        "reachable": health.reachable,
+        "postgres": health.postgres,
+        "checks": _checks(health.checks),
+    }
+
+
+def database_json(db: DatabaseHealth) -> dict[str, Any]:
+    return {
+        "customer": db.customer,
+        "server": db.server,
+        "database": db.database,
+        "online": db.online,
+        "size_bytes": db.size_bytes,
+        "last_backup_at": iso(db.last_backup_at),
+        "checks": _checks(db.checks),
+    }
+
+
+def _orphan(customer: Customer) -> DatabaseHealth:
+    """A customer whose server the fleet file does not know: nothing to check it on."""
+    why = f"server {customer.server!r} is not in the fleet file"
+    return DatabaseHealth(
+        customer=customer.name,
+        server=customer.server,
+        database=customer.database,
+        online=False,
+        size_bytes=None,
+        last_backup_at=None,
+        connections=None,
+        checks=[Check("connection", "crit", detail=why)],
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def _incident(item: Any) -> dict[str, Any]:
+    """An open incident as JSON, whatever shape the incidents module hands us."""
+    if hasattr(item, "as_json"):
+        data = item.as_json()
+    elif isinstance(item, Mapping):
+        data = dict(item)
+    elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+        data = dataclasses.asdict(item)
+    else:
+        data = {"title": str(item)}
+    return dict(_jsonable(data))
+
+
+def summarize(
+    servers: Sequence[dict[str, Any]], databases: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    verdicts = [c["verdict"] for s in servers for c in s["checks"]]
+    verdicts += [c["verdict"] for d in databases for c in d["checks"]]
+    backups_ok = sum(
+        1
+        for d in databases
+        if any(c["name"] == "backup_age" and c["verdict"] == "ok" for c in d["checks"])
+    )
+    return {
+        "servers_up": sum(1 for s in servers if s["reachable"] and s["postgres"] == "up"),
+        "servers_total": len(servers),
+        "databases_online": sum(1 for d in databases if d["online"]),
+        "databases_total": len(databases),
+        "backups_ok": backups_ok,
+        "verdict": worst(verdicts),
+    }
+
+
+def build_report(
+    fleet: Fleet,
+    customers: Iterable[Customer],
+    runners: RunnerSource | Any,
+    *,
+    deadline_s: float = 10.0,
+    open_incidents: Iterable[Any] = (),
+    now: datetime | None = None,
+    log_window: timedelta | None = timedelta(hours=24),
+) -> dict[str, Any]:
+    """DESIGN.md's Report JSON for the whole fleet, back within ``deadline_s``.
+
+    ``runners``: a mapping of server name to Runner, or a core.remote.RunnerPool. A server that
+    does not answer in time is ``crit`` on its own; the rest of the report is unaffected.
+    ``log_window``: how far back the PostgreSQL log is read (the night, for the morning report).
+    """
+    started = time.monotonic()
+    now = now or datetime.now(UTC)
+    people = sorted(customers, key=lambda c: c.name)
+    healths = check_fleet(
+        fleet, people, runners, deadline_s=deadline_s, now=now, log_window=log_window
+    )
+    known = {s.name for s in fleet.servers}
+    dbs = [db for h in healths for db in h.databases]
+    dbs += [_orphan(c) for c in people if c.server not in known]
+    servers = [server_json(h) for h in healths]
+    databases = [database_json(d) for d in sorted(dbs, key=lambda d: d.customer)]
+    return {
+        "generated_at": iso(now),
+        "duration_ms": int((time.monotonic() - started) * 1000),
+        "servers": servers,
+        "databases": databases,
+        "summary": summarize(servers, databases),
+        "open_incidents": [_incident(i) for i in open_incidents],
+    }
+
+
+def _disk(health: ServerHealth) -> dict[str, Any]:
+    systems = [
+        {
+            "mount": fs.mount,
+            "used_percent": fs.used_percent,
+            "used_bytes": fs.used_bytes,
+            "size_bytes": fs.size_bytes,
+            "avail_bytes": fs.avail_bytes,
+            "paths": list(fs.paths),
+        }
+        for fs in health.filesystems
+    ]
+    top = max((fs.used_percent for fs in health.filesystems), default=None)
+    return {"used_percent": top, "filesystems": systems}
+
+
+def customer_status(
+    fleet: Fleet,
+    customer: Customer,
+    runner: Runner | None,
+    *,
+    deadline_s: float = 2.5,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """`dbops status acme`: the customer's database entry, its server's entry, connections now
+    and the server's disk; back within ``deadline_s`` (a slash command has 3 seconds)."""
+    started = time.monotonic()
+    now = now or datetime.now(UTC)
+    server = fleet.server(customer.server)
+    runners = {server.name: runner} if runner is not None else {}
+    (health,) = check_fleet(
+        fleet,
+        [customer],
+        runners,
+        deadline_s=deadline_s,
+        servers=[server.name],
+        now=now,
+        log_window=timedelta(hours=1),
+    )
+    db = health.databases[0]
+    server_entry = server_json(health)
+    database_entry = database_json(db)
+    checks = server_entry["checks"] + database_entry["checks"]
+    return {
+        "generated_at": iso(now),
+        "duration_ms": int((time.monotonic() - started) * 1000),
+        "customer": customer.name,
+        "database": database_entry,
+        "server": server_entry,
+        "connections": db.connections,
+        "disk": _disk(health),
+        "verdict": worst(c["verdict"] for c in checks),
+    }
+
+
+# --- text ------------------------------------------------------------------------------------
+
+
+def _env() -> SandboxedEnvironment:
+    env = SandboxedEnvironment(
+        loader=FileSystemLoader(str(TEMPLATES)),
+        autoescape=False,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["bytes"] = lambda n: "?" if n is None else pretty_bytes(int(n))
+    env.filters["age"] = lambda s: "?" if s is None else pretty_age(int(s))
+    return env
+
+
+def _check(checks: Sequence[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((c for c in checks if c["name"] == name), None)
+
+
+def _local(stamp: str | None, tz: ZoneInfo | None) -> str:
+    if not stamp:
+        return "never"
+    when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    if tz is not None:
+        return when.astimezone(tz).strftime("%Y-%m-%d %H:%M %Z")
+    return when.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def text_view(report: Mapping[str, Any], tz: ZoneInfo | None = None) -> dict[str, Any]:
+    """What the report template shows, worked out here so the template only lays it out."""
+    servers, databases = report["servers"], report["databases"]
+    down = []
+    for s in servers:
+        if s["reachable"] and s["postgres"] == "up":
+            continue
+        conn = _check(s["checks"], "connection")
+        disk = _check(s["checks"], "disk_space")
+        why = (
+            (disk or {}).get("detail", "not answering")
+            if not s["reachable"]
+            else "PostgreSQL down: " + (conn or {}).get("detail", "")
+        )
+        down.append({"name": s["name"], "why": why})
+    offline = [
+        {
+            "customer": d["customer"],
+            "server": d["server"],
+            "why": (_check(d["checks"], "connection") or {}).get("detail", ""),
+        }
+        for d in databases
+        if not d["online"]
+    ]
+    bad_backups = []
+    for d in databases:
+        age = _check(d["checks"], "backup_age")
+        if age is not None and age["verdict"] != "ok":
+            bad_backups.append({"customer": d["customer"], "why": age["detail"]})
+    disks = []
+    for s in servers:
+        disk = _check(s["checks"], "disk_space")
+        if disk is not None and isinstance(disk["value"], int):
+            disks.append(
+                {"server": s["name"], "percent": disk["value"], "verdict": disk["verdict"]}
+            )
+    logs = []
+    for s in servers:
+        log = _check(s["checks"], "logfile")
+        if log is not None and (log["value"] or log["verdict"] not in ("ok", "unknown")):
+            logs.append({"server": s["name"], "count": log["value"] or 0, "detail": log["detail"]})
+        elif log is not None and log["verdict"] == "unknown":
+            logs.append({"server": s["name"], "count": None, "detail": log["detail"]})
+    shown = {"connection", "backup_age", "disk_space", "logfile"}
+    others = [
+        {"where": s["name"], "name": c["name"], "verdict": c["verdict"], "detail": c["detail"]}
+        for s in servers
+        if s["reachable"] and s["postgres"] == "up"
+        for c in s["checks"]
+        if c["verdict"] in ("warn", "crit") and c["name"] not in shown
+    ]
+    others += [
+        {"where": d["customer"], "name": c["name"], "verdict": c["verdict"], "detail": c["detail"]}
+        for d in databases
+        if d["online"]
+        for c in d["checks"]
+        if c["verdict"] in ("warn", "crit") and c["name"] not in shown
+    ]
+    percents = [d["percent"] for d in disks]
+    return {
+        "when": _local(report.get("generated_at"), tz),
+        "summary": report["summary"],
+        "down": down,
+        "offline": offline,
+        "bad_backups": bad_backups,
+        "disk_low": min(percents) if percents else None,
+        "disk_high": max(percents) if percents else None,
+        "disk_alerts": [d for d in disks if d["verdict"] != "ok"],
+        "logs": logs,
+        "log_errors": sum(entry["count"] or 0 for entry in logs),
+        "incidents": report.get("open_incidents", []),
+        "others": others,
+        "duration_ms": report.get("duration_ms"),
+    }
+
+
+def render_text(report: Mapping[str, Any], tz: ZoneInfo | None = None) -> str:
+    """The report as SOP-101's expected output reads (templates/report.txt.j2)."""
+    return _env().get_template("report.txt.j2").render(**text_view(report, tz))
+
+
+def render_status_text(status: Mapping[str, Any], tz: ZoneInfo | None = None) -> str:
+    """`dbops status acme` as text (templates/status.txt.j2)."""
+    db = status["database"]
+    age = _check(db["checks"], "backup_age")
+    problems = [
+        c for c in status["server"]["checks"] + db["checks"] if c["verdict"] in ("warn", "crit")
+    ]
+    return (
+        _env()
+        .get_template("status.txt.j2")
+        .render(
+            status=status,
+            db=db,
+            conn=_check(db["checks"], "connection"),
+            backup_age=age["value"] if age else None,
+            last_backup=_local(db["last_backup_at"], tz) if db["last_backup_at"] else None,
+            problems=problems,
+        )
+    )

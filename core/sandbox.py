@@ -1,0 +1,1207 @@
+"""A sandbox fleet on this machine: real PostgreSQL clusters, optional real sshds, and faults.
+
+``up`` builds N clusters (initdb + pg_ctl, each on its own loopback port) with customer
+databases, a first backup of each, and a fleet.toml that points at them; with ``ssh=True`` every
+server also gets its own OpenSSH sshd so the SSH transport is exercised for real.
+``break_fault`` puts a server or database into one of the states the health checks look for
+and ``heal`` undoes exactly what was broken. Everything lives in one directory, described by
+its ``sandbox.json``.
+
+This is for demos and tests only: the clusters trust every loopback connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from core.errors import DbopsError
+from core.fleet import Server, load_fleet
+from core.names import validate_name, validate_server_name
+from core.remote import CommandResult, LocalRunner, Runner, quote_argv
+
+DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
+SSHD = Path("/usr/sbin/sshd")
+STATE_FILE = "sandbox.json"
+FLEET_FILE = "fleet.toml"
+MONITOR_ROLE = "dbops_monitor"
+ADMIN_ROLE = "postgres"
+# Every session a fault helper opens carries this name, so heal can find and wait for them.
+FAULT_APP = "dbops-sandbox-fault"
+MAX_CONNECTIONS = 30
+CONNECTIONS_FAULT_SHARE = 0.96
+
+# Target kind of each fault: a customer (its database) or a server (its cluster).
+FAULTS: dict[str, str] = {
+    "db-down": "customer",
+    "server-down": "server",
+    "connections": "server",
+    "idle-txn": "customer",
+    "lock": "customer",
+    "log-errors": "server",
+    "backup-missing": "customer",
+}
+
+CUSTOMER_NAMES = (
+    "acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "wonka", "soylent",
+    "cyberdyne", "tyrell", "vandelay", "dunder", "oscorp", "gringotts", "monarch", "nakatomi",
+    "aperture", "virtucon", "contoso", "pied_piper", "bluth", "sterling", "massive", "duff",
+    "krusty", "prestige", "gekko", "dharma", "pawnee",
+)  # fmt: skip
+
+# Sized like small managed-PostgreSQL offers (the SOPs give no figures); prices in whole USD.
+PLANS: dict[str, dict[str, int]] = {
+    "small": {"ram_mb": 1024, "storage_gb": 10, "connection_limit": 20, "price_usd_month": 15},
+    "medium": {"ram_mb": 2048, "storage_gb": 25, "connection_limit": 50, "price_usd_month": 29},
+    "large": {"ram_mb": 4096, "storage_gb": 60, "connection_limit": 100, "price_usd_month": 59},
+}
+_PLAN_CYCLE = ("small", "medium", "small", "large")
+
+_lock_guard = threading.Lock()
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _run_as() -> str | None:
+    # initdb and pg_ctl refuse to run as root.
+    return "postgres" if _is_root() else None
+
+
+def _pg_runner(name: str = "sandbox") -> LocalRunner:
+    return LocalRunner(name, run_as=_run_as(), command_timeout=60)
+
+
+def _chown_postgres(*paths: Path) -> None:
+    if not _is_root():
+        return
+    for path in paths:
+        shutil.chown(path, "postgres", "postgres")
+        for root, dirs, files in os.walk(path):
+            for entry in (*dirs, *files):
+                shutil.chown(os.path.join(root, entry), "postgres", "postgres")
+
+
+def _free_port(taken: set[int]) -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in taken:
+            taken.add(port)
+            return port
+
+
+def _wait_for(what: str, ready: Callable[[], bool], timeout: float, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise DbopsError(f"sandbox: {what} did not happen within {timeout:g}s.")
+        time.sleep(interval)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- the backup format -------------------------------------------------------------------------
+
+
+def _write_remote_file(runner: Runner, path: str, data: bytes) -> None:
+    # dd writes its stdin to a path given as one argument: no shell redirection is needed.
+    runner.run(["dd", f"of={path}", "status=none"], stdin=data).check()
+
+
+_ROWCOUNTS_SQL = """
+SELECT coalesce(json_object_agg(format('%I.%I', table_schema, table_name),
+       (xpath('/row/n/text()', query_to_xml(format('SELECT count(*) AS n FROM %I.%I',
+        table_schema, table_name), false, true, '')))[1]::text::bigint), '{}')
+FROM information_schema.tables
+WHERE table_type = 'BASE TABLE' AND table_schema NOT IN ('pg_catalog', 'information_schema')
+"""
+
+
+def write_backup(
+    runner: Runner, server: Server, customer: str, database: str | None = None,
+    *, now: datetime | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Back up one customer database in the format the backup checks read.
+
+    ``<backup_path>/<customer>/<YYYYmmddTHHMMSSZ>/`` gets ``<db>.dump`` (pg_dump -Fc),
+    ``<db>.dump.sha256`` (sha256sum format), ``rowcounts.json`` (table -> rows) and, written
+    last and renamed into place, ``status``: a backup without a status file is incomplete.
+    Runs on the server through ``runner``; the connection comes from ``admin_dsn`` without any
+    password (the server's ~/.pgpass supplies one), so none reaches a command line or the log.
+    Returns the status plus ``path``.
+    """
+    validate_name(customer)
+    database = validate_name(database or customer, "database")
+    started = (now or _utc_now()).astimezone(UTC)
+    params = conninfo_to_dict(server.admin_dsn or server.dsn)
+    params.pop("password", None)
+    params["dbname"] = database
+    conninfo = make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
+    pg_bin = server.pg_bin.rstrip("/")
+    parent = f"{server.backup_path.rstrip('/')}/{customer}"
+    dest = f"{parent}/{started.strftime('%Y%m%dT%H%M%SZ')}"
+    dump = f"{dest}/{database}.dump"
+
+    runner.run(["mkdir", "-p", parent]).check()
+    runner.run(["mkdir", dest]).check()
+    runner.run([f"{pg_bin}/pg_dump", "-Fc", "-d", conninfo, "-f", dump], timeout=3600).check()
+    digest = runner.run(["sha256sum", dump]).check().stdout.split()[0]
+    size = int(runner.run(["stat", "-c", "%s", dump]).check().stdout.strip())
+    _write_remote_file(runner, f"{dump}.sha256", f"{digest}  {database}.dump\n".encode())
+    counts = runner.run(
+        [f"{pg_bin}/psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", conninfo,
+         "-c", _ROWCOUNTS_SQL], timeout=600,
+    ).check()  # fmt: skip
+    rowcounts = json.loads(counts.stdout.strip() or "{}")
+    _write_remote_file(runner, f"{dest}/rowcounts.json", _json(rowcounts).encode())
+    status = {
+        "customer": customer,
+        "database": database,
+        "started_at": started.isoformat(),
+        "finished_at": max(_utc_now(), started).isoformat(),
+        "size_bytes": size,
+        "sha256": digest,
+        "ok": True,
+    }
+    _write_remote_file(runner, f"{dest}/status.tmp", _json(status).encode())
+    runner.run(["mv", f"{dest}/status.tmp", f"{dest}/status"]).check()
+    return {**status, "path": dest}
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+# --- the sandbox directory ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(directory: Path, create: bool = False) -> Iterator[None]:
+    """One sandbox operation at a time per directory, across processes and threads."""
+    if create:
+        directory.mkdir(parents=True, exist_ok=True)
+    elif not directory.is_dir():
+        load_state(directory)  # raises the "no sandbox" error
+    with _lock_guard, open(directory / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_state(dir: Path) -> dict[str, Any]:
+    path = Path(dir).resolve() / STATE_FILE
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise DbopsError(
+            f"no sandbox in {path.parent}.", hint=f"Run `dbops sandbox up --dir {path.parent}`."
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise DbopsError(
+            f"{path} is damaged ({exc}); run `dbops sandbox down` and remove it."
+        ) from None
+
+
+def _save_state(directory: Path, state: dict[str, Any]) -> None:
+    _atomic_write(directory / STATE_FILE, _json(state))
+
+
+def _customer_names(count: int) -> list[str]:
+    names = list(CUSTOMER_NAMES[:count])
+    round_ = 2
+    while len(names) < count:
+        names.extend(f"{n}{round_}" for n in CUSTOMER_NAMES[: count - len(names)])
+        round_ += 1
+    return names
+
+
+def _check_reachable_by_postgres(directory: Path) -> None:
+    if not _is_root():
+        return
+    for parent in directory.parents:
+        if not parent.stat().st_mode & 0o001:
+            raise DbopsError(
+                f"the postgres user cannot reach {directory}: {parent} is closed to others.",
+                hint="Use a directory under /tmp or /srv, or chmod o+x that parent.",
+            )
+
+
+def _pg_ctl(spec: dict[str, Any], *args: str) -> list[str]:
+    return [
+        f"{spec['pg_bin']}/pg_ctl",
+        "-D",
+        spec["data_path"],
+        "-l",
+        spec["log_path"],
+        "-w",
+        "-t",
+        "30",
+        *args,
+    ]
+
+
+def _admin_conninfo(spec: dict[str, Any], dbname: str = "postgres", user: str = ADMIN_ROLE) -> str:
+    return make_conninfo(host="127.0.0.1", port=str(spec["port"]), user=user, dbname=dbname)
+
+
+def customer_conninfo(state: dict[str, Any], customer: str) -> str:
+    """How the customer's application would connect (their role, their database)."""
+    entry = _customer(state, customer)
+    spec = _server(state, entry["server"])
+    return _admin_conninfo(spec, dbname=entry["database"], user=entry["role"])
+
+
+@contextlib.contextmanager
+def _admin(spec: dict[str, Any], dbname: str = "postgres") -> Iterator[psycopg.Connection[Any]]:
+    try:
+        conn = psycopg.connect(_admin_conninfo(spec, dbname), autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no answer"
+        raise DbopsError(
+            f"sandbox: cannot connect to {spec['name']}'s PostgreSQL: {last}"
+        ) from None
+    with conn:
+        yield conn
+
+
+def _cluster_conf(spec: dict[str, Any], socket_dir: Path) -> str:
+    settings = {
+        "port": spec["port"],
+        "listen_addresses": "127.0.0.1",
+        "unix_socket_directories": str(socket_dir),
+        "external_pid_file": str(Path(spec["data_path"]).parent / "postgres.pid"),
+        "max_connections": MAX_CONNECTIONS,
+        # No superuser-only slots: the `connections` fault then fills the server to a share of
+        # max_connections that every monitor sees the same way, and leaves it one connection.
+        "superuser_reserved_connections": 0,
+        # Lets the prepared_txns check meet a real prepared transaction (the default is 0).
+        "max_prepared_transactions": 5,
+        "shared_buffers": "16MB",
+        "fsync": "off",
+        "synchronous_commit": "off",
+        "full_page_writes": "off",
+        "max_wal_size": "64MB",
+        "min_wal_size": "32MB",
+        "logging_collector": "off",
+        "log_destination": "stderr",
+        "log_line_prefix": "%m [%p] %q%u@%d %a ",
+        "log_timezone": "UTC",
+        "timezone": "UTC",
+        "lc_messages": "C",
+    }
+    lines = ["# Written by dbops sandbox; sandbox only, never for production."]
+    for key, value in settings.items():
+        shown = value if isinstance(value, int) else "'" + str(value).replace("'", "''") + "'"
+        lines.append(f"{key} = {shown}")
+    return "\n".join(lines) + "\n"
+
+
+def _cluster_running(spec: dict[str, Any]) -> bool:
+    result = _pg_runner().run([f"{spec['pg_bin']}/pg_ctl", "-D", spec["data_path"], "status"])
+    return result.exit_code == 0
+
+
+def _log_tail(path: str, lines: int = 5) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _start_cluster(spec: dict[str, Any], taken: set[int], socket_dir: Path) -> None:
+    """pg_ctl start; a port another process grabbed since we picked it gets a fresh one."""
+    conf = Path(spec["data_path"]) / "sandbox.conf"
+    for _attempt in range(3):
+        result = _pg_runner(spec["name"]).run(_pg_ctl(spec, "start"))
+        if result.ok:
+            return
+        if "already in use" not in _log_tail(spec["log_path"], 20):
+            break
+        spec["port"] = _free_port(taken)
+        conf.write_text(_cluster_conf(spec, socket_dir), encoding="utf-8")
+        _chown_postgres(conf)
+    raise DbopsError(
+        f"sandbox: PostgreSQL {spec['name']} did not start: "
+        f"{_log_tail(spec['log_path'], 3) or result.stderr.strip()}"
+    )
+
+
+def _init_cluster(spec: dict[str, Any], taken: set[int], socket_dir: Path) -> None:
+    base = Path(spec["data_path"]).parent
+    base.mkdir(parents=True)
+    Path(spec["backup_path"]).mkdir()
+    _chown_postgres(base)
+    _pg_runner(spec["name"]).run(
+        [f"{spec['pg_bin']}/initdb", "-D", spec["data_path"], "-U", ADMIN_ROLE, "--auth=trust",
+         "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"],
+    ).check()  # fmt: skip
+    data = Path(spec["data_path"])
+    # Loopback only, and only in the sandbox, is trusted without a password.
+    (data / "pg_hba.conf").write_text(
+        "local all all trust\nhost all all 127.0.0.1/32 trust\n", encoding="utf-8"
+    )
+    (data / "sandbox.conf").write_text(_cluster_conf(spec, socket_dir), encoding="utf-8")
+    with open(data / "postgresql.conf", "a", encoding="utf-8") as conf:
+        conf.write("\ninclude 'sandbox.conf'\n")
+    _chown_postgres(data / "pg_hba.conf", data / "sandbox.conf")
+    _start_cluster(spec, taken, socket_dir)
+
+
+def _seed_customer(spec: dict[str, Any], customer: dict[str, Any], index: int) -> None:
+    name = customer["name"]
+    ident = sql.Identifier(name)
+    with _admin(spec) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0").format(ident, ident))
+        conn.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(ident))
+        conn.execute(
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}, {}").format(
+                ident, ident, sql.Identifier(MONITOR_ROLE)
+            )
+        )
+    accounts = 100 + 10 * (index % 10)
+    conninfo = _admin_conninfo(spec, dbname=name, user=name)
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(
+            "CREATE TABLE accounts (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+            " email text NOT NULL UNIQUE, created_at timestamptz NOT NULL DEFAULT now())"
+        )
+        conn.execute(
+            "CREATE TABLE orders (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+            " account_id bigint NOT NULL REFERENCES accounts,"
+            " total_cents integer NOT NULL CHECK (total_cents >= 0),"
+            " created_at timestamptz NOT NULL DEFAULT now())"
+        )
+        conn.execute(
+            "INSERT INTO accounts (email, created_at) SELECT 'user' || g || '@example.com',"
+            " now() - g * interval '3 hours' FROM generate_series(1, %s) AS g",
+            (accounts,),
+        )
+        conn.execute(
+            "INSERT INTO orders (account_id, total_cents, created_at)"
+            " SELECT 1 + g %% %s, (g * 3709) %% 20000, now() - g * interval '47 minutes'"
+            " FROM generate_series(1, %s) AS g",
+            (accounts, accounts * 3),
+        )
+        conn.execute("ANALYZE accounts, orders")
+
+
+def _build_server(
+    spec: dict[str, Any],
+    customers: list[tuple[int, dict[str, Any]]],
+    taken: set[int],
+    socket_dir: Path,
+) -> None:
+    _init_cluster(spec, taken, socket_dir)
+    monitor = sql.Identifier(MONITOR_ROLE)
+    with _admin(spec) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(monitor))
+        conn.execute(sql.SQL("GRANT pg_monitor TO {}").format(monitor))
+        conn.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE postgres TO {}").format(monitor))
+    server = _server_config(spec, ssh=False)
+    runner = _pg_runner(spec["name"])
+    for index, customer in customers:
+        _seed_customer(spec, customer, index)
+        write_backup(runner, server, customer["name"], customer["database"])
+
+
+# --- sshd --------------------------------------------------------------------------------------
+
+
+def _ssh_keygen(path: Path, comment: str) -> None:
+    LocalRunner("sandbox").run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)]
+    ).check()
+
+
+def _sshd_config(spec: dict[str, Any], authorized_keys: Path) -> str:
+    base = Path(spec["sshd_dir"])
+    options = [
+        ("ListenAddress", "127.0.0.1"),
+        ("Port", str(spec["ssh_port"])),
+        ("HostKey", str(base / "ssh_host_ed25519_key")),
+        ("PidFile", str(base / "sshd.pid")),
+        ("AuthorizedKeysFile", str(authorized_keys)),
+        ("PubkeyAuthentication", "yes"),
+        ("PasswordAuthentication", "no"),
+        ("KbdInteractiveAuthentication", "no"),
+        ("PermitRootLogin", "prohibit-password"),
+        ("AllowUsers", getpass.getuser()),
+        # PAM's session modules (loginuid, motd) fail or dawdle in containers; keys suffice here.
+        ("UsePAM", "no"),
+        # The sandbox directory may sit under a group-writable parent such as /tmp.
+        ("StrictModes", "no"),
+        ("PrintMotd", "no"),
+        ("PrintLastLog", "no"),
+        ("MaxStartups", "50:30:100"),
+        ("LogLevel", "ERROR"),
+    ]
+    return "".join(f"{key} {value}\n" for key, value in options)
+
+
+def _sshd_pid(spec: dict[str, Any]) -> int | None:
+    try:
+        pid = int((Path(spec["sshd_dir"]) / "sshd.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _cmdline_has(pid, spec["sshd_dir"]) else None
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+def _start_sshd(spec: dict[str, Any], taken: set[int], authorized_keys: Path) -> None:
+    if _sshd_pid(spec) is not None:
+        return
+    Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)  # sshd's privsep directory
+    base = Path(spec["sshd_dir"])
+    config, log = base / "sshd_config", base / "sshd.log"
+    result: CommandResult | None = None
+    for _attempt in range(3):
+        config.write_text(_sshd_config(spec, authorized_keys), encoding="utf-8")
+        runner = LocalRunner("sandbox")
+        runner.run([str(SSHD), "-t", "-f", str(config)]).check()
+        # sshd re-executes itself, so it must be started by absolute path; it forks into the
+        # background once it is listening, so a zero exit means the port is bound.
+        result = runner.run([str(SSHD), "-f", str(config), "-E", str(log)])
+        if result.ok:
+            _wait_for(f"sshd of {spec['name']}", lambda: _sshd_pid(spec) is not None, 10)
+            _wait_for(f"sshd of {spec['name']} to listen", lambda: _port_open(spec["ssh_port"]), 10)
+            return
+        if "Address already in use" not in _log_tail(str(log), 5):
+            break
+        spec["ssh_port"] = _free_port(taken)
+    detail = _log_tail(str(log), 2) or (result.stderr.strip() if result else "")
+    raise DbopsError(f"sandbox: sshd for {spec['name']} did not start: {detail}")
+
+
+def _stop_sshd(spec: dict[str, Any]) -> None:
+    pid = _sshd_pid(spec)
+    if pid is None:
+        return
+    _signal(pid, signal.SIGTERM)
+    with contextlib.suppress(DbopsError):
+        _wait_for("sshd to exit", lambda: not _alive(pid), 5)
+    _signal(pid, signal.SIGKILL)
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def _cmdline_has(pid: int, needle: str) -> bool:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return needle.encode() in raw
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is gone for our purposes; its parent just has not reaped it yet.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    return True
+
+
+def _signal(pid: int, sig: int, group: bool = False) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+
+
+# --- fleet file --------------------------------------------------------------------------------
+
+
+def _server_config(spec: dict[str, Any], ssh: bool, client_key: Path | None = None) -> Server:
+    run_as = _run_as()
+    fields: dict[str, Any] = {
+        "name": spec["name"],
+        "host": "127.0.0.1",
+        "transport": "ssh" if ssh else "local",
+        "dsn": _admin_conninfo(spec, user=MONITOR_ROLE),
+        "admin_dsn": _admin_conninfo(spec),
+        "pg_bin": spec["pg_bin"],
+        "data_path": spec["data_path"],
+        "backup_path": spec["backup_path"],
+        "log_path": spec["log_path"],
+        "restart_command": quote_argv(_pg_ctl(spec, "restart", "-m", "fast")),
+        "start_command": quote_argv(_pg_ctl(spec, "start")),
+        "reload_command": quote_argv(
+            [f"{spec['pg_bin']}/pg_ctl", "-D", spec["data_path"], "reload"]
+        ),
+        "run_as": run_as,
+    }
+    if ssh:
+        fields.update(
+            ssh_user=getpass.getuser(), ssh_port=spec["ssh_port"], ssh_key=str(client_key)
+        )
+    return Server(**fields)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    # A JSON string is a valid TOML basic string (same escapes, \uXXXX included).
+    return json.dumps(str(value))
+
+
+def _toml_table(header: str, values: dict[str, Any]) -> str:
+    body = "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items() if v is not None)
+    return f"\n{header}\n{body}"
+
+
+def _fleet_toml(servers: list[Server], known_hosts: Path | None) -> str:
+    out = "# Sandbox fleet written by `dbops sandbox up`: loopback clusters that trust everyone.\n"
+    if known_hosts is not None:
+        out += f"known_hosts = {_toml_value(known_hosts)}\n"
+    keys = [
+        "name",
+        "host",
+        "transport",
+        "ssh_user",
+        "ssh_port",
+        "ssh_key",
+        "dsn",
+        "admin_dsn",
+        "pg_bin",
+        "data_path",
+        "backup_path",
+        "log_path",
+        "restart_command",
+        "start_command",
+        "reload_command",
+        "run_as",
+    ]
+    for server in servers:
+        dumped = server.model_dump()
+        if server.transport == "local":
+            dumped = {k: v for k, v in dumped.items() if not k.startswith("ssh_")}
+        out += _toml_table("[[servers]]", {k: dumped.get(k) for k in keys})
+    for plan, values in PLANS.items():
+        out += _toml_table(f"[plans.{plan}]", values)
+    out += _toml_table(
+        "[oncall]",
+        {"primary": "U_ALICE", "secondary": "U_CAROL", "escalation_channel": "#db-escalations"},
+    )
+    out += _toml_table("[escalation]", {"ack_timeout": "5m", "channel_after": "15m", "repeat": 3})
+    out += _toml_table("[backups]", {"keep_daily": 7, "keep_weekly": 4})
+    return out
+
+
+# --- up / down ---------------------------------------------------------------------------------
+
+
+def up(
+    dir: Path, servers: int = 3, customers: int = 15, ssh: bool = False,
+    pg_bin: Path = DEFAULT_PG_BIN,
+) -> dict[str, Any]:  # fmt: skip
+    """Create and start a sandbox fleet in ``dir`` (or start the one already there)."""
+    if not 1 <= servers <= 20:
+        raise DbopsError("a sandbox has 1 to 20 servers.")
+    if not 1 <= customers <= 200:
+        raise DbopsError("a sandbox has 1 to 200 customers.")
+    directory = Path(dir).expanduser().resolve()
+    with _locked(directory, create=True):
+        if (directory / STATE_FILE).exists():
+            if (directory / FLEET_FILE).exists():
+                return _restart(directory, servers, customers, ssh)
+            # An `up` that was killed half-way (the fleet file is written last): start over.
+            _teardown(directory, remove_contents=True)
+        leftovers = [p.name for p in directory.iterdir() if p.name != ".lock"]
+        if leftovers:
+            raise DbopsError(
+                f"{directory} is not empty and holds no sandbox.",
+                hint="Choose a new or empty directory.",
+            )
+        socket_dir = directory / "run"
+        if len(str(socket_dir / ".s.PGSQL.65535.lock")) > 100:
+            raise DbopsError(
+                f"{directory} is too long a path for PostgreSQL's unix sockets.",
+                hint="Use a shorter directory, such as /tmp/dbops-sandbox.",
+            )
+        _check_reachable_by_postgres(directory)
+        directory.chmod(0o755)
+        try:
+            return _create(directory, servers, customers, ssh, pg_bin)
+        except BaseException:
+            _teardown(directory, remove_contents=True)
+            raise
+
+
+def _create(
+    directory: Path, servers: int, customers: int, ssh: bool, pg_bin: Path
+) -> dict[str, Any]:
+    taken: set[int] = set()
+    socket_dir = directory / "run"
+    socket_dir.mkdir()
+    _chown_postgres(socket_dir)
+    specs = []
+    for number in range(1, servers + 1):
+        name = f"vps{number}"
+        base = directory / name
+        spec: dict[str, Any] = {
+            "name": name,
+            "port": _free_port(taken),
+            "pg_bin": str(pg_bin),
+            "data_path": str(base / "data"),
+            "backup_path": str(base / "backups"),
+            "log_path": str(base / "postgresql.log"),
+        }
+        if ssh:
+            spec["ssh_port"] = _free_port(taken)
+            spec["sshd_dir"] = str(base / "sshd")
+        specs.append(spec)
+    people = []
+    for index, name in enumerate(_customer_names(customers)):
+        people.append(
+            {
+                "name": name,
+                "server": specs[index % servers]["name"],
+                "database": name,
+                "role": name,
+                "plan": _PLAN_CYCLE[index % len(_PLAN_CYCLE)],
+                "email": f"ops@{name.replace('_', '-')}.example.com",
+            }
+        )
+    # Written first so that a failed `up` can still be torn down by what it records.
+    state: dict[str, Any] = {
+        "dir": str(directory),
+        "fleet": str(directory / FLEET_FILE),
+        "ssh": ssh,
+        "servers": specs,
+        "customers": people,
+        "faults": [],
+    }
+    _save_state(directory, state)
+
+    def build(spec: dict[str, Any]) -> None:
+        mine = [(i, c) for i, c in enumerate(people) if c["server"] == spec["name"]]
+        _build_server(spec, mine, taken, socket_dir)
+
+    with ThreadPoolExecutor(max_workers=min(servers, 4)) as pool:
+        for future in [pool.submit(build, spec) for spec in specs]:
+            future.result()
+
+    if ssh:
+        keys = directory / "ssh"
+        keys.mkdir(mode=0o700)
+        client_key = keys / "id_ed25519"
+        _ssh_keygen(client_key, "dbops-sandbox")
+        authorized = keys / "authorized_keys"
+        authorized.write_text(client_key.with_suffix(".pub").read_text(encoding="utf-8"))
+        for spec in specs:
+            Path(spec["sshd_dir"]).mkdir(mode=0o700)
+            _ssh_keygen(Path(spec["sshd_dir"]) / "ssh_host_ed25519_key", spec["name"])
+            _start_sshd(spec, taken, authorized)
+    _write_fleet(directory, state)
+    _save_state(directory, state)
+    return state
+
+
+def _write_fleet(directory: Path, state: dict[str, Any]) -> None:
+    """fleet.toml (and known_hosts) from the state; rewritten whenever a port changes."""
+    known_hosts: Path | None = None
+    client_key: Path | None = None
+    if state["ssh"]:
+        client_key = directory / "ssh" / "id_ed25519"
+        known_hosts = directory / "known_hosts"
+        lines = []
+        for spec in state["servers"]:
+            public = Path(spec["sshd_dir"]) / "ssh_host_ed25519_key.pub"
+            kind, blob = public.read_text(encoding="utf-8").split()[:2]
+            lines.append(f"[127.0.0.1]:{spec['ssh_port']} {kind} {blob}\n")
+        _atomic_write(known_hosts, "".join(lines))
+    configs = [_server_config(spec, state["ssh"], client_key) for spec in state["servers"]]
+    _atomic_write(directory / FLEET_FILE, _fleet_toml(configs, known_hosts))
+    load_fleet(directory / FLEET_FILE)  # what we wrote must be what the bot accepts
+
+
+def _restart(directory: Path, servers: int, customers: int, ssh: bool) -> dict[str, Any]:
+    state = load_state(directory)
+    shape = (len(state["servers"]), len(state["customers"]), bool(state["ssh"]))
+    if shape != (servers, customers, ssh):
+        raise DbopsError(
+            f"{directory} already holds a sandbox with {shape[0]} servers, {shape[1]} customers"
+            f" and ssh={'on' if shape[2] else 'off'}.",
+            hint="Reuse it as it is, or run `dbops sandbox down --dir` on it and use another dir.",
+        )
+    taken = {s["port"] for s in state["servers"]} | {s.get("ssh_port", 0) for s in state["servers"]}
+    for spec in state["servers"]:
+        if not _cluster_running(spec) and not _broken(state, "server-down", spec["name"]):
+            _start_cluster(spec, taken, directory / "run")
+        if state["ssh"]:
+            _start_sshd(spec, taken, directory / "ssh" / "authorized_keys")
+    _write_fleet(directory, state)
+    _save_state(directory, state)
+    return state
+
+
+def down(dir: Path, remove: bool = False) -> dict[str, Any]:
+    """Heal what is broken, stop every sshd and cluster; with ``remove``, delete the directory."""
+    directory = Path(dir).expanduser().resolve()
+    with _locked(directory):
+        state = load_state(directory)
+        if not remove:
+            with contextlib.suppress(DbopsError):
+                _heal(directory, state)
+        _teardown(directory, remove_contents=False)
+    if remove:
+        shutil.rmtree(directory, ignore_errors=True)
+    return state
+
+
+def _teardown(directory: Path, remove_contents: bool) -> None:
+    """Stop whatever the sandbox in ``directory`` started; used by down and by a failed up."""
+    try:
+        state = load_state(directory)
+    except DbopsError:
+        state = {"servers": [], "faults": []}
+    for fault in state.get("faults", []):
+        if fault.get("pid"):
+            _stop_helper(int(fault["pid"]), graceful=False)
+
+    def stop(spec: dict[str, Any]) -> None:
+        if spec.get("sshd_dir"):
+            _stop_sshd(spec)
+        if Path(spec["data_path"], "postmaster.pid").exists():
+            stopped = _pg_runner(spec["name"]).run(_pg_ctl(spec, "stop", "-m", "fast"))
+            if not stopped.ok:
+                _pg_runner(spec["name"]).run(_pg_ctl(spec, "stop", "-m", "immediate"))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(stop, state.get("servers", [])))
+    if remove_contents:
+        for path in directory.iterdir():
+            if path.name != ".lock":
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+
+# --- faults ------------------------------------------------------------------------------------
+
+_Breaker = Callable[[Path, dict[str, Any], dict[str, Any], str], dict[str, Any]]
+_Healer = Callable[[Path, dict[str, Any], dict[str, Any], dict[str, Any]], None]
+
+
+def _server(state: dict[str, Any], name: str) -> dict[str, Any]:
+    for spec in state["servers"]:
+        if spec["name"] == name:
+            return dict(spec)
+    raise DbopsError(f"no server {name!r} in the sandbox.")
+
+
+def _customer(state: dict[str, Any], name: str) -> dict[str, Any]:
+    for entry in state["customers"]:
+        if entry["name"] == name:
+            return dict(entry)
+    raise DbopsError(f"no customer {name!r} in the sandbox.")
+
+
+def _broken(state: dict[str, Any], fault: str, target: str) -> bool:
+    return any(f["fault"] == fault and f["target"] == target for f in state["faults"])
+
+
+def _validate_fault(state: dict[str, Any], fault: str, target: str) -> str:
+    """The server the fault hits; a DbopsError listing the valid choices otherwise."""
+    if fault not in FAULTS:
+        raise DbopsError(f"unknown fault {fault!r}.", hint=f"Valid faults: {', '.join(FAULTS)}.")
+    kind = FAULTS[fault]
+    names = [entry["name"] for entry in state["customers" if kind == "customer" else "servers"]]
+    valid = f"{fault} takes a {kind}: {', '.join(names)}."
+    if kind == "customer":
+        validate_name(target)
+    else:
+        validate_server_name(target)
+    if target not in names:
+        raise DbopsError(f"no {kind} {target!r} in the sandbox.", hint=valid)
+    return str(_customer(state, target)["server"]) if kind == "customer" else target
+
+
+def break_fault(dir: Path, fault: str, target: str) -> dict[str, Any]:
+    """Break ``target`` (a customer or a server, as the fault needs) in the way ``fault`` names.
+
+    Breaking what is already broken is a no-op. Returns the fault as recorded for heal.
+    """
+    directory = Path(dir).expanduser().resolve()
+    with _locked(directory):
+        state = load_state(directory)
+        server = _validate_fault(state, fault, target)
+        for existing in state["faults"]:
+            if existing["fault"] == fault and existing["target"] == target:
+                return dict(existing)
+        spec = _server(state, server)
+        if fault != "server-down" and fault != "backup-missing" and not _cluster_running(spec):
+            raise DbopsError(
+                f"{server} is down in the sandbox; heal it before breaking {target} again."
+            )
+        record: dict[str, Any] = {"fault": fault, "target": target, "server": server}
+        record.update(_BREAKERS[fault](directory, state, spec, target))
+        state["faults"].append(record)
+        _save_state(directory, state)
+        return record
+
+
+def heal(dir: Path) -> list[dict[str, Any]]:
+    """Undo every fault currently broken; healing a healthy sandbox does nothing."""
+    directory = Path(dir).expanduser().resolve()
+    with _locked(directory):
+        return _heal(directory, load_state(directory))
+
+
+def _heal(directory: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
+    # A stopped server first: the other undos need it running. Then the rest, newest first.
+    faults = list(state["faults"])
+    order = [f for f in faults if f["fault"] == "server-down"]
+    order += [f for f in reversed(faults) if f["fault"] != "server-down"]
+    healed = []
+    for fault in order:
+        spec = _server(state, fault["server"])
+        _HEALERS[fault["fault"]](directory, state, spec, fault)
+        state["faults"].remove(fault)
+        _save_state(directory, state)
+        healed.append(fault)
+    # Faults leave ERROR/FATAL lines behind (a down database refuses every check): rotate the
+    # logs they touched so a healed sandbox reads as clean as a new one.
+    for server in sorted({f["server"] for f in healed}):
+        _rotate_log(_server(state, server))
+    return healed
+
+
+def _rotate_log(spec: dict[str, Any]) -> None:
+    log = Path(spec["log_path"])
+    if not log.exists():
+        return
+    # copytruncate, as logrotate does it: PostgreSQL appends to the file it already has open.
+    with open(log, "rb") as src, open(log.with_name(log.name + ".1"), "ab") as dst:
+        shutil.copyfileobj(src, dst)
+    os.truncate(log, 0)
+
+
+def _break_db_down(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], target: str
+) -> dict[str, Any]:
+    database = _customer(state, target)["database"]
+    with _admin(spec) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(database))
+        )
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        )
+    return {}
+
+
+def _heal_db_down(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], fault: dict[str, Any]
+) -> None:
+    database = _customer(state, fault["target"])["database"]
+    with _admin(spec) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(database))
+        )
+
+
+def _break_server_down(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], target: str
+) -> dict[str, Any]:
+    if _cluster_running(spec):
+        _pg_runner(spec["name"]).run(_pg_ctl(spec, "stop", "-m", "fast")).check()
+    return {}
+
+
+def _heal_server_down(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], fault: dict[str, Any]
+) -> None:
+    if not _cluster_running(spec):
+        _pg_runner(spec["name"]).run(_pg_ctl(spec, "start")).check()
+
+
+def _break_log_errors(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], target: str
+) -> dict[str, Any]:
+    marker = f"dbops_sandbox_{int(time.time() * 1000)}"
+    with _admin(spec) as conn:
+        for statement in ("SELECT 1/0", f"SELECT * FROM {marker}_missing_table"):
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(statement)
+    for user, dbname in ((ADMIN_ROLE, f"{marker}_nodb"), (f"{marker}_norole", "postgres")):
+        conninfo = _admin_conninfo(spec, dbname=dbname, user=user)
+        with contextlib.suppress(psycopg.Error), psycopg.connect(conninfo, connect_timeout=5):
+            pass
+    _wait_for(
+        f"errors in {spec['name']}'s log",
+        lambda: _log_tail(spec["log_path"], 200).count(marker) >= 3,
+        5,
+    )
+    return {}
+
+
+def _heal_nothing(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], fault: dict[str, Any]
+) -> None:
+    """The log rotation every heal ends with is the whole cure."""
+
+
+def _break_backup_missing(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], target: str
+) -> dict[str, Any]:
+    root = Path(spec["backup_path"]) / target
+    moved = []
+    for status in sorted(root.glob("*/status")):
+        hidden = status.with_name("status.sandbox-hidden")
+        status.rename(hidden)
+        moved.append(str(hidden))
+    if not moved:
+        raise DbopsError(f"{target} has no complete backup in the sandbox to hide.")
+    return {"moved": moved}
+
+
+def _heal_backup_missing(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], fault: dict[str, Any]
+) -> None:
+    for hidden in fault.get("moved", []):
+        path = Path(hidden)
+        if path.exists():
+            path.rename(path.with_name("status"))
+
+
+def _helper_breaker(mode: str) -> _Breaker:
+    def breaker(
+        directory: Path, state: dict[str, Any], spec: dict[str, Any], target: str
+    ) -> dict[str, Any]:
+        hold: dict[str, Any] = {"mode": mode}
+        if mode == "connections":
+            with _admin(spec) as conn:
+                row = conn.execute(
+                    "SELECT current_setting('max_connections')::int, count(*) - 1"
+                    " FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                ).fetchone()
+            limit, others = (int(row[0]), int(row[1])) if row else (MAX_CONNECTIONS, 0)
+            hold["conninfo"] = _admin_conninfo(spec)
+            hold["count"] = max(math.ceil(CONNECTIONS_FAULT_SHARE * limit) - others, 0)
+        else:
+            hold["conninfo"] = customer_conninfo(state, target)
+            hold["table"] = "accounts"
+        pid = _start_helper(directory, f"{mode}-{target}", hold)
+        if mode != "connections":
+            database = _customer(state, target)["database"]
+            try:
+                _wait_for(
+                    f"the {mode} fault on {target}",
+                    lambda: _session_state_visible(spec, mode, database),
+                    10,
+                )
+            except DbopsError:
+                _stop_helper(pid, graceful=False)
+                raise
+        return {"pid": pid}
+
+    return breaker
+
+
+def _session_state_visible(spec: dict[str, Any], mode: str, database: str) -> bool:
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+        " AND state = 'idle in transaction' AND application_name = %s"
+        if mode == "idle-txn"
+        else "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+        " JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE d.datname = %s AND NOT l.granted AND a.application_name = %s"
+    )
+    with _admin(spec) as conn:
+        row = conn.execute(query, (database, FAULT_APP)).fetchone()
+    return bool(row and row[0] > 0)
+
+
+def _start_helper(directory: Path, label: str, hold: dict[str, Any]) -> int:
+    """Start a detached process that holds sessions open until heal sends it SIGTERM."""
+    run = directory / "run"
+    ready, log = run / f"fault-{label}.ready", run / f"fault-{label}.log"
+    ready.unlink(missing_ok=True)
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
+    }
+    argv = [sys.executable, "-m", "core.sandbox", "hold", json.dumps({**hold, "ready": str(ready)})]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            cwd=directory,
+        )
+    try:
+        _wait_for(f"the {label} helper", lambda: ready.exists() or proc.poll() is not None, 20)
+    except DbopsError:
+        _stop_helper(proc.pid, graceful=False)
+        raise
+    if proc.poll() is not None:
+        raise DbopsError(f"sandbox: the {label} helper failed: {_log_tail(str(log), 1)}")
+    return proc.pid
+
+
+def _stop_helper(pid: int, graceful: bool) -> None:
+    # The pid may have been reused since the state was written: only signal our own helper.
+    if not _alive(pid) or not _cmdline_has(pid, "core.sandbox"):
+        return
+    if graceful:
+        _signal(pid, signal.SIGTERM)
+        with contextlib.suppress(DbopsError):
+            _wait_for("the fault helper to exit", lambda: not _alive(pid), 10)
+    _signal(pid, signal.SIGKILL, group=True)
+    with contextlib.suppress(DbopsError):
+        _wait_for("the fault helper to die", lambda: not _alive(pid), 5)
+
+
+def _heal_helper(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], fault: dict[str, Any]
+) -> None:
+    _stop_helper(int(fault["pid"]), graceful=True)
+    if not _cluster_running(spec):
+        return
+    with _admin(spec) as conn:
+
+        def gone() -> bool:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (FAULT_APP,)
+            ).fetchone()
+            return row is not None and row[0] == 0
+
+        _wait_for(f"the {fault['fault']} sessions on {spec['name']} to end", gone, 10)
+
+
+_BREAKERS: dict[str, _Breaker] = {
+    "db-down": _break_db_down,
+    "server-down": _break_server_down,
+    "connections": _helper_breaker("connections"),
+    "idle-txn": _helper_breaker("idle-txn"),
+    "lock": _helper_breaker("lock"),
+    "log-errors": _break_log_errors,
+    "backup-missing": _break_backup_missing,
+}
+_HEALERS: dict[str, _Healer] = {
+    "db-down": _heal_db_down,
+    "server-down": _heal_server_down,
+    "connections": _heal_helper,
+    "idle-txn": _heal_helper,
+    "lock": _heal_helper,
+    "log-errors": _heal_nothing,
+    "backup-missing": _heal_backup_missing,
+}
+
+
+# --- the fault helper process ------------------------------------------------------------------
+
+
+def _hold(spec: dict[str, Any]) -> int:
+    """Body of the helper process: open the sessions a fault needs, keep them until SIGTERM."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+
+    def connect(autocommit: bool) -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            spec["conninfo"], application_name=FAULT_APP, autocommit=autocommit, connect_timeout=5
+        )
+
+    conns: list[psycopg.Connection[Any]] = []
+    waiter: threading.Thread | None = None
+    mode = spec["mode"]
+    if mode == "connections":
+        conns = [connect(True) for _ in range(int(spec["count"]))]
+    else:
+        table = sql.Identifier(spec["table"])
+        count = sql.SQL("SELECT count(*) FROM {}").format(table)
+        holder = connect(False)
+        if mode == "idle-txn":
+            holder.execute(count)
+            conns = [holder]
+        else:
+            holder.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table))
+            blocked = connect(False)
+            conns = [holder, blocked]
+
+            def wait_for_lock() -> None:
+                with contextlib.suppress(psycopg.Error):
+                    blocked.execute(count)
+
+            waiter = threading.Thread(target=wait_for_lock, daemon=True)
+            waiter.start()
+    Path(spec["ready"]).write_text(str(os.getpid()), encoding="utf-8")
+    while not stop.wait(1.0):
+        pass
+    # Let go of the lock first so the waiting query completes normally: cancelling it or
+    # dropping its connection mid-query would put ERROR/FATAL lines in the server log.
+    for conn in conns[:1]:
+        conn.close()
+    if waiter is not None:
+        waiter.join(5)
+    for conn in conns[1:]:
+        conn.close()
+    return 0
+
+
+def _main(argv: Sequence[str]) -> int:
+    if len(argv) == 2 and argv[0] == "hold":
+        return _hold(json.loads(argv[1]))
+    print("usage: python -m core.sandbox hold SPEC_JSON", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
