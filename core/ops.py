@@ -10,13 +10,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine
 
 from core.customers import Customer, get_customer, list_customers
-from core.errors import DbopsError
+from core.errors import DbopsError, NotFound
 from core.fleet import Fleet
 from core.names import not_found, validate_server_name
 from core.remote import RunnerPool
@@ -98,17 +98,18 @@ class Ops:
 
     def log(self, subject: str, *, limit: int = 20) -> list[StoredEvent]:
         """The newest events about a customer, a server or an incident (``inc-12`` or ``12``)."""
-        subject = subject.strip()
         if subject.isdigit() or subject.startswith("inc-"):
             number = subject.removeprefix("inc-")
             if not number.isdigit() or len(number) > 9:
                 raise DbopsError(f"{subject[:40]!r} is not an incident id; use e.g. inc-12.")
-            return self.events.about([f"inc-{int(number)}"], limit=limit)
+            found = self.events.about([f"inc-{int(number)}"], limit=limit)
+            if not found:
+                raise NotFound(
+                    f"no incident inc-{int(number)}.", hint="`/db incident list` shows them."
+                )
+            return found
         names = {c.name for c in self.customers()} | {s.name for s in self.fleet.servers}
         if subject not in names:
             validate_server_name(subject)  # a clear error for hostile text before the lookup
             raise not_found("customer or server", subject, names)
         return self.events.about([subject], limit=limit)
-
-    def since(self, hours: int) -> datetime:
-        return datetime.now(UTC) - timedelta(hours=hours)
