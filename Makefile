@@ -6,7 +6,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PG_BIN ?= /usr/lib/postgresql/15/bin
-DEBS := openssh-server check-postgres
 
 .PHONY: install demo test lint typecheck pytest bench clean system-deps
 
@@ -24,6 +23,7 @@ system-deps:
 	[ -x $(PG_BIN)/initdb ] || missing="$$missing postgresql-15"; \
 	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
 	[ -x /usr/bin/check_postgres ] || missing="$$missing check-postgres"; \
+	[ -x /usr/bin/prometheus-alertmanager ] || missing="$$missing prometheus-alertmanager"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \
@@ -50,6 +50,10 @@ test: lint typecheck pytest
 
 bench: install
 	$(BIN)/python bench/events.py
+	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/escalation.py
+	$(BIN)/python bench/ack.py
+	$(BIN)/python bench/worker_idle.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -5,7 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
-import storage.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import storage.models  # registers the tables on SQLModel.metadata
+import storage.models_incidents
+import storage.models_jobs  # noqa: F401
 
 target_metadata = SQLModel.metadata
 

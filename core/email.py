@@ -1,0 +1,221 @@
+"""Emails: rendered from templates/email/<name>-subject.j2 and <name>-body.txt.j2, sent over SMTP.
+
+Templates go through Jinja's sandboxed environment with StrictUndefined, since they see text
+that people typed (an update note, a root cause): a missing value is an error, never a blank or
+a ``[Customer]`` left in a customer's inbox.
+
+``SMTP_URL``: ``smtp://[user:password@]host[:port]`` (port 25; STARTTLS when the server offers
+it, then login when a user is given) or ``smtps://...`` (TLS from the start, port 465). Query
+parameters: ``from=`` the sender address; ``starttls=require`` refuses a server that does not
+offer STARTTLS.
+
+Every email sent is an event ``email.sent`` with who it went to, its subject and template, and
+never its body: a welcome email carries a password.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import socket
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from jinja2 import FileSystemLoader, StrictUndefined, TemplateNotFound, UndefinedError
+from jinja2.sandbox import SandboxedEnvironment
+
+from core.errors import DbopsError
+from storage.events import EventLog
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "email"
+INCIDENT_TEMPLATES = ("investigating", "update", "resolved")
+DEFAULT_ETA = "Restoring within 30 minutes"
+DEFAULT_SIGNATURE = "Jeremy"
+SMTP_TIMEOUT_S = 15.0
+# What a template left unrendered looks like: Jinja syntax, or the SOP's [Placeholder] style
+# ("[Customer]", "[secure_password]"; not a subject tag such as "[INCIDENT]").
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{%|%\}|\[(?:[A-Z][a-z]|[a-z])[A-Za-z_ ]{0,30}\]")
+_ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
+
+
+@dataclass(frozen=True)
+class Email:
+    to: tuple[str, ...]
+    subject: str
+    body: str
+    template: str
+
+    def preview(self) -> str:
+        """The email as a person checks it before pressing Send."""
+        return f"To: {', '.join(self.to)}\nSubject: {self.subject}\n\n{self.body}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"to": list(self.to), "subject": self.subject, "template": self.template}
+
+
+@lru_cache(maxsize=4)
+def environment(directory: str = str(TEMPLATES)) -> SandboxedEnvironment:
+    return SandboxedEnvironment(
+        loader=FileSystemLoader(directory),
+        autoescape=False,  # plain-text email
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def render(
+    name: str,
+    context: Mapping[str, Any],
+    *,
+    to: Sequence[str] = (),
+    directory: Path = TEMPLATES,
+) -> Email:
+    """Render ``name`` (e.g. ``incident-investigating``) with ``context``.
+
+    A value the template needs and ``context`` lacks, or anything left looking like a
+    placeholder, is a DbopsError: such an email must not go out.
+    """
+    if not re.fullmatch(r"[a-z][a-z0-9-]{0,62}", name):
+        raise DbopsError(f"{name[:40]!r} is not an email template name.")
+    subject, body = _render_pair(name, context, directory)
+    # The placeholder check reads the template's own words: rendered again with every text
+    # value blanked, so a note that happens to contain "{{" or "[Note]" is not mistaken for one.
+    plain = {k: ("v" if isinstance(v, str) and v else v) for k, v in context.items()}
+    for part, text in zip(("subject", "body"), _render_pair(name, plain, directory), strict=True):
+        left = _PLACEHOLDER.search(text)
+        if left:
+            raise DbopsError(
+                f"the email {name!r} has an unrendered placeholder in its {part}: {left.group(0)!r}"
+            )
+    bad = [a for a in to if not _ADDRESS.fullmatch(a)]
+    if bad:
+        raise DbopsError(f"{bad[0][:60]!r} is not an email address.")
+    return Email(tuple(to), subject, body, name)
+
+
+def _render_pair(name: str, context: Mapping[str, Any], directory: Path) -> tuple[str, str]:
+    env = environment(str(directory))
+    try:
+        subject = env.get_template(f"{name}-subject.j2").render(**context)
+        body = env.get_template(f"{name}-body.txt.j2").render(**context)
+    except TemplateNotFound as exc:
+        raise DbopsError(f"no email template {exc.name!r} in {directory}.") from None
+    except UndefinedError as exc:
+        raise DbopsError(
+            f"the email {name!r} needs a value it was not given: {exc.message}"
+        ) from None
+    return " ".join(subject.split()), body
+
+
+@dataclass(frozen=True)
+class SmtpTarget:
+    secure: bool  # smtps: TLS from the first byte
+    host: str
+    port: int
+    user: str | None
+    password: str | None
+    sender: str | None
+    require_starttls: bool
+
+
+def parse_smtp_url(url: str) -> SmtpTarget:
+    parts = urlsplit(url)
+    if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+        raise DbopsError("SMTP_URL must look like smtp://host:port or smtps://user:pass@host:port.")
+    query = parse_qs(parts.query)
+    try:
+        port = parts.port or (465 if parts.scheme == "smtps" else 25)
+    except ValueError:
+        raise DbopsError("SMTP_URL has a port that is not a number.") from None
+    return SmtpTarget(
+        secure=parts.scheme == "smtps",
+        host=parts.hostname,
+        port=port,
+        user=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        sender=query["from"][0] if query.get("from") else None,
+        require_starttls=(query.get("starttls") or [""])[0] == "require",
+    )
+
+
+def _message(email: Email, sender: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = ", ".join(email.to)
+    msg["Subject"] = email.subject
+    msg["Date"] = formatdate(localtime=False)
+    msg["Message-ID"] = make_msgid(domain=sender.rsplit("@", 1)[-1])
+    msg.set_content(email.body)
+    return msg
+
+
+def send(
+    email: Email,
+    smtp_url: str | None,
+    *,
+    events: EventLog,
+    actor: str,
+    subject: str | None = None,
+    sender: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = SMTP_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Send ``email``; record ``email.sent`` (or ``email.failed``) about ``subject`` (an incident
+    ref or a customer). A failure is a DbopsError saying what the server answered."""
+    if not smtp_url:
+        raise DbopsError("no SMTP server configured.", hint="Set SMTP_URL, e.g. smtp://host:587.")
+    if not email.to:
+        raise DbopsError("the email has no recipient.")
+    target = parse_smtp_url(smtp_url)
+    from_addr = sender or target.sender or f"dbops@{socket.getfqdn()}"
+    context = ssl_context or ssl.create_default_context()
+    record = {**email.as_json(), "server": f"{target.host}:{target.port}"}
+    try:
+        smtp: smtplib.SMTP
+        if target.secure:
+            smtp = smtplib.SMTP_SSL(target.host, target.port, timeout=timeout, context=context)
+        else:
+            smtp = smtplib.SMTP(target.host, target.port, timeout=timeout)
+        with smtp:
+            smtp.ehlo()
+            if not target.secure:
+                if smtp.has_extn("starttls"):
+                    smtp.starttls(context=context)
+                    smtp.ehlo()
+                elif target.require_starttls:
+                    raise DbopsError(f"{target.host} does not offer STARTTLS (starttls=require).")
+            if target.user:
+                smtp.login(target.user, target.password or "")
+            refused = smtp.send_message(_message(email, from_addr))
+    except (smtplib.SMTPException, OSError, DbopsError) as exc:
+        reason = _smtp_error(exc)
+        events.append("email.failed", subject, {**record, "error": reason}, actor=actor)
+        raise DbopsError(
+            f"could not send {email.template!r} to {', '.join(email.to)}: {reason}"
+        ) from None
+    delivered = [a for a in email.to if a not in refused]
+    out = {**record, "delivered": delivered, "refused": sorted(refused)}
+    events.append("email.sent", subject, out, actor=actor)
+    return out
+
+
+def _smtp_error(exc: BaseException) -> str:
+    if isinstance(exc, smtplib.SMTPResponseException):
+        text = (
+            exc.smtp_error.decode("utf-8", "replace")
+            if isinstance(exc.smtp_error, bytes)
+            else str(exc.smtp_error)
+        )
+        return f"{exc.smtp_code} {text}"[:300]
+    if isinstance(exc, DbopsError):
+        return exc.message[:300]
+    return (str(exc) or type(exc).__name__)[:300]

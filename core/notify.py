@@ -1,0 +1,146 @@
+"""How core talks to people: a Notifier that the Slack app, the terminal shell and tests implement.
+
+core builds a ``Message`` (text, and optionally Block Kit blocks as plain dicts built by the
+caller) and hands it to a Notifier; it never imports slack_sdk. A transport that fails raises
+``NotifyError`` (``permanent=True`` when retrying cannot help, e.g. an unknown channel), and
+the caller decides whether to retry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Message:
+    text: str
+    blocks: list[dict[str, Any]] | None = None
+    # What the message is about, for a transport that adds its own controls: e.g.
+    # {"incident": 12, "actions": ["ack"]} lets the Slack notifier attach an Ack button.
+    meta: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class MessageRef:
+    """Where a message landed: enough to update it or reply in its thread."""
+
+    channel: str
+    ts: str
+
+
+class NotifyError(Exception):
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.permanent = permanent
+
+
+@runtime_checkable
+class Notifier(Protocol):
+    def dm(self, user: str, message: Message) -> MessageRef: ...
+
+    def post(self, channel: str, message: Message, thread_ts: str | None = None) -> MessageRef: ...
+
+    def update(self, ref: MessageRef, message: Message) -> None: ...
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One thing a RecordingNotifier was asked to send."""
+
+    how: Literal["dm", "post", "update"]
+    to: str
+    message: Message
+    thread_ts: str | None
+    ref: MessageRef
+    at: datetime
+
+
+@dataclass
+class RecordingNotifier:
+    """Keeps every message instead of sending it (tests, dry runs). Thread-safe.
+
+    ``fail_with`` makes the next sends raise it (a transport outage), until set back to None.
+    """
+
+    sent: list[Sent] = field(default_factory=list)
+    fail_with: NotifyError | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _seq: int = 0
+
+    def _add(
+        self, how: Literal["dm", "post", "update"], to: str, message: Message, thread: str | None
+    ) -> MessageRef:
+        with self._lock:
+            if self.fail_with is not None:
+                raise self.fail_with
+            self._seq += 1
+            ref = MessageRef(to, f"{1_700_000_000 + self._seq}.{self._seq:06d}")
+            self.sent.append(Sent(how, to, message, thread, ref, datetime.now(UTC)))
+            return ref
+
+    def dm(self, user: str, message: Message) -> MessageRef:
+        return self._add("dm", user, message, None)
+
+    def post(self, channel: str, message: Message, thread_ts: str | None = None) -> MessageRef:
+        return self._add("post", channel, message, thread_ts)
+
+    def update(self, ref: MessageRef, message: Message) -> None:
+        with self._lock:
+            if self.fail_with is not None:
+                raise self.fail_with
+            self.sent.append(Sent("update", ref.channel, message, None, ref, datetime.now(UTC)))
+
+    def dms(self, user: str | None = None) -> list[Sent]:
+        with self._lock:
+            return [s for s in self.sent if s.how == "dm" and (user is None or s.to == user)]
+
+    def posts(self, channel: str | None = None) -> list[Sent]:
+        with self._lock:
+            return [
+                s for s in self.sent if s.how == "post" and (channel is None or s.to == channel)
+            ]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.sent.clear()
+
+
+class JsonlNotifier:
+    """Appends each message as one JSON line to a file (the escalation worker's dry-run mode,
+    and the cross-process tests, which read the file back). Each line is written with a single
+    O_APPEND write, so concurrent writers never interleave lines."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def _write(self, record: dict[str, Any]) -> MessageRef:
+        with self._lock:
+            self._seq += 1
+            ref = MessageRef(str(record["to"]), f"{os.getpid()}.{self._seq:06d}")
+            line = json.dumps({**record, "ts": ref.ts, "at": datetime.now(UTC).isoformat()})
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, (line + "\n").encode("utf-8"))
+            finally:
+                os.close(fd)
+            return ref
+
+    def dm(self, user: str, message: Message) -> MessageRef:
+        return self._write({"how": "dm", "to": user, "text": message.text})
+
+    def post(self, channel: str, message: Message, thread_ts: str | None = None) -> MessageRef:
+        return self._write(
+            {"how": "post", "to": channel, "text": message.text, "thread": thread_ts}
+        )
+
+    def update(self, ref: MessageRef, message: Message) -> None:
+        self._write({"how": "update", "to": ref.channel, "text": message.text, "ref": ref.ts})
