@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -223,7 +225,9 @@ def fleet_list(as_json: JsonFlag = False) -> None:
         return
     table = Table("server", "host", "via", "customers")
     for r in rows:
-        table.add_row(r["name"], r["host"], r["transport"], ", ".join(r["customers"]))
+        table.add_row(
+            str(r["name"]), str(r["host"]), str(r["transport"]), ", ".join(r["customers"])
+        )
     out.print(table)
 
 
@@ -271,6 +275,48 @@ def sandbox_break(directory: SandboxDir, fault: str, target: str) -> None:
 def sandbox_heal(directory: SandboxDir) -> None:
     """Undo every fault currently broken."""
     _print_json(sandbox.heal(directory))
+
+
+def _worker_notifier(ctx: Context) -> Any:
+    from bot.notifier import ConsoleNotifier, SlackNotifier, web_client
+
+    if ctx.settings.slack_bot_token is not None:
+        return SlackNotifier(web_client(ctx.settings), ctx.events)
+    return ConsoleNotifier(events=ctx.events)
+
+
+@app.command("scheduler")
+def scheduler_cmd() -> None:
+    """Run the scheduled jobs (morning report, sweeps, escalation, checklists). Safe to run
+    twice against one PostgreSQL: each job run happens once."""
+    from bot.scheduler import Worker, run_forever
+
+    ctx = _ctx().ready()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run_forever(Worker(ctx, _worker_notifier(ctx)))
+
+
+@app.command("jobs")
+def jobs_cmd(as_json: JsonFlag = False) -> None:
+    """Every scheduled job with its trigger and next run, in UTC and local time."""
+    from bot.scheduler import jobs_table
+    from core.checklists import load_checklists
+    from core.jobs import job_specs
+
+    settings = _ctx().settings
+    rows = jobs_table(job_specs(settings.tz, load_checklists()), datetime.now(UTC), settings.tz)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("job", "next run (local)", "next run (UTC)", "what")
+    for r in rows:
+        table.add_row(
+            r["id"],
+            (r["next_run_local"] or "")[:16].replace("T", " "),
+            (r["next_run_utc"] or "")[:16].replace("T", " "),
+            r["description"],
+        )
+    out.print(table)
 
 
 def _register_surfaces() -> None:

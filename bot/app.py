@@ -1,0 +1,341 @@
+"""The Slack app: ``create_app`` builds a Bolt AsyncApp whose listeners ack at once and hand the
+work to ``Background``, which runs the router in threads and replies through response_url.
+
+    Slack -> Bolt (signature, 5-minute window) -> listener: ack() + Background.submit
+          -> (once the burst of acks has passed: Quiet)
+          -> thread: Router.begin (event "command" keyed by the delivery: a retry stops here;
+                     parse; role gate)
+          -> thread: Router.execute (core call, render; identical reads in flight share one)
+          -> response_url, at most DELIVERIES at once (429s retried) -> event "message.sent"
+
+Events go through ``GroupCommitLog``: appends from many threads share one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy import Engine
+
+from bot import listeners, surfaces
+from bot.blocks import Reply
+from bot.context import Context
+from bot.listeners.delivery import Destination
+from bot.listeners.errors import reply_for
+from bot.roles import Roles
+from bot.router import Command, Invocation, Router
+from bot.slack_client import Replier, make_web_client
+from core.errors import DbopsError
+from core.ops import Ops
+from core.settings import Settings
+from storage.events import EventLog, NewEvent, StoredEvent
+
+# Every capability's commands are on the router before the app registers its listeners.
+_SURFACES = surfaces.SURFACES
+log = logging.getLogger("dbops.bot")
+WORKERS = 16  # threads for core calls (I/O-bound: SSH, libpq) and event-log writes
+DELIVERIES = 8  # replies being sent at once: a read shared by 200 people fans out gently
+QUIET_S = 0.02  # no new request for this long: the acks have passed, the work may start
+MAX_DEFER_S = 1.0  # the longest the work after an ack waits for the acks to pass
+
+
+class Quiet:
+    """Acks first: the work after an ack starts once no request has arrived for QUIET_S, or
+    after MAX_DEFER_S at the latest.
+
+    A burst (an outage, everyone typing `/db status`) is acked at bare-Bolt speed and its
+    replies follow right after; under longer load the work goes ahead anyway. One timer per
+    request, whatever the number of waiting jobs.
+    """
+
+    def __init__(self, quiet_s: float = QUIET_S, max_defer_s: float = MAX_DEFER_S) -> None:
+        self.quiet_s = quiet_s
+        self.max_defer_s = max_defer_s
+        self._open = asyncio.Event()
+        self._open.set()
+        self._in_flight = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Around the handling of one request."""
+        self._in_flight += 1
+        self._open.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self.quiet_s, self._open.set)
+
+    async def wait(self) -> None:
+        if not self._open.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._open.wait(), self.max_defer_s)
+
+
+class GroupCommitLog(EventLog):
+    """The event log with appends from many threads committed together by one writer.
+
+    Each Slack delivery appends twice (the command, with its idempotency key, and the reply
+    sent); one transaction per append would cost the server more than Bolt itself. Callers
+    still block until their event is stored and get it back, so the retry check is unchanged;
+    a repeated (source, source_id) inside one batch comes back as the first, as append_many
+    promises.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 500) -> None:
+        super().__init__(engine)
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[NewEvent, Future[StoredEvent]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._writer = threading.Thread(target=self._write, name="dbops-events", daemon=True)
+        self._writer.start()
+
+    def append(
+        self,
+        kind: str,
+        subject: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        actor: str | None = None,
+        source: str = "dbops",
+        source_id: str | None = None,
+        ts: datetime | None = None,
+    ) -> StoredEvent:
+        return self.submit(
+            kind, subject, payload, actor=actor, source=source, source_id=source_id, ts=ts
+        ).result()
+
+    def submit(
+        self,
+        kind: str,
+        subject: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        actor: str | None = None,
+        source: str = "dbops",
+        source_id: str | None = None,
+        ts: datetime | None = None,
+    ) -> Future[StoredEvent]:
+        """Queue an event; the future is done once it is stored."""
+        future: Future[StoredEvent] = Future()
+        event = NewEvent(kind, subject, payload or {}, actor, source, source_id, ts)
+        self._queue.put((event, future))
+        return future
+
+    def _write(self) -> None:
+        while (item := self._queue.get()) is not None:
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.append(more)
+            self._commit(batch)
+
+    def _commit(self, batch: list[tuple[NewEvent, Future[StoredEvent]]]) -> None:
+        try:
+            stored = self.append_many([event for event, _ in batch])
+        except Exception:
+            if len(batch) > 1:  # one bad event must not fail its neighbours
+                for one in batch:
+                    self._commit([one])
+                return
+            log.exception("could not store an event")
+            batch[0][1].set_exception(DbopsError("the event log could not be written"))
+            return
+        for (_, future), event in zip(batch, stored, strict=True):
+            future.set_result(event)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._writer.join(timeout=10)
+
+
+class Background:
+    """The work after the ack. Nothing here runs on the request path."""
+
+    def __init__(
+        self,
+        router: Router,
+        replier: Replier,
+        workers: int = WORKERS,
+        deliveries: int = DELIVERIES,
+    ) -> None:
+        self.router = router
+        self.replier = replier
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dbops-work")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flights: dict[str, asyncio.Future[Reply]] = {}
+        self.quiet = Quiet()
+        self._deliveries = asyncio.Semaphore(deliveries)
+
+    def submit(self, inv: Invocation, to: Destination) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(inv, to))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, inv: Invocation, to: Destination) -> None:
+        await self.quiet.wait()
+        loop = asyncio.get_running_loop()
+        command: Command | None = None
+        try:
+            command = await loop.run_in_executor(self.pool, self.router.begin, inv)
+            if command is None:
+                log.info("dropped a repeated delivery of %s", inv.delivery)
+                return
+            reply = await self._execute(command, inv.actor)
+        except Exception as exc:
+            reply = reply_for(exc)
+        try:
+            async with self._deliveries:
+                how = await self.replier.deliver(
+                    reply, response_url=to.response_url, channel=to.channel, user=to.user
+                )
+        except Exception as exc:
+            log.warning("could not deliver a reply to %s: %s", inv.actor, type(exc).__name__)
+            how = ""
+        payload: dict[str, Any] = {
+            "to": inv.actor,
+            "channel": inv.channel,
+            "via": how or "failed",
+            "ephemeral": reply.ephemeral,
+            "text": reply.text[:200],
+        }
+        subject = command.subject if command else None
+        events = self.router.events
+        if isinstance(events, GroupCommitLog):  # queued for the writer; nothing to wait for
+            events.submit("message.sent", subject, payload, actor="dbops")
+        else:
+            await asyncio.to_thread(events.append, "message.sent", subject, payload, actor="dbops")
+
+    async def _execute(self, command: Command, actor: str) -> Reply:
+        loop = asyncio.get_running_loop()
+        if not command.spec.shared:
+            return await loop.run_in_executor(self.pool, self.router.execute, command, actor)
+        # A read already in flight answers everyone who asked for it meanwhile: twenty
+        # people typing `/db status acme` during an outage make one round of checks.
+        key = command.line
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = loop.run_in_executor(self.pool, self.router.execute, command, actor)
+            self._flights[key] = flight
+            flight.add_done_callback(lambda _: self._flights.pop(key, None))
+        return await asyncio.shield(flight)
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class Services:
+    """What the listeners need, built once per process."""
+
+    settings: Settings
+    router: Router
+    replier: Replier
+    background: Background
+    registered: dict[str, list[str]] = field(default_factory=dict)
+
+    async def aclose(self) -> None:
+        await self.background.drain()
+        self.background.close()
+        await self.replier.close()
+        self.router.close()
+        if isinstance(self.router.events, GroupCommitLog):
+            self.router.events.close()
+
+
+def make_router(
+    ctx: Context, *, extra_admins: Iterable[str] = (), events: EventLog | None = None
+) -> Router:
+    events = events or ctx.events
+    return Router(
+        ops=lambda: Ops(ctx.fleet, ctx.engine, events),
+        events=events,
+        roles=Roles.from_settings(ctx.settings, extra_admins=extra_admins),
+        tz=ctx.settings.tz,
+    )
+
+
+def build_services(
+    ctx: Context,
+    *,
+    client: AsyncWebClient | None = None,
+    router: Router | None = None,
+    extra_admins: Iterable[str] = (),
+) -> Services:
+    if router is None:
+        router = make_router(ctx, extra_admins=extra_admins, events=GroupCommitLog(ctx.engine))
+    if client is not None and client.token is None and ctx.settings.slack_bot_token:
+        client.token = ctx.settings.slack_bot_token.get_secret_value()
+    replier = Replier(client or make_web_client(ctx.settings))
+    return Services(ctx.settings, router, replier, Background(router, replier))
+
+
+class _ClientGiven(logging.Filter):
+    """Bolt reads SLACK_BOT_TOKEN itself and warns that our client (which carries the same token,
+    SLACK_API_URL and the retry handlers) wins; that is the intent, not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`token` will be unused" not in record.getMessage()
+
+
+_bolt_log = logging.getLogger("dbops.bolt")
+_bolt_log.addFilter(_ClientGiven())
+
+
+def create_app(
+    ctx: Context | Services,
+    *,
+    client: AsyncWebClient | None = None,
+    extra_admins: Iterable[str] = (),
+) -> AsyncApp:
+    """The Bolt app with every listener registered; ``ctx`` may be prebuilt Services."""
+    services = ctx
+    if not isinstance(services, Services):
+        services = build_services(services, client=client, extra_admins=extra_admins)
+    settings = services.settings
+    if settings.slack_bot_token is None:
+        raise DbopsError(
+            "SLACK_BOT_TOKEN is not set.", hint="Copy it from your Slack app's OAuth page."
+        )
+    secret = settings.slack_signing_secret
+    app = AsyncApp(
+        name="dbops",
+        logger=_bolt_log,
+        # The token travels in the client (built with it, or handed in by a test).
+        signing_secret=secret.get_secret_value() if secret else None,
+        # Without a signing secret only Socket Mode can deliver (its socket is authenticated).
+        request_verification_enabled=secret is not None,
+        client=services.replier.client,
+        # Listeners only ack and hand off, so running them before the response costs nothing
+        # and avoids Bolt's 10 ms polling for the ack.
+        process_before_response=True,
+    )
+    listeners.register(app, services)
+    return app

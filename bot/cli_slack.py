@@ -1,0 +1,138 @@
+"""`dbops serve`, `dbops shell` and `dbops demo`: the commands that start the bot's surfaces."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bot.context import Context
+
+DEMO_DIR = Path(".demo")
+DEMO_USER = "U_DEMO"
+DEMO_SERVERS, DEMO_CUSTOMERS = 3, 15  # shaped like the manuals' fleet (SOP-101)
+WELCOME = """\
+dbops demo: {servers} sandbox servers, {customers} customers, running on this machine.
+You are {user}, an admin. Try:
+  /db help
+  /db status {first}
+  /db report
+  /db servers
+  /db log {first}
+  press 1            (presses button [1] of the last reply)
+Sandbox: {dir} (stop it with `dbops sandbox down --dir {dir}`); event log: {db}.
+"""
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("DBOPS_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve(
+        host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port to listen on.")] = 3000,
+    ) -> None:
+        """The Slack app: POST /slack/events, GET /healthz (Socket Mode with SLACK_APP_TOKEN)."""
+        from bot import http
+
+        _logging()
+        ctx = Context.load().ready()
+        http.serve(ctx, host, port)
+
+    @app.command("shell")
+    def shell(
+        user: Annotated[
+            str, typer.Option("--as", help="Slack user id to act as (roles apply).")
+        ] = "U_SHELL",
+    ) -> None:
+        """The bot in a terminal: type `/db ...` lines, `press N` to press a button."""
+        ctx = Context.load().ready()
+        _run_shell(ctx, user)
+
+    @app.command("demo")
+    def demo(
+        directory: Annotated[Path, typer.Option("--dir", help="Where the demo lives.")] = DEMO_DIR,
+    ) -> None:
+        """A sandbox fleet, a SQLite event log and the shell, in one command."""
+        ctx, state = _demo_context(directory)
+        first = state["customers"][0]["name"]
+        typer.echo(
+            WELCOME.format(
+                servers=len(state["servers"]),
+                customers=len(state["customers"]),
+                user=DEMO_USER,
+                first=first,
+                dir=state["dir"],
+                db=ctx.settings.database_url,
+            )
+        )
+        if ctx.settings.slack_bot_token and (
+            ctx.settings.slack_signing_secret or ctx.settings.slack_app_token
+        ):
+            _serve_in_background(ctx)
+        _run_shell(ctx, DEMO_USER, extra_admins=[DEMO_USER])
+
+
+def _run_shell(ctx: Context, user: str, extra_admins: list[str] | None = None) -> None:
+    from bot.app import make_router
+    from bot.shell import HINT, Shell
+
+    router = make_router(ctx, extra_admins=extra_admins or [])
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(HINT)
+    try:
+        Shell(router, user).loop(sys.stdin, prompt=interactive)
+    except KeyboardInterrupt:
+        typer.echo("")
+    finally:
+        router.close()
+
+
+def _demo_context(directory: Path) -> tuple[Context, dict[str, Any]]:
+    from core import sandbox
+    from core.customers import customer_from_mapping, upsert_customers
+    from storage.migrate import upgrade
+
+    base = directory.expanduser().resolve()
+    box = base / "sandbox"
+    box.mkdir(parents=True, exist_ok=True)
+    # Real sshds when the machine has OpenSSH, so the demo goes over SSH as production does.
+    servers, customers, ssh = DEMO_SERVERS, DEMO_CUSTOMERS, Path(sandbox.SSHD).exists()
+    if (box / sandbox.STATE_FILE).exists():  # reuse it, whatever its shape
+        old = sandbox.load_state(box)
+        servers, customers, ssh = len(old["servers"]), len(old["customers"]), bool(old["ssh"])
+    typer.echo(f"Starting the sandbox fleet in {box} ...")
+    state = sandbox.up(box, servers=servers, customers=customers, ssh=ssh)
+    settings = Context.load().settings
+    ctx = Context.load(
+        database_url=f"sqlite:///{base / 'dbops.db'}",
+        dbops_fleet=state["fleet"],
+        dbops_admins=[*settings.dbops_admins, DEMO_USER],
+    )
+    upgrade(ctx.engine)
+    upsert_customers(ctx.engine, [customer_from_mapping(c) for c in state["customers"]])
+    return ctx, state
+
+
+def _serve_in_background(ctx: Context) -> None:
+    from bot.http import uvicorn_server
+
+    port = int(os.environ.get("PORT", "3000"))
+    server = uvicorn_server(ctx, "127.0.0.1", port)
+    threading.Thread(target=server.run, name="dbops-serve", daemon=True).start()
+    mode = (
+        "Socket Mode" if ctx.settings.slack_app_token else f"http://127.0.0.1:{port}/slack/events"
+    )
+    typer.echo(f"Slack transport started ({mode}).")

@@ -1,0 +1,145 @@
+"""The HTTP side of `dbops serve`: Starlette under uvicorn.
+
+``POST /slack/events`` goes to Bolt's Starlette adapter (signature and timestamp checked there,
+401 otherwise); ``GET /healthz`` answers JSON with the schema state. With SLACK_APP_TOKEN set,
+Slack is reached over Socket Mode instead and /slack/events is not served; /healthz still is,
+and later webhooks (Stripe, Alertmanager) mount beside it with ``extra_routes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import uvicorn
+from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
+from slack_bolt.async_app import AsyncApp
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from bot.app import Services, build_services, create_app
+from bot.context import Context
+from core.errors import DbopsError
+from storage.migrate import current_revision, head_revision
+
+log = logging.getLogger("dbops.http")
+
+
+def schema_state(ctx: Context) -> dict[str, Any]:
+    current, head = current_revision(ctx.engine), head_revision()
+    return {"current": current, "head": head, "ok": current == head}
+
+
+def build_asgi(
+    ctx: Context,
+    *,
+    services: Services | None = None,
+    socket_mode: bool | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
+) -> Starlette:
+    settings = ctx.settings
+    services = services or build_services(ctx)
+    bolt = create_app(services)
+    if socket_mode is None:
+        socket_mode = settings.slack_app_token is not None
+    if not socket_mode and settings.slack_signing_secret is None:
+        raise DbopsError(
+            "SLACK_SIGNING_SECRET is not set, so Slack's requests cannot be checked.",
+            hint="Set it (Basic Information -> Signing Secret), or SLACK_APP_TOKEN for "
+            "Socket Mode.",
+        )
+    handler = AsyncSlackRequestHandler(bolt)
+
+    async def slack_events(request: Request) -> Response:
+        with services.background.quiet.busy():
+            return await handler.handle(request)
+
+    async def healthz(request: Request) -> Response:
+        try:
+            schema = await asyncio.to_thread(schema_state, ctx)
+        except Exception as exc:
+            log.warning("healthz: database unreachable: %s", type(exc).__name__)
+            return JSONResponse({"ok": False, "schema": None, "error": "database unreachable"}, 503)
+        mode = "socket" if socket_mode else "http"
+        body = {"ok": schema["ok"], "schema": schema, "slack": mode}
+        return JSONResponse(body, status_code=200 if schema["ok"] else 503)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        socket = _start_socket_mode(bolt, ctx) if socket_mode else None
+        # Everything built so far lives as long as the process: keep it out of the collector's
+        # full passes, which otherwise stall the loop (and every ack) for ~100 ms at a time.
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            if socket is not None:
+                handler, connecting = socket
+                connecting.cancel()
+                await handler.close_async()
+            await services.aclose()
+
+    routes: list[BaseRoute] = [Route("/healthz", healthz, methods=["GET"]), *extra_routes]
+    if not socket_mode:
+        routes.append(Route("/slack/events", slack_events, methods=["POST"]))
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _start_socket_mode(bolt: AsyncApp, ctx: Context) -> tuple[Any, asyncio.Task[None]]:
+    from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+    token = ctx.settings.slack_app_token
+    assert token is not None
+    handler = AsyncSocketModeHandler(bolt, token.get_secret_value())
+    # In the background: slack_sdk keeps retrying until Slack answers, and /healthz should
+    # answer meanwhile.
+
+    async def connect() -> None:
+        await handler.connect_async()  # type: ignore[no-untyped-call]
+        log.info("connected to Slack over Socket Mode")
+
+    connecting = asyncio.create_task(connect())
+    return handler, connecting
+
+
+def uvicorn_server(ctx: Context, host: str, port: int, **kwargs: Any) -> uvicorn.Server:
+    config = uvicorn.Config(
+        build_asgi(ctx, **kwargs),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        # Slack's requests are small; a long keep-alive lets its connections be reused.
+        timeout_keep_alive=30,
+    )
+    return uvicorn.Server(config)
+
+
+def webhook_routes(ctx: Context) -> list[BaseRoute]:
+    """POST /alerts/alertmanager: alerts open incidents that page through Slack."""
+    from bot.notifier import ConsoleNotifier, SlackNotifier, web_client
+    from bot.webhooks import alert_desk, alertmanager_routes
+
+    def desk() -> Any:
+        settings = ctx.settings
+        notifier = (
+            SlackNotifier(web_client(settings), ctx.events)
+            if settings.slack_bot_token is not None
+            else ConsoleNotifier(events=ctx.events)
+        )
+        return alert_desk(ctx, notifier)
+
+    return list(alertmanager_routes(desk))
+
+
+def serve(ctx: Context, host: str = "127.0.0.1", port: int = 3000) -> None:
+    """Run until interrupted (uvicorn handles SIGINT/SIGTERM and drains the lifespan)."""
+    uvicorn_server(ctx, host, port, extra_routes=webhook_routes(ctx)).run()

@@ -1,0 +1,30 @@
+"""Slack listeners, one module per surface; each registers itself on the app.
+
+``register`` returns (and keeps on the services) what it registered, slash commands and action
+ids, so tests can hold the app to manifest.yml.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bot.listeners import actions, commands, errors
+
+if TYPE_CHECKING:
+    from slack_bolt.async_app import AsyncApp
+
+    from bot.app import Services
+
+
+def register(app: AsyncApp, services: Services) -> dict[str, list[str]]:
+    from bot import scheduler_commands
+
+    registered = {
+        "commands": commands.register(app, services),
+        "actions": actions.register(app, services),
+        # Inputs that are not command buttons: a checklist's checkboxes.
+        "inputs": scheduler_commands.register(app, services),
+    }
+    errors.register(app, services)
+    services.registered = registered
+    return registered

@@ -1,0 +1,52 @@
+"""The one error handler: what a user sees when a command fails.
+
+A DbopsError is a message the user can act on, shown to them alone. Anything else is a bug: it
+is logged with a short correlation id and the user sees only the id, never a stack trace,
+hostname, DSN or password. Slack (``@app.error``), the background work after an ack and the
+shell all come through ``reply_for``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from bot import render
+from bot.blocks import Reply
+from bot.roles import Denied
+from bot.router import UsageError
+from core.errors import DbopsError
+
+if TYPE_CHECKING:
+    from slack_bolt.async_app import AsyncApp
+
+    from bot.app import Services
+
+log = logging.getLogger("dbops.bot")
+
+
+def correlation_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def reply_for(exc: BaseException, *, where: str = "command") -> Reply:
+    if isinstance(exc, Denied):
+        return render.error_reply(exc, icon=":no_entry:")
+    if isinstance(exc, UsageError):
+        return render.error_reply(exc, usage=exc.usage, icon=":thinking_face:")
+    if isinstance(exc, DbopsError):
+        return render.error_reply(exc)
+    cid = correlation_id()
+    log.error("unexpected error in %s [%s]", where, cid, exc_info=exc)
+    return render.internal_error_reply(cid)
+
+
+def register(app: AsyncApp, services: Services) -> None:
+    @app.error
+    async def on_error(error: Exception, body: dict[str, Any]) -> None:
+        # Reached only when a listener itself fails (they ack and hand off, so rarely).
+        reply = reply_for(error, where="listener")
+        url = body.get("response_url") if isinstance(body, dict) else None
+        if url:
+            await services.replier.respond(url, reply)

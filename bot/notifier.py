@@ -1,0 +1,144 @@
+"""Notifiers the worker side uses: Slack's Web API (sync, for scheduler threads) and a console
+one for the shell and the demo. Both implement core.notify.Notifier; every message sent is an
+event ("message.sent" with where it went, never its body's secrets: the event log redacts)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, TextIO
+
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_handlers import (
+    ConnectionErrorRetryHandler,
+    RateLimitErrorRetryHandler,
+)
+
+from core.notify import Message, MessageRef, NotifyError
+from core.settings import Settings
+from storage.events import EventLog
+
+# Errors no retry can fix: the caller should not try again.
+PERMANENT = {
+    "channel_not_found",
+    "not_in_channel",
+    "is_archived",
+    "user_not_found",
+    "invalid_auth",
+    "account_inactive",
+    "token_revoked",
+    "missing_scope",
+    "cannot_dm_bot",
+    "invalid_blocks",
+    "msg_too_long",
+}
+
+
+def web_client(settings: Settings) -> WebClient:
+    base = str(settings.slack_api_url)
+    return WebClient(
+        token=settings.slack_bot_token.get_secret_value() if settings.slack_bot_token else None,
+        base_url=base if base.endswith("/") else base + "/",
+        timeout=10,
+        retry_handlers=[
+            RateLimitErrorRetryHandler(max_retry_count=3),
+            ConnectionErrorRetryHandler(max_retry_count=2),
+        ],
+    )
+
+
+class SlackNotifier:
+    """chat.postMessage / chat.update / conversations.open over the Web API."""
+
+    def __init__(self, client: WebClient, events: EventLog | None = None) -> None:
+        self.client = client
+        self.events = events
+        self._dm_channels: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def _call(self, method: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = self.client.api_call(method, json=kwargs)
+        except SlackApiError as exc:
+            error = str(exc.response.get("error", "unknown_error"))
+            raise NotifyError(
+                f"Slack {method} failed: {error}", permanent=error in PERMANENT
+            ) from None
+        except OSError as exc:
+            raise NotifyError(f"Slack {method} failed: {type(exc).__name__}") from None
+        return dict(response.data) if isinstance(response.data, dict) else {}
+
+    def _record(self, how: str, to: str, message: Message, ts: str | None) -> None:
+        if self.events is not None:
+            self.events.append(
+                "message.sent",
+                to,
+                {"how": how, "ts": ts, "text": message.text[:500]},
+                actor="dbops",
+            )
+
+    def _message(self, message: Message) -> dict[str, Any]:
+        body: dict[str, Any] = {"text": message.text}
+        if message.blocks:
+            body["blocks"] = message.blocks
+        return body
+
+    def dm(self, user: str, message: Message) -> MessageRef:
+        with self._lock:
+            channel = self._dm_channels.get(user)
+        if channel is None:
+            opened = self._call("conversations.open", users=user)
+            channel = str((opened.get("channel") or {}).get("id") or user)
+            with self._lock:
+                self._dm_channels[user] = channel
+        data = self._call("chat.postMessage", channel=channel, **self._message(message))
+        ref = MessageRef(str(data.get("channel") or channel), str(data.get("ts") or ""))
+        self._record("dm", user, message, ref.ts)
+        return ref
+
+    def post(self, channel: str, message: Message, thread_ts: str | None = None) -> MessageRef:
+        extra = {"thread_ts": thread_ts} if thread_ts else {}
+        data = self._call("chat.postMessage", channel=channel, **self._message(message), **extra)
+        ref = MessageRef(str(data.get("channel") or channel), str(data.get("ts") or ""))
+        self._record("post", channel, message, ref.ts)
+        return ref
+
+    def update(self, ref: MessageRef, message: Message) -> None:
+        self._call("chat.update", channel=ref.channel, ts=ref.ts, **self._message(message))
+        self._record("update", ref.channel, message, ref.ts)
+
+
+class ConsoleNotifier:
+    """Prints what would go to Slack (the shell and the demo)."""
+
+    def __init__(self, out: TextIO | None = None, events: EventLog | None = None) -> None:
+        self.out = out or sys.stdout
+        self.events = events
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def _emit(self, how: str, to: str, message: Message, thread: str | None) -> MessageRef:
+        with self._lock:
+            self._seq += 1
+            ts = f"console.{self._seq:06d}"
+            where = f"{how} {to}" + (f" (thread {thread})" if thread else "")
+            self.out.write(f"\n--- {where} ---\n{message.text}\n")
+            self.out.flush()
+        if self.events is not None:
+            self.events.append(
+                "message.sent",
+                to,
+                {"how": how, "ts": ts, "text": message.text[:500]},
+                actor="dbops",
+            )
+        return MessageRef(to, ts)
+
+    def dm(self, user: str, message: Message) -> MessageRef:
+        return self._emit("DM to", user, message, None)
+
+    def post(self, channel: str, message: Message, thread_ts: str | None = None) -> MessageRef:
+        return self._emit("post in", channel, message, thread_ts)
+
+    def update(self, ref: MessageRef, message: Message) -> None:
+        self._emit("update of", f"{ref.channel} {ref.ts}", message, None)

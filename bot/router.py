@@ -1,0 +1,484 @@
+"""The `/db` command router: a registry of commands, a pure parser, and the one place that runs
+a command (parse -> role gate -> handler) for every surface: slash command, button, shell.
+
+A command is a ``Spec`` (name, arguments, role, handler, usage). ``parse`` turns text into a
+``Command`` whose every argument has been validated (core.names), or raises ``UsageError``
+(help, usage, "did you mean"). Buttons carry a command line as their value and are parsed the
+same way, so a press goes through the same validation and the same role check as typing.
+
+Later issues add commands with ``REGISTRY.add(Spec(...))`` from their own modules.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from slack_sdk.models.blocks import ButtonElement
+
+from bot import blocks, render
+from bot.blocks import Reply
+from bot.roles import Role, Roles
+from core.errors import DbopsError
+from core.names import validate_name, validate_server_name
+from core.ops import Ops
+from storage.events import EventLog
+
+MAX_TEXT = 500  # longer than any command; more is a paste gone wrong
+_INCIDENT = re.compile(r"^(?:inc-)?([0-9]{1,9})$")
+_WORD = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
+
+
+class UsageError(DbopsError):
+    """The text is not a command we know, or not the arguments it takes."""
+
+    def __init__(self, message: str, *, usage: str | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.usage = usage
+
+
+def shown(text: str, limit: int = 30) -> str:
+    """A user's text, short and printable, for quoting back in a message."""
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return "".join(ch if ch.isprintable() and ch != "`" else "?" for ch in text)
+
+
+def _customer(value: str) -> str:
+    return validate_name(value.lower(), "customer")
+
+
+def _server(value: str) -> str:
+    return validate_server_name(value.lower())
+
+
+def _subject(value: str) -> str:
+    """A customer, a server or an incident (``inc-12`` or ``12``)."""
+    value = value.lower()
+    match = _INCIDENT.fullmatch(value)
+    if match:
+        return f"inc-{int(match.group(1))}"
+    if value.startswith("inc-"):
+        raise DbopsError(f"{shown(value)!r} is not an incident id.", hint="Use e.g. inc-12.")
+    return validate_server_name(value)
+
+
+def _word(value: str) -> str:
+    value = value.lower()
+    if not _WORD.fullmatch(value):
+        raise DbopsError(f"{shown(value)!r} is not a word I know here.")
+    return value
+
+
+# How each kind of argument is validated; later commands add kinds (plan, backup, user).
+KINDS: dict[str, Callable[[str], str]] = {
+    "customer": _customer,
+    "server": _server,
+    "subject": _subject,
+    "word": _word,
+}
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    kind: str
+    optional: bool = False
+    flag: bool = False  # given as --name VALUE
+    metavar: str | None = None
+
+    @property
+    def usage(self) -> str:
+        meta = f"<{self.metavar or self.name}>"
+        text = f"--{self.name} {meta}" if self.flag else meta
+        return f"[{text}]" if self.optional else text
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a handler gets: the parsed command and what it needs to answer it."""
+
+    command: Command
+    actor: str
+    router: Router
+
+    @property
+    def ops(self) -> Ops:
+        return self.router.ops
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return self.router.tz
+
+    def arg(self, name: str) -> str:
+        return self.command.args[name]
+
+
+Handler = Callable[[Call], Reply]
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str  # one or two words: "status", "incident ack"
+    summary: str
+    handler: Handler
+    args: tuple[Arg, ...] = ()
+    role: Role = Role.VIEWER
+    button: str | None = None  # label when the command can be a button
+    destructive: bool = False  # a danger button behind a confirm dialog
+    public: bool = False  # the reply goes to the channel, not only to the user
+    shared: bool = False  # a read: identical calls in flight share one answer
+
+    @property
+    def usage(self) -> str:
+        return " ".join(["/db", self.name, *(a.usage for a in self.args)])
+
+    @property
+    def action_id(self) -> str:
+        return "db_" + self.name.replace(" ", "_")
+
+
+@dataclass(frozen=True)
+class Command:
+    spec: Spec
+    args: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def line(self) -> str:
+        """The command as text that parses back to this command (a button's value)."""
+        parts = [self.spec.name]
+        for arg in self.spec.args:
+            if arg.name in self.args:
+                value = self.args[arg.name]
+                parts += [f"--{arg.name}", value] if arg.flag else [value]
+        return " ".join(parts)
+
+    @property
+    def subject(self) -> str | None:
+        """What the command is about, for the event log (a customer, server or incident)."""
+        for arg in self.spec.args:
+            if arg.kind in ("customer", "server", "subject") and arg.name in self.args:
+                return self.args[arg.name]
+        return None
+
+
+class Registry:
+    def __init__(self, specs: Iterable[Spec] = ()) -> None:
+        self._specs: dict[str, Spec] = {}
+        for spec in specs:
+            self.add(spec)
+
+    def add(self, spec: Spec) -> Spec:
+        if spec.name in self._specs:
+            raise ValueError(f"command {spec.name!r} is registered twice")
+        if spec.destructive and not spec.button:
+            raise ValueError(f"destructive command {spec.name!r} needs a button label")
+        self._specs[spec.name] = spec
+        return spec
+
+    def copy(self) -> Registry:
+        return Registry(self._specs.values())
+
+    @property
+    def specs(self) -> list[Spec]:
+        return list(self._specs.values())
+
+    def get(self, name: str) -> Spec | None:
+        return self._specs.get(name)
+
+    def family(self, word: str) -> list[Spec]:
+        """``word`` and its subcommands ("incident" -> "incident open", "incident ack")."""
+        return [s for s in self._specs.values() if s.name == word or s.name.startswith(word + " ")]
+
+    def by_action(self, action_id: str) -> Spec | None:
+        found = [s for s in self._specs.values() if s.button and s.action_id == action_id]
+        return found[0] if found else None
+
+    def action_ids(self) -> list[str]:
+        return [s.action_id for s in self._specs.values() if s.button]
+
+    def button(self, line: str) -> ButtonElement:
+        """The button that runs ``line`` (parsed, so a button never carries a bad name)."""
+        command = parse(line, self)
+        spec = command.spec
+        if not spec.button:
+            raise ValueError(f"{spec.name!r} has no button")
+        if spec.destructive:
+            return blocks.danger_button(
+                spec.button,
+                spec.action_id,
+                command.line,
+                title=f"{spec.button}?",
+                question=f"Run `/db {blocks.escape(command.line)}`? This cannot be undone.",
+                confirm=spec.button,
+            )
+        return blocks.button(spec.button, spec.action_id, command.line)
+
+    def match(self, words: list[str]) -> tuple[Spec | None, list[str]]:
+        """The longest registered name that starts ``words`` (two words before one)."""
+        lowered = [w.lower() for w in words[:2]]
+        for n in (2, 1):
+            if len(lowered) >= n and (spec := self._specs.get(" ".join(lowered[:n]))):
+                return spec, words[n:]
+        return None, words
+
+
+def parse(text: str, registry: Registry | None = None) -> Command:
+    """Text after `/db` -> a Command with validated arguments, or a UsageError. No I/O."""
+    registry = registry or REGISTRY
+    if len(text) > MAX_TEXT:
+        raise UsageError(
+            f"That is {len(text):,} characters; a /db command is a few words.",
+            hint="Try `/db help`.",
+        )
+    words = text.split()
+    if not words or words[0].lower() in ("help", "?", "-h", "--help"):
+        words = ["help", *words[1:]]
+    spec, rest = registry.match(words)
+    if spec is None:
+        raise _unknown(words, registry)
+    values = _bind(spec, rest)
+    args: dict[str, str] = {}
+    for arg in spec.args:
+        if arg.name in values:
+            try:
+                args[arg.name] = KINDS[arg.kind](values[arg.name])
+            except UsageError:
+                raise
+            except DbopsError as exc:
+                raise UsageError(exc.message, usage=spec.usage, hint=exc.hint) from None
+    if spec.name == "help" and "command" in args and not registry.family(args["command"]):
+        raise _unknown([args["command"]], registry)
+    return Command(spec, args)
+
+
+def _bind(spec: Spec, words: list[str]) -> dict[str, str]:
+    """The words after the command name, by argument name (not validated yet)."""
+    values: dict[str, str] = {}
+    positional = [a for a in spec.args if not a.flag]
+    flags = {a.name: a for a in spec.args if a.flag}
+    loose: list[str] = []
+    it = iter(words)
+    for word in it:
+        if word.startswith("--") and word[2:].lower() in flags:
+            value = next(it, None)
+            if value is None:
+                raise UsageError(f"{word} needs a value.", usage=spec.usage)
+            values[word[2:].lower()] = value
+        elif word.startswith("--"):
+            raise UsageError(f"`{spec.name}` has no option {shown(word)!r}.", usage=spec.usage)
+        else:
+            loose.append(word)
+    if len(loose) > len(positional):
+        raise UsageError(f"Too many arguments for `{spec.name}`.", usage=spec.usage)
+    values.update({a.name: v for a, v in zip(positional, loose, strict=False)})
+    missing = [a for a in spec.args if not a.optional and a.name not in values]
+    if missing:
+        raise UsageError(
+            f"`{spec.name}` needs {' and '.join(a.usage for a in missing)}.", usage=spec.usage
+        )
+    return values
+
+
+def _unknown(words: list[str], registry: Registry) -> UsageError:
+    names = [s.name for s in registry.specs]
+    typed = " ".join(words[:2]).lower() if len(words) > 1 else words[0].lower()
+    near = difflib.get_close_matches(typed, names, n=3, cutoff=0.6)
+    near += [n for n in difflib.get_close_matches(words[0].lower(), names, n=3, cutoff=0.6)]
+    near = list(dict.fromkeys(near))[:3]
+    hint = "Did you mean " + " or ".join(f"`/db {n}`" for n in near) + "?" if near else None
+    return UsageError(
+        f"I don't know `{shown(words[0])}`.", hint=hint or "`/db help` lists what I can do."
+    )
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One command as it arrived: typed (``text``) or a button (``action_id`` + ``value``)."""
+
+    actor: str
+    surface: str  # "slack" or "shell": the event source
+    text: str | None = None
+    action_id: str | None = None
+    value: str | None = None
+    channel: str | None = None
+    delivery: str | None = None  # the transport's idempotency key (a Slack retry repeats it)
+
+    @property
+    def typed(self) -> str:
+        return (self.text if self.action_id is None else self.value) or ""
+
+
+class Router:
+    """Runs invocations: record -> parse -> gate -> handler. Blocking; call it from a thread."""
+
+    def __init__(
+        self,
+        *,
+        ops: Ops | Callable[[], Ops],
+        events: EventLog,
+        roles: Roles,
+        tz: ZoneInfo,
+        registry: Registry | None = None,
+    ) -> None:
+        self._ops = ops
+        self._ops_lock = threading.Lock()
+        self.events = events
+        self.roles = roles
+        self.tz = tz
+        self.registry = registry or REGISTRY
+
+    @property
+    def ops(self) -> Ops:
+        # Built on first use: help, healthz and the shell's hints work without a fleet.
+        with self._ops_lock:
+            if not isinstance(self._ops, Ops):
+                self._ops = self._ops()
+            return self._ops
+
+    def close(self) -> None:
+        if isinstance(self._ops, Ops):
+            self._ops.close()
+
+    def begin(self, inv: Invocation) -> Command | None:
+        """Record the invocation, parse it and check the user's role.
+
+        None when ``inv.delivery`` was already recorded: a retried delivery whose first copy was
+        accepted is dropped here, whichever copy got here first.
+        """
+        text = inv.typed or ""
+        error: DbopsError | None = None
+        command: Command | None = None
+        button = self.registry.by_action(inv.action_id) if inv.action_id else None
+        try:
+            if inv.action_id is not None and button is None:
+                raise UsageError("That button belongs to a command this dbops no longer has.")
+            command = parse(text, self.registry)
+            if button is not None and command.spec is not button:
+                raise UsageError("That button does not match its command.")
+        except DbopsError as exc:
+            error = exc
+        nonce = uuid.uuid4().hex
+        payload: dict[str, Any] = {
+            "text": text[:200],
+            "surface": inv.surface,
+            "channel": inv.channel,
+            "ok": error is None,
+            "nonce": nonce,
+        }
+        if inv.action_id is not None:
+            payload["action_id"] = inv.action_id[:100]
+        stored = self.events.append(
+            "button" if inv.action_id is not None else "command",
+            command.subject if command else None,
+            payload,
+            actor=inv.actor,
+            source=inv.surface,
+            source_id=inv.delivery,
+        )
+        if stored.payload.get("nonce") != nonce:
+            # A retry of a delivery already accepted: say so in the log, run nothing.
+            self.events.append(
+                "delivery.repeated",
+                stored.subject,
+                {"delivery": inv.delivery, "first_event": stored.id, "surface": inv.surface},
+                actor=inv.actor,
+            )
+            return None
+        if error is not None:
+            raise error
+        assert command is not None
+        self.roles.require(
+            inv.actor,
+            command.spec.role,
+            f"/db {command.spec.name}",
+            events=self.events,
+            surface=inv.surface,
+            subject=command.subject,
+        )
+        return command
+
+    def execute(self, command: Command, actor: str) -> Reply:
+        reply = command.spec.handler(Call(command, actor, self))
+        return replace(reply, ephemeral=not command.spec.public)
+
+    def run(self, inv: Invocation) -> Reply | None:
+        command = self.begin(inv)
+        return None if command is None else self.execute(command, inv.actor)
+
+
+# --- the commands this release ships ---------------------------------------------------------
+
+
+def _help(call: Call) -> Reply:
+    topic = call.command.args.get("command")
+    return render.help_reply(call.router.registry.specs, topic)
+
+
+def _status(call: Call) -> Reply:
+    name = call.arg("customer")
+    status = call.ops.status(name)
+    registry = call.router.registry
+    buttons = [registry.button("report"), registry.button(f"log {name}")]
+    return render.status_reply(status, call.tz, buttons)
+
+
+def _report(call: Call) -> Reply:
+    return render.report_reply(call.ops.report(), call.tz, [call.router.registry.button("servers")])
+
+
+def _servers(call: Call) -> Reply:
+    buttons = [call.router.registry.button("report")]
+    return render.servers_reply(call.ops.servers(), call.tz, buttons)
+
+
+def _log(call: Call) -> Reply:
+    subject = call.arg("subject")
+    return render.log_reply(subject, call.ops.log(subject), call.tz)
+
+
+REGISTRY = Registry(
+    [
+        Spec("help", "what I can do", _help, (Arg("command", "word", optional=True),)),
+        Spec(
+            "status",
+            "a customer's database: online, size, connections, last backup, disk, problems",
+            _status,
+            (Arg("customer", "customer"),),
+            public=True,
+            shared=True,
+        ),
+        Spec(
+            "report",
+            "the morning health check (SOP-101) across the fleet",
+            _report,
+            button="Report",
+            public=True,
+            shared=True,
+        ),
+        Spec(
+            "servers",
+            "every server: reachable, PostgreSQL, customers, problems",
+            _servers,
+            button="Servers",
+            public=True,
+            shared=True,
+        ),
+        Spec(
+            "log",
+            "the latest events about a customer, a server or an incident",
+            _log,
+            (Arg("subject", "subject", metavar="customer|incident"),),
+            button="Log",
+            shared=True,
+        ),
+    ]
+)

@@ -1,0 +1,307 @@
+"""`dbops scheduler`: APScheduler 3 runs the routines; core.jobs makes each run happen once.
+
+Jobs post through a Notifier (Slack's Web API, or the console in the demo). Several scheduler
+processes may run against one PostgreSQL database: every run claims its (job, scheduled time)
+first, so each happens once; a process that starts after a missed 08:00 (or after the process
+running it died) runs it late, marked late.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from slack_sdk.models.blocks import (
+    ActionsBlock,
+    CheckboxesElement,
+    ContextBlock,
+    HeaderBlock,
+    MarkdownTextObject,
+    Option,
+    PlainTextObject,
+)
+
+from bot.blocks import clip, escape
+from bot.context import Context
+from bot.render import report_reply
+from core import checklists as cl
+from core.alerts import alerts_from_report
+from core.escalation import Escalator
+from core.incidents import Incidents
+from core.jobs import JobSpec, RunResult, execute, job_specs, missed_slots, next_runs, owner_id
+from core.notify import Message, Notifier
+from core.oncall import handoff
+from core.ops import Ops
+
+log = logging.getLogger("dbops.scheduler")
+CHECKLIST_ACTION = "checklist_tick"
+CATCH_UP_EVERY_S = 30
+OPTION_MAX = 75
+
+
+def checklist_message(state: cl.RunState, tz: Any) -> Message:
+    """A checklist as Block Kit: a checkbox per item; ticks are recorded per user."""
+    options = [_option(i) for i in state.items]
+    done = [o for o, i in zip(options, state.items, strict=True) if i.done]
+    ticked = sum(1 for i in state.items if i.done)
+    when = state.posted_at.astimezone(tz).strftime("%a %Y-%m-%d %H:%M %Z")
+    blocks = [
+        HeaderBlock(text=PlainTextObject(text=state.title[:150])),
+        ActionsBlock(
+            block_id=f"checklist-{state.id}",
+            elements=[
+                CheckboxesElement(
+                    action_id=CHECKLIST_ACTION, options=options, initial_options=done or None
+                )
+            ],
+        ),
+        ContextBlock(
+            elements=[
+                MarkdownTextObject(
+                    text=f"{ticked}/{len(state.items)} done · posted {when} · "
+                    f"`/db checklist {state.name}`"
+                )
+            ]
+        ),
+    ]
+    return Message(
+        text=f"Checklist: {state.title} ({ticked}/{len(state.items)} done)",
+        blocks=[b.to_dict() for b in blocks],
+    )
+
+
+def _option(item: cl.Item) -> Option:
+    # Slack caps a checkbox's text and its description at 75 characters each: long items
+    # continue in the description rather than being cut.
+    text = escape(item.text)
+    if len(text) <= OPTION_MAX:
+        return Option(value=str(item.index), text=MarkdownTextObject(text=text))
+    cut = text.rfind(" ", 0, OPTION_MAX - 1)
+    cut = cut if cut > 40 else OPTION_MAX - 1
+    return Option(
+        value=str(item.index),
+        text=MarkdownTextObject(text=text[:cut] + "…"),
+        description=MarkdownTextObject(text=clip("…" + text[cut:].strip(), OPTION_MAX)),
+    )
+
+
+@dataclass
+class Worker:
+    """The jobs of one scheduler process, runnable with or without APScheduler."""
+
+    ctx: Context
+    notifier: Notifier
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    owner: str = field(default_factory=owner_id)
+
+    def __post_init__(self) -> None:
+        self.ops = Ops(self.ctx.fleet, self.ctx.engine, self.ctx.events)
+        tz = self.ctx.settings.tz
+        self.escalator = Escalator(
+            self.ctx.engine,
+            self.ctx.events,
+            lambda: self.ctx.fleet,
+            self.notifier,
+            ops_channel=self.ctx.settings.ops_channel,
+            clock=self.clock,
+            tz=tz,
+        )
+        self.incidents = Incidents(
+            self.ctx.engine,
+            self.ctx.events,
+            lambda: self.ctx.fleet,
+            escalator=self.escalator,
+            clock=self.clock,
+            tz=tz,
+        )
+        self.checklists = cl.load_checklists()
+        self.specs = {s.id: s for s in job_specs(tz, self.checklists)}
+
+    @property
+    def channel(self) -> str:
+        return self.ctx.settings.ops_channel
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def morning_report(self, slot: datetime, late_s: int) -> dict[str, Any]:
+        report = self.ops.report(open_incidents=self.incidents.open_incidents())
+        reply = report_reply(report, self.ctx.settings.tz)
+        text = reply.text
+        if late_s > 120:
+            text = f"(posted {late_s // 60} min late) {text}"
+        summary = report["summary"]
+        head = Message(
+            text=text,
+            blocks=[{"type": "section", "text": {"type": "mrkdwn", "text": escape(text)}}],
+        )
+        ref = self.notifier.post(self.channel, head)
+        self.notifier.post(
+            self.channel,
+            Message(text=reply.text, blocks=[b.to_dict() for b in reply.blocks]),
+            thread_ts=ref.ts,
+        )
+        return {"verdict": summary["verdict"], "late_s": late_s, "ts": ref.ts}
+
+    def health_sweep(self, slot: datetime, late_s: int) -> dict[str, Any]:
+        report = self.ops.report(deadline_s=20.0)
+        outcomes = self.incidents.ingest(alerts_from_report(report), now=self.clock())
+        opened = [o for o in outcomes if getattr(o, "created", False)]
+        return {
+            "verdict": report["summary"]["verdict"],
+            "alerts": len(outcomes),
+            "opened": len(opened),
+        }
+
+    def escalation_tick(self, slot: datetime, late_s: int) -> dict[str, Any] | None:
+        done = self.escalator.tick(self.clock())
+        return {"steps": len(done)} if done else None
+
+    def checklist(self, name: str, *, actor: str = "scheduler") -> cl.RunState:
+        checklist = cl.get_checklist(name)
+        state = cl.start_run(
+            self.ctx.engine, self.ctx.events, checklist, actor=actor, now=self.clock()
+        )
+        ref = self.notifier.post(self.channel, checklist_message(state, self.ctx.settings.tz))
+        cl.attach_message(self.ctx.engine, state.id, ref.channel, ref.ts)
+        return cl.run_state(self.ctx.engine, state.id)
+
+    def checklist_nudge(self, slot: datetime, late_s: int) -> dict[str, Any]:
+        nudged = []
+        for state in cl.unfinished(self.ctx.engine, posted_after=slot - timedelta(days=7)):
+            left = ", ".join(f"“{escape(i.text)}”" for i in state.open_items[:5])
+            more = len(state.open_items) - 5
+            text = (
+                f":alarm_clock: *{escape(state.title)}* still has "
+                f"{len(state.open_items)} open item(s): {left}"
+                + (f" and {more} more" if more > 0 else "")
+                + "."
+            )
+            self.notifier.post(
+                state.channel or self.channel, Message(text=text), thread_ts=state.message_ts
+            )
+            cl.mark_nudged(self.ctx.engine, self.ctx.events, state, now=self.clock())
+            nudged.append(state.id)
+        return {"nudged": nudged}
+
+    def oncall_handoff(self, slot: datetime, late_s: int) -> dict[str, Any] | None:
+        text = handoff(
+            self.ctx.engine,
+            self.ctx.events,
+            self.ctx.fleet,
+            now=self.clock(),
+            tz=self.ctx.settings.tz,
+        )
+        if text is None:
+            return None
+        self.notifier.post(self.channel, Message(text=text))
+        return {"announced": True}
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def function(self, spec: JobSpec) -> Callable[[datetime, int], Any]:
+        if spec.id.startswith("checklist:"):
+            name = spec.args["checklist"]
+            return lambda slot, late: {"run": self.checklist(name).id}
+        fn: Callable[[datetime, int], Any] = getattr(self, spec.id)
+        return fn
+
+    def on_error(self, job_id: str, error_id: str, exc: BaseException) -> None:
+        try:
+            self.notifier.post(
+                self.channel,
+                Message(
+                    text=f":x: Scheduled job `{job_id}` failed. Error id `{error_id}` "
+                    "(the worker's log has the details)."
+                ),
+            )
+        except Exception:
+            log.exception("could not post the failure of %s", job_id)
+
+    def run(self, job_id: str) -> RunResult:
+        spec = self.specs[job_id]
+        return execute(
+            spec,
+            self.function(spec),
+            engine=self.ctx.engine,
+            events=self.ctx.events,
+            clock=self.clock,
+            owner=self.owner,
+            on_error=self.on_error,
+        )
+
+    def catch_up(self) -> list[RunResult]:
+        """Run the catch-up jobs' slots that nobody finished (missed while down, or orphaned)."""
+        return [
+            self.run(spec.id)
+            for spec, _slot in missed_slots(
+                self.ctx.engine, list(self.specs.values()), self.clock()
+            )
+        ]
+
+    def schedule(self) -> BackgroundScheduler:
+        scheduler = BackgroundScheduler(timezone=self.ctx.settings.tz)
+        for spec in self.specs.values():
+            scheduler.add_job(
+                self.run,
+                trigger=spec.trigger,
+                args=[spec.id],
+                id=spec.id,
+                name=spec.description,
+                replace_existing=True,
+                misfire_grace_time=spec.misfire_grace_s,
+                coalesce=spec.coalesce,
+                max_instances=1,
+            )
+        scheduler.add_job(
+            self.catch_up,
+            "interval",
+            seconds=CATCH_UP_EVERY_S,
+            id="_catch_up",
+            replace_existing=True,
+            coalesce=True,
+            max_instances=1,
+        )
+        return scheduler
+
+
+def jobs_table(specs: list[JobSpec], now: datetime, tz: Any) -> list[dict[str, Any]]:
+    rows = []
+    for spec in specs:
+        nxt = next_runs(spec.trigger, now, 1)
+        rows.append(
+            {
+                "id": spec.id,
+                "description": spec.description,
+                "trigger": str(spec.trigger),
+                "next_run_utc": nxt[0].astimezone(UTC).isoformat() if nxt else None,
+                "next_run_local": nxt[0].astimezone(tz).isoformat() if nxt else None,
+                "misfire_grace_s": spec.misfire_grace_s,
+                "exactly_once": spec.exclusive,
+            }
+        )
+    return rows
+
+
+def run_forever(worker: Worker, stop: threading.Event | None = None) -> None:
+    stop = stop or threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.ctx.events.append(
+        "scheduler.start", worker.owner, {"jobs": sorted(worker.specs)}, actor="scheduler"
+    )
+    for result in worker.catch_up():
+        log.info("caught up %s (slot %s)", result.job_id, result.slot)
+    scheduler = worker.schedule()
+    scheduler.start()
+    try:
+        stop.wait()
+    finally:
+        scheduler.shutdown(wait=True)
+        worker.ctx.events.append("scheduler.stop", worker.owner, {}, actor="scheduler")
+        worker.ops.close()

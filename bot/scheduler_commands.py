@@ -1,0 +1,145 @@
+"""`/db checklist <name>`, `/db jobs`, and the checklist checkboxes (who ticked what, when).
+
+Registered on the router on import (bot/surfaces.py imports this module).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from bot import blocks
+from bot.blocks import Reply, escape
+from bot.notifier import SlackNotifier, web_client
+from bot.roles import Role
+from bot.router import REGISTRY, Arg, Call, Spec
+from bot.scheduler import CHECKLIST_ACTION, checklist_message, jobs_table
+from core import checklists as cl
+from core.jobs import job_specs
+from core.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from slack_bolt.async_app import AsyncAck, AsyncApp
+
+    from bot.app import Services
+
+log = logging.getLogger("dbops.checklists")
+
+
+@lru_cache(maxsize=1)
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _checklist(call: Call) -> Reply:
+    name = call.arg("name")
+    checklist = cl.get_checklist(name)
+    ops = call.ops
+    state = cl.start_run(ops.engine, ops.events, checklist, actor=call.actor, now=datetime.now(UTC))
+    message = checklist_message(state, call.tz)
+    settings = _settings()
+    if settings.slack_bot_token is not None:
+        notifier = SlackNotifier(web_client(settings), ops.events)
+        ref = notifier.post(settings.ops_channel, message)
+        cl.attach_message(ops.engine, state.id, ref.channel, ref.ts)
+        return Reply(
+            text=f"Posted “{checklist.title}” in {settings.ops_channel}.",
+            blocks=[
+                blocks.section(
+                    f"Posted *{escape(checklist.title)}* in {escape(settings.ops_channel)}."
+                )
+            ],
+        )
+    # No Slack (the shell): the checklist itself is the reply.
+    items = "\n".join(f"☐ {escape(i.text)}" for i in state.items)
+    return Reply(
+        text=message.text,
+        blocks=[
+            blocks.header(checklist.title),
+            *blocks.text_sections(items),
+            blocks.context(f"run {state.id} · `/db checklist {escape(name)}`"),
+        ],
+    )
+
+
+def _jobs(call: Call) -> Reply:
+    rows = jobs_table(job_specs(call.tz, cl.load_checklists()), datetime.now(UTC), call.tz)
+    lines = []
+    for r in rows:
+        when = (r["next_run_local"] or "never")[:16].replace("T", " ")
+        lines.append(
+            f"• `{escape(r['id'])}`: next {when} local "
+            f"({(r['next_run_utc'] or '')[11:16]} UTC), {escape(r['description'])}"
+        )
+    return Reply(
+        text=f"{len(rows)} scheduled jobs",
+        blocks=[blocks.section("*Scheduled jobs*"), *blocks.text_sections("\n".join(lines))],
+    )
+
+
+def _names() -> str:
+    return ", ".join(sorted(cl.load_checklists()))
+
+
+REGISTRY.add(
+    Spec(
+        "checklist",
+        f"post a routine checklist now ({_names()})",
+        _checklist,
+        (Arg("name", "word"),),
+        role=Role.OPERATOR,
+    )
+)
+REGISTRY.add(Spec("jobs", "the scheduled jobs and when each runs next", _jobs))
+
+
+def register(app: AsyncApp, services: Services) -> list[str]:
+    """The checkboxes of a posted checklist: every click sends the whole state."""
+
+    async def ticked(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        user = str((body.get("user") or {}).get("id", ""))
+        block_id = str(action.get("block_id", ""))
+        done = {
+            int(o["value"])
+            for o in action.get("selected_options") or []
+            if str(o.get("value", "")).isdigit()
+        }
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            services.background.pool, _record, services, user, block_id, done
+        )
+
+    app.action(CHECKLIST_ACTION)(ticked)
+    return [CHECKLIST_ACTION]
+
+
+def _record(services: Services, user: str, block_id: str, done: set[int]) -> None:
+    router = services.router
+    try:
+        if not block_id.startswith("checklist-") or not block_id[10:].isdigit():
+            raise ValueError(f"not a checklist block: {block_id[:40]!r}")
+        router.roles.require(
+            user,
+            Role.OPERATOR,
+            "tick a checklist",
+            events=router.events,
+            surface="slack",
+            subject=block_id,
+        )
+        ops = router.ops
+        state = cl.set_done(
+            ops.engine, router.events, int(block_id[10:]), done, user=user, now=datetime.now(UTC)
+        )
+        settings = _settings()
+        if settings.slack_bot_token is not None and state.channel and state.message_ts:
+            from core.notify import MessageRef
+
+            SlackNotifier(web_client(settings)).update(
+                MessageRef(state.channel, state.message_ts), checklist_message(state, router.tz)
+            )
+    except Exception:
+        log.exception("could not record a checklist tick")

@@ -1,0 +1,10 @@
+"""The modules that add commands to the router (each registers its Specs on import).
+
+The foundation's commands live in bot/router.py; each later capability adds its own here.
+"""
+
+from __future__ import annotations
+
+from bot import scheduler_commands
+
+SURFACES = [scheduler_commands]

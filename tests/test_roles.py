@@ -1,0 +1,157 @@
+"""Roles: bob the viewer, alice the operator, carol the admin, and the one gate they pass.
+
+No sensitive command ships yet, so the gate is held to a test-only `restart` (operator, a
+destructive button) registered on a copy of the router's registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from zoneinfo import ZoneInfo
+
+import pytest
+from slack_bolt.request.async_request import AsyncBoltRequest
+from sqlalchemy import Engine
+
+from bot.app import build_services, create_app
+from bot.blocks import Reply
+from bot.context import Context
+from bot.listeners.errors import reply_for
+from bot.roles import Denied, Role, Roles
+from bot.router import REGISTRY, Arg, Call, Invocation, Router, Spec
+from core.ops import Ops
+from core.settings import Settings
+from storage.events import EventLog
+from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, SlackStub, action_body, sign, slash_body
+
+BOB, ALICE, CAROL = "U_BOB", "U_ALICE", "U_CAROL"
+ROLES = Roles(operators=frozenset({ALICE}), admins=frozenset({CAROL}))
+restarted: list[str] = []
+
+
+def _restart(call: Call) -> Reply:
+    restarted.append(call.arg("target"))
+    return Reply(f"restarted {call.arg('target')}")
+
+
+def _no_ops() -> Ops:
+    raise AssertionError("the test command needs no fleet")
+
+
+@pytest.fixture
+def registry() -> Iterator[object]:
+    reg = REGISTRY.copy()
+    reg.add(
+        Spec(
+            "restart",
+            "restart a server or a customer's cluster",
+            _restart,
+            (Arg("target", "server"),),
+            role=Role.OPERATOR,
+            button="Restart",
+            destructive=True,
+        )
+    )
+    restarted.clear()
+    yield reg
+
+
+@pytest.fixture
+def router(sqlite_engine: Engine, registry: object) -> Router:
+    return Router(
+        ops=_no_ops,
+        events=EventLog(sqlite_engine),
+        roles=ROLES,
+        tz=ZoneInfo("UTC"),
+        registry=registry,  # type: ignore[arg-type]
+    )
+
+
+def test_the_role_table() -> None:
+    assert [ROLES.of(u) for u in (BOB, ALICE, CAROL)] == [Role.VIEWER, Role.OPERATOR, Role.ADMIN]
+    settings = Settings(dbops_operators="U_ALICE, U_DAVE", dbops_admins="U_CAROL")
+    roles = Roles.from_settings(settings, extra_admins=["U_DEMO"])
+    assert roles.of("U_DAVE") is Role.OPERATOR and roles.of("U_DEMO") is Role.ADMIN
+
+
+def test_bob_the_viewer_may_read_but_not_restart(router: Router) -> None:
+    assert router.run(Invocation(BOB, "shell", text="help")) is not None
+    with pytest.raises(Denied) as denied:
+        router.run(Invocation(BOB, "shell", text="restart vps1"))
+    assert restarted == []
+    (event,) = router.events.query(kind="auth.denied")
+    assert (event.actor, event.subject) == (BOB, "vps1")
+    assert event.payload["needs"] == "operator" and event.payload["has"] == "viewer"
+    reply = reply_for(denied.value)
+    assert reply.ephemeral and ":no_entry:" in reply.message()["blocks"][0]["text"]["text"]
+    assert "operator" in reply.text
+
+
+def test_alice_the_operator_and_carol_the_admin_may_restart(router: Router) -> None:
+    router.run(Invocation(ALICE, "shell", text="restart vps1"))
+    router.run(Invocation(CAROL, "shell", text="restart vps2"))
+    assert restarted == ["vps1", "vps2"]
+    assert router.events.query(kind="auth.denied") == []
+
+
+def test_a_button_press_is_checked_again(router: Router) -> None:
+    """Bob got hold of a Restart button (a message shared with him): the press is refused."""
+    button = router.registry.button("restart vps1")
+    assert button.style == "danger" and button.confirm is not None
+    press = Invocation(BOB, "slack", action_id=button.action_id, value=button.value)
+    with pytest.raises(Denied):
+        router.run(press)
+    assert restarted == []
+    assert [e.kind for e in router.events.query()] == ["button", "auth.denied"]
+
+
+def test_a_denial_over_slack_is_an_ephemeral_reply_and_an_event(
+    sqlite_engine: Engine, registry: object
+) -> None:
+    """The whole Slack path in-process: Bolt (signature checked), listener, gate, response_url."""
+    with SlackStub() as stub:
+        ctx = Context.load(
+            database_url=str(sqlite_engine.url),
+            slack_bot_token=BOT_TOKEN,
+            slack_signing_secret=SIGNING_SECRET,
+            slack_api_url=stub.base_url,
+        )
+        router = Router(
+            ops=_no_ops,
+            events=ctx.events,
+            roles=ROLES,
+            tz=ZoneInfo("UTC"),
+            registry=registry,  # type: ignore[arg-type]
+        )
+        bodies = [
+            slash_body("restart vps1", user=BOB, response_url=stub.response_url("typed")),
+            action_body(
+                "db_restart", "restart vps1", user=BOB, response_url=stub.response_url("pressed")
+            ),
+            action_body(
+                "db_restart", "restart vps3", user=ALICE, response_url=stub.response_url("alice")
+            ),
+        ]
+
+        async def scenario() -> list[int]:
+            services = build_services(ctx, router=router)
+            app = create_app(services)
+            statuses = []
+            for body in bodies:
+                resp = await app.async_dispatch(AsyncBoltRequest(body=body, headers=sign(body)))
+                statuses.append(resp.status)
+            await services.aclose()  # waits for the work after the acks
+            return statuses
+
+        assert asyncio.run(scenario()) == [200, 200, 200]
+        for token in ("typed", "pressed"):
+            (reply,) = stub.replies_to(token)
+            assert reply.body["response_type"] == "ephemeral"
+            assert "needs the operator role" in reply.body["text"]
+        (ok,) = stub.replies_to("alice")
+        assert "restarted vps3" in ok.body["text"]
+    denials = ctx.events.query(kind="auth.denied")
+    assert [(e.actor, e.subject) for e in denials] == [(BOB, "vps1"), (BOB, "vps1")]
+    assert all(e.payload["surface"] == "slack" for e in denials)
+    assert restarted == ["vps3"]

@@ -1,0 +1,173 @@
+"""The `/db` parser: text in, a validated Command or a UsageError out, and nothing else."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bot.blocks import Reply
+from bot.router import KINDS, REGISTRY, Arg, Registry, Spec, UsageError, parse
+from core.names import NAME_RE, SERVER_RE
+
+
+def noop(call: object) -> Reply:
+    return Reply("ok")
+
+
+@pytest.mark.parametrize("text", ["", "   ", "help", "HELP", "?", "--help"])
+def test_help_on_nothing_and_on_help(text: str) -> None:
+    assert parse(text).spec.name == "help"
+
+
+def test_help_on_one_command() -> None:
+    assert parse("help status").args == {"command": "status"}
+
+
+def test_status_takes_a_customer_and_lowercases_it() -> None:
+    command = parse("status ACME")
+    assert command.spec.name == "status" and command.args == {"customer": "acme"}
+    assert command.line == "status acme" and command.subject == "acme"
+
+
+@pytest.mark.parametrize(
+    ("text", "subject"),
+    [("log acme", "acme"), ("log 12", "inc-12"), ("log INC-007", "inc-7"), ("log vps-2", "vps-2")],
+)
+def test_log_takes_a_customer_server_or_incident(text: str, subject: str) -> None:
+    assert parse(text).args == {"subject": subject}
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("status", "`status` needs <customer>"),
+        ("status acme globex", "Too many arguments"),
+        ("report --json", "no option"),
+        ("log inc-x1", "not an incident id"),
+        ("status a", "not a valid customer name"),
+        ("status " + "x" * 600, "characters"),
+    ],
+)
+def test_wrong_arguments_give_the_usage(text: str, says: str) -> None:
+    with pytest.raises(UsageError) as err:
+        parse(text)
+    assert says in err.value.message
+    if not text.startswith("status x"):
+        assert err.value.usage and err.value.usage.startswith("/db ")
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [("stauts acme", "status"), ("reprot", "report"), ("sever", "servers"), ("hepl", "help")],
+)
+def test_typos_get_did_you_mean(typo: str, meant: str) -> None:
+    with pytest.raises(UsageError) as err:
+        parse(typo)
+    assert f"`/db {meant}`" in (err.value.hint or "")
+
+
+def test_unknown_help_topic_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="backups"):
+        parse("help backups")
+
+
+def test_help_lists_only_commands_that_exist() -> None:
+    import bot.surfaces  # noqa: F401  (the app loads every capability's commands)
+
+    assert [s.name for s in REGISTRY.specs] == [
+        "help",
+        "status",
+        "report",
+        "servers",
+        "log",
+        "checklist",
+        "jobs",
+    ]
+
+
+def test_every_button_value_parses_back_to_its_command() -> None:
+    for line in ("report", "servers", "log acme", "log inc-3"):
+        button = REGISTRY.button(line)
+        assert REGISTRY.by_action(button.action_id) is parse(button.value).spec
+        assert parse(button.value).line == line
+
+
+def test_later_commands_plug_in_with_two_word_names_and_flags() -> None:
+    registry = REGISTRY.copy()
+    registry.add(Spec("incident ack", "ack an incident", noop, (Arg("incident", "subject"),)))
+    registry.add(
+        Spec(
+            "provision",
+            "new customer",
+            noop,
+            (
+                Arg("customer", "customer"),
+                Arg("plan", "word", flag=True),
+                Arg("server", "server", optional=True, flag=True),
+            ),
+        )
+    )
+    assert parse("incident ack 12", registry).args == {"incident": "inc-12"}
+    cmd = parse("provision newco --plan small", registry)
+    assert cmd.args == {"customer": "newco", "plan": "small"}
+    assert cmd.line == "provision newco --plan small"
+    assert parse("help provision", registry).spec.name == "help"
+    assert (
+        registry.get("provision").usage
+        == "/db provision <customer> --plan <plan> [--server <server>]"
+    )  # type: ignore[union-attr]
+    with pytest.raises(UsageError, match="--plan"):
+        parse("provision newco", registry)
+    with pytest.raises(UsageError):
+        parse("incident ack", registry)
+
+
+def test_registry_refuses_duplicates_and_unguarded_destructive_commands() -> None:
+    registry = Registry()
+    registry.add(Spec("restart", "x", noop, button="Restart", destructive=True))
+    with pytest.raises(ValueError, match="twice"):
+        registry.add(Spec("restart", "x", noop))
+    with pytest.raises(ValueError, match="button"):
+        registry.add(Spec("drop", "x", noop, destructive=True))
+
+
+# --- properties -------------------------------------------------------------------------------
+
+NAMES = [s.name for s in REGISTRY.specs]
+words = st.one_of(
+    st.sampled_from(["acme", "ACME", "inc-12", "12", "vps-1", "--plan", "--json", "help"]),
+    st.text(min_size=1, max_size=20),
+    st.from_regex(r"[a-z][a-z0-9_]{0,70}", fullmatch=True),
+)
+lines = st.one_of(
+    st.text(max_size=700),
+    st.builds(
+        lambda name, rest: " ".join([name, *rest]),
+        st.sampled_from([*NAMES, "stat", "logs"]),
+        st.lists(words, max_size=4),
+    ),
+)
+
+
+def _valid(kind: str, value: str) -> bool:
+    if kind == "customer":
+        return NAME_RE.fullmatch(value) is not None
+    if kind == "subject":
+        return SERVER_RE.fullmatch(value) is not None or (
+            value.startswith("inc-") and value[4:].isdigit() and len(value) <= 13
+        )
+    return KINDS[kind](value) == value
+
+
+@settings(max_examples=600, deadline=None)
+@given(lines)
+def test_parse_never_raises_anything_but_usage_and_never_passes_a_bad_name(text: str) -> None:
+    try:
+        command = parse(text)
+    except UsageError:
+        return
+    for arg in command.spec.args:
+        if arg.name in command.args:
+            assert _valid(arg.kind, command.args[arg.name]), (arg, command.args)
+    assert parse(command.line) == command  # what a button carries parses back the same
