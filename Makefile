@@ -54,6 +54,7 @@ bench: install
 	$(BIN)/python bench/escalation.py
 	$(BIN)/python bench/ack.py
 	$(BIN)/python bench/worker_idle.py
+	$(BIN)/python bench/backups.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

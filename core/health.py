@@ -38,6 +38,7 @@ from typing import Any, Generic, Literal, TypeVar
 import psycopg
 from psycopg import conninfo as pg_conninfo
 
+from core.backups import backup_files_argv, backup_verified_check, parse_backup_files
 from core.customers import Customer
 from core.errors import DbopsError, Unreachable
 from core.fleet import Fleet, Server
@@ -888,18 +889,6 @@ def log_argv(server: Server, tail_bytes: int = LOG_TAIL_BYTES) -> list[str]:
 _STAMP_DIR_RE = re.compile(r"^\d{8}T\d{6}Z$")
 
 
-def backup_status_argv(server: Server, customers: Sequence[str]) -> list[str]:
-    """Every line of every complete backup's status file of these customers, as 'path:line'.
-
-    One command rather than a listing and then a read: over SSH each command is a round trip and
-    a process on the server. grep, not find -exec, because find must return to its working
-    directory, which a command run as another user (runuser) may not be allowed into.
-    """
-    root = server.backup_path.rstrip("/")
-    dirs = [f"{root}/{c}" for c in customers]
-    return ["grep", "-r", "-H", "--include=status", "", "--", *dirs]
-
-
 def parse_status_lines(text: str, root: str) -> dict[str, dict[str, Any]]:
     """The JSON of each ``<root>/<customer>/<stamp>/status`` from `grep -r -H` output."""
     prefix = root.rstrip("/") + "/"
@@ -944,6 +933,8 @@ def backups_by_customer(
     root = root.rstrip("/")
     out: dict[str, list[BackupSeen]] = {}
     for path, data in statuses.items():
+        if not path.endswith("/status"):
+            continue
         parts = path[len(root) + 1 :].split("/") if path.startswith(root + "/") else []
         if len(parts) != 3 or not _STAMP_DIR_RE.match(parts[1]):
             continue
@@ -1006,11 +997,6 @@ PGBOUNCER_LATER = Check(
     "pgbouncer",
     "unknown",
     detail="not checked yet: pgBouncer checks arrive with the pgbouncer work",
-)
-BACKUP_VERIFIED_LATER = Check(
-    "backup_verified",
-    "unknown",
-    detail="not checked yet: restore tests arrive with the backups work",
 )
 
 
@@ -1130,8 +1116,8 @@ def start_server(
     def backups() -> dict[str, dict[str, Any]]:
         if not names:
             return {}
-        found = command(backup_status_argv(server, names))
-        return parse_status_lines(found.stdout, server.backup_path)
+        found = command(backup_files_argv(server, names))
+        return parse_backup_files(found.stdout, server.backup_path)
 
     return _Pending(
         server=server,
@@ -1252,6 +1238,11 @@ def finish_server(
                 Check("backup_age", "crit", detail=f"cannot list backups: {backup_error}"),
                 None,
             )
+        verified = (
+            Check(**backup_verified_check(backups, server.backup_path, customer.name, now))
+            if backups is not None
+            else Check("backup_verified", "unknown", detail=f"cannot list backups: {backup_error}")
+        )
         connections = stats.backends.get(customer.database) if stats else None
         databases.append(
             DatabaseHealth(
@@ -1262,7 +1253,7 @@ def finish_server(
                 size_bytes=db.size_bytes if db else None,
                 last_backup_at=last,
                 connections=connections,
-                checks=[conn, size, ratio, age, BACKUP_VERIFIED_LATER],
+                checks=[conn, size, ratio, age, verified],
             )
         )
     return ServerHealth(

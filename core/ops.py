@@ -7,6 +7,7 @@ lists in the shapes of DESIGN.md); nothing here knows about Slack or terminals.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from core.remote import RunnerPool
 from core.report import build_report, customer_status
 from storage.events import EventLog, StoredEvent
 
+_INCIDENT_NUMBER = re.compile(r"[0-9]{1,9}")
 # Slash commands must be answered within 3 s; status gets most of that, the report more
 # (it is posted after the ack, so its deadline is ours to choose).
 STATUS_DEADLINE_S = 2.5
@@ -100,7 +102,8 @@ class Ops:
         """The newest events about a customer, a server or an incident (``inc-12`` or ``12``)."""
         if subject.isdigit() or subject.startswith("inc-"):
             number = subject.removeprefix("inc-")
-            if not number.isdigit() or len(number) > 9:
+            # ASCII digits only: str.isdigit() also accepts "¹" and other digits int() refuses.
+            if not _INCIDENT_NUMBER.fullmatch(number):
                 raise DbopsError(f"{subject[:40]!r} is not an incident id; use e.g. inc-12.")
             found = self.events.about([f"inc-{int(number)}"], limit=limit)
             if not found:

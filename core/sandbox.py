@@ -33,12 +33,13 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
+from core.backups import write_backup
 from core.errors import DbopsError
 from core.fleet import Server, load_fleet
 from core.names import validate_name, validate_server_name
-from core.remote import CommandResult, LocalRunner, Runner, quote_argv
+from core.remote import CommandResult, LocalRunner, quote_argv
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SSHD = Path("/usr/sbin/sshd")
@@ -129,74 +130,6 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-# --- the backup format -------------------------------------------------------------------------
-
-
-def _write_remote_file(runner: Runner, path: str, data: bytes) -> None:
-    # dd writes its stdin to a path given as one argument: no shell redirection is needed.
-    runner.run(["dd", f"of={path}", "status=none"], stdin=data).check()
-
-
-_ROWCOUNTS_SQL = """
-SELECT coalesce(json_object_agg(format('%I.%I', table_schema, table_name),
-       (xpath('/row/n/text()', query_to_xml(format('SELECT count(*) AS n FROM %I.%I',
-        table_schema, table_name), false, true, '')))[1]::text::bigint), '{}')
-FROM information_schema.tables
-WHERE table_type = 'BASE TABLE' AND table_schema NOT IN ('pg_catalog', 'information_schema')
-"""
-
-
-def write_backup(
-    runner: Runner, server: Server, customer: str, database: str | None = None,
-    *, now: datetime | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Back up one customer database in the format the backup checks read.
-
-    ``<backup_path>/<customer>/<YYYYmmddTHHMMSSZ>/`` gets ``<db>.dump`` (pg_dump -Fc),
-    ``<db>.dump.sha256`` (sha256sum format), ``rowcounts.json`` (table -> rows) and, written
-    last and renamed into place, ``status``: a backup without a status file is incomplete.
-    Runs on the server through ``runner``; the connection comes from ``admin_dsn`` without any
-    password (the server's ~/.pgpass supplies one), so none reaches a command line or the log.
-    Returns the status plus ``path``.
-    """
-    validate_name(customer)
-    database = validate_name(database or customer, "database")
-    started = (now or _utc_now()).astimezone(UTC)
-    params = conninfo_to_dict(server.admin_dsn or server.dsn)
-    params.pop("password", None)
-    params["dbname"] = database
-    conninfo = make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
-    pg_bin = server.pg_bin.rstrip("/")
-    parent = f"{server.backup_path.rstrip('/')}/{customer}"
-    dest = f"{parent}/{started.strftime('%Y%m%dT%H%M%SZ')}"
-    dump = f"{dest}/{database}.dump"
-
-    runner.run(["mkdir", "-p", parent]).check()
-    runner.run(["mkdir", dest]).check()
-    runner.run([f"{pg_bin}/pg_dump", "-Fc", "-d", conninfo, "-f", dump], timeout=3600).check()
-    digest = runner.run(["sha256sum", dump]).check().stdout.split()[0]
-    size = int(runner.run(["stat", "-c", "%s", dump]).check().stdout.strip())
-    _write_remote_file(runner, f"{dump}.sha256", f"{digest}  {database}.dump\n".encode())
-    counts = runner.run(
-        [f"{pg_bin}/psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", conninfo,
-         "-c", _ROWCOUNTS_SQL], timeout=600,
-    ).check()  # fmt: skip
-    rowcounts = json.loads(counts.stdout.strip() or "{}")
-    _write_remote_file(runner, f"{dest}/rowcounts.json", _json(rowcounts).encode())
-    status = {
-        "customer": customer,
-        "database": database,
-        "started_at": started.isoformat(),
-        "finished_at": max(_utc_now(), started).isoformat(),
-        "size_bytes": size,
-        "sha256": digest,
-        "ok": True,
-    }
-    _write_remote_file(runner, f"{dest}/status.tmp", _json(status).encode())
-    runner.run(["mv", f"{dest}/status.tmp", f"{dest}/status"]).check()
-    return {**status, "path": dest}
 
 
 def _json(data: Any) -> str:

@@ -32,6 +32,8 @@ HOSTILE = st.one_of(
             "acme\x00",
             "x" * 10_000,
             "../../etc/passwd",
+            "\u00b9",
+            "inc-\u0663",
             "acme -v",
         ]
     ),

@@ -6,6 +6,7 @@ from alembic import context
 from sqlmodel import SQLModel
 
 import storage.models  # registers the tables on SQLModel.metadata
+import storage.models_billing
 import storage.models_incidents
 import storage.models_jobs  # noqa: F401
 

@@ -1,0 +1,975 @@
+"""Provisioning a new customer database (SOP-103) and choosing its server (SOP-102).
+
+``Provisioner.provision`` does what the SOP's script and checklist do, each step an event:
+
+1. ``names``: no role or database of the customer's name exists yet on the server (checked
+   once; from then on those names are this job's to finish).
+2. ``role``: LOGIN, a generated password stored as a SCRAM-SHA-256 secret computed here (so the
+   password itself never reaches the server, its log or a command line), CONNECTION LIMIT
+   from the plan.
+3. ``database``: owned by the role, from template0.
+4. ``privileges``: CONNECT revoked from PUBLIC on it and on ``postgres``, granted to the role,
+   the monitoring role and the admin role.
+5. ``pgbouncer``: the [databases] entry (and the auth_file secret) and a reload, where configured.
+6. ``customer``: the customer row, which puts it in the nightly backups and the health sweep.
+7. ``connection_test``: a real login as the customer with the new password.
+8. ``first_backup``: so the morning report does not start with a missing backup (not fatal).
+9. ``welcome``: SOP-102's email, the ONLY place the password goes.
+
+Running it again after a failure finishes the job (state in ``provision_jobs``): what exists is
+kept; the password is set afresh in every run that will send the welcome email, because the
+previous run's password was never written anywhere. The email goes once: its state is
+recorded before and after sending, and a run that died mid-send is not retried blindly.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from sqlalchemy import Engine, or_, update
+from sqlmodel import Session, col
+
+from core import email as mail
+from core.backups import Backups, run_sql, script_error, sql_json
+from core.customers import Customer, get_customer, list_customers, upsert_customers
+from core.errors import DbopsError, NotFound
+from core.fleet import Fleet, Plan, Server
+from core.names import NAME_RE, validate_name, validate_server_name
+from core.remote import Runner, RunnerPool
+from storage.events import EventLog
+from storage.models_billing import ProvisionJob, link_stripe_customer
+
+log = logging.getLogger("dbops.provisioning")
+
+STEPS = (
+    "names",
+    "role",
+    "database",
+    "privileges",
+    "pgbouncer",
+    "customer",
+    "connection_test",
+    "first_backup",
+    "welcome",
+)
+CLAIM_LEASE = timedelta(minutes=30)
+SCRAM_ITERATIONS = 4096  # PostgreSQL's default (scram_iterations)
+# SOP-101: alert under 30 % free disk; a plan's storage must fit under that line.
+DISK_FILL_LIMIT = 0.70
+GB = 1024**3
+_ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
+WELCOME = "welcome"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- passwords --------------------------------------------------------------------------------
+
+
+def generate_password() -> str:
+    """32 URL-safe characters (192 bits): pasteable into a connection URL as it is."""
+    return secrets.token_urlsafe(24)
+
+
+def scram_sha256_secret(
+    password: str, *, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS
+) -> str:
+    """The SCRAM-SHA-256 secret PostgreSQL stores for ``password`` (RFC 5802/7677, as
+    libpq's PQencryptPasswordConn builds it). Given to CREATE/ALTER ROLE ... PASSWORD, the
+    server stores it as it is, and the password itself never leaves this process."""
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+
+    def b64(b: bytes) -> str:
+        return base64.b64encode(b).decode("ascii")
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+# --- choosing a server ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerCapacity:
+    """One server's room for a plan: what it has, what its customers' plans have been promised."""
+
+    server: str
+    reachable: bool
+    customers: int = 0
+    mem_total_mb: int | None = None
+    disk_total_bytes: int | None = None
+    disk_used_bytes: int | None = None
+    committed_ram_mb: int = 0
+    committed_storage_gb: int = 0
+    committed_connections: int = 0
+    fits: bool = False
+    load_after: float | None = None  # the fuller of RAM and disk after placing the plan, 0..1
+    reasons: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "server": self.server,
+            "reachable": self.reachable,
+            "customers": self.customers,
+            "mem_total_mb": self.mem_total_mb,
+            "disk_total_bytes": self.disk_total_bytes,
+            "disk_used_bytes": self.disk_used_bytes,
+            "committed_ram_mb": self.committed_ram_mb,
+            "committed_storage_gb": self.committed_storage_gb,
+            "committed_connections": self.committed_connections,
+            "fits": self.fits,
+            "load_after": round(self.load_after, 3) if self.load_after is not None else None,
+            "reasons": list(self.reasons),
+        }
+
+
+@dataclass(frozen=True)
+class ServerProposal:
+    plan: str
+    server: str | None  # None: no server has room (SOP-102: provision a new VPS)
+    candidates: list[ServerCapacity]
+    reason: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan,
+            "server": self.server,
+            "reason": self.reason,
+            "candidates": [c.as_json() for c in self.candidates],
+        }
+
+
+_CAPACITY_SCRIPT = r"""grep '^MemTotal:' /proc/meminfo
+df -P -B1 -- "$1" | tail -n 1
+"""
+
+
+def measure_capacity(
+    runner: Runner,
+    server: Server,
+    plans: Mapping[str, Plan],
+    customers: Sequence[Customer],
+    plan: Plan,
+) -> ServerCapacity:
+    """RAM and disk of ``server`` (one command) against the plans of its customers plus ``plan``.
+
+    RAM: the plans' RAM together within the machine's memory. Disk: the larger of what is used
+    and what the plans promise, plus the new plan, within DISK_FILL_LIMIT of the data disk.
+    Connection limits are reported, not enforced: pgBouncer pools them.
+    """
+    mine = [c for c in customers if c.server == server.name]
+    reasons: list[str] = []
+    ram = storage = conns = 0
+    for c in mine:
+        p = plans.get(c.plan or "")
+        if p is None:
+            reasons.append(f"{c.name} has no known plan; counted as nothing")
+            continue
+        ram, storage, conns = ram + p.ram_mb, storage + p.storage_gb, conns + p.connection_limit
+    try:
+        out = runner.run(["bash", "-c", _CAPACITY_SCRIPT, "dbops-capacity", server.data_path])
+        if not out.ok:
+            raise script_error(out, "reading memory and disk")
+        lines = out.stdout.splitlines()
+        mem_mb = int(lines[0].split()[1]) // 1024
+        df = lines[1].split()
+        disk_total, disk_used = int(df[1]), int(df[2])
+    except (DbopsError, IndexError, ValueError) as exc:
+        why = exc.message if isinstance(exc, DbopsError) else "unreadable /proc/meminfo or df"
+        return ServerCapacity(server.name, False, len(mine), reasons=(why[:200],))
+    ram_after = (ram + plan.ram_mb) / mem_mb if mem_mb else 1.0
+    disk_need = max(storage * GB, disk_used) + plan.storage_gb * GB
+    disk_after = disk_need / (disk_total * DISK_FILL_LIMIT) if disk_total else 1.0
+    if ram_after > 1:
+        reasons.append(f"RAM: {ram} MB promised + {plan.ram_mb} MB > {mem_mb} MB on the machine")
+    if disk_after > 1:
+        reasons.append(
+            f"disk: {disk_need // GB} GB needed > {int(DISK_FILL_LIMIT * 100)} % of "
+            f"{disk_total // GB} GB"
+        )
+    return ServerCapacity(
+        server=server.name,
+        reachable=True,
+        customers=len(mine),
+        mem_total_mb=mem_mb,
+        disk_total_bytes=disk_total,
+        disk_used_bytes=disk_used,
+        committed_ram_mb=ram,
+        committed_storage_gb=storage,
+        committed_connections=conns,
+        fits=ram_after <= 1 and disk_after <= 1,
+        load_after=max(ram_after, disk_after * DISK_FILL_LIMIT),
+        reasons=tuple(reasons),
+    )
+
+
+# --- pgBouncer --------------------------------------------------------------------------------
+
+
+def _sections(text: str) -> list[tuple[str | None, list[str]]]:
+    out: list[tuple[str | None, list[str]]] = [(None, [])]
+    for line in text.splitlines():
+        m = re.match(r"^\s*\[([^\]]+)\]\s*$", line)
+        if m:
+            out.append((m.group(1).strip().lower(), [line]))
+        else:
+            out[-1][1].append(line)
+    return out
+
+
+def _ini_value(text: str, section: str, key: str) -> str | None:
+    for name, lines in _sections(text):
+        if name != section:
+            continue
+        for line in lines[1:]:
+            k, sep, v = line.partition("=")
+            if sep and k.strip().lower() == key and not line.lstrip().startswith((";", "#")):
+                return v.strip()
+    return None
+
+
+def pgbouncer_with_database(text: str, database: str, entry: str) -> str | None:
+    """``text`` (a pgbouncer.ini) with ``database = entry`` under [databases]; None when it is
+    already there as given. Other lines, comments and order are kept."""
+    line = f"{database} = {entry}"
+    sections = _sections(text)
+    for name, lines in sections:
+        if name != "databases":
+            continue
+        for i, existing in enumerate(lines[1:], start=1):
+            key, sep, _ = existing.partition("=")
+            if sep and key.strip() == database and not existing.lstrip().startswith((";", "#")):
+                if existing.strip() == line:
+                    return None
+                lines[i] = line
+                break
+        else:
+            at = len(lines)
+            while at > 1 and not lines[at - 1].strip():
+                at -= 1
+            lines.insert(at, line)
+        break
+    else:
+        sections.insert(
+            1 if len(sections) > 1 else len(sections), ("databases", ["[databases]", line, ""])
+        )
+    out = "\n".join(ln for _, lines in sections for ln in lines)
+    return out if out.endswith("\n") else out + "\n"
+
+
+def userlist_with(text: str, role: str, secret: str) -> str:
+    """A pgBouncer auth_file with ``"role" "secret"`` (replacing the role's old line)."""
+    kept = [
+        line
+        for line in text.splitlines()
+        if not line.strip().startswith(f'"{role}"') and line.strip()
+    ]
+    kept.append(f'"{role}" "{secret}"')
+    return "\n".join(kept) + "\n"
+
+
+_REWRITE_SCRIPT = r"""umask 077
+if [ -e "$1" ]; then cp -p -- "$1" "$1.dbops-tmp"; fi
+cat > "$1.dbops-tmp" && mv -f -- "$1.dbops-tmp" "$1"
+"""
+
+
+def rewrite_remote_file(runner: Runner, path: str, text: str) -> None:
+    """Replace a file's content from stdin, keeping its owner and mode, renamed into place."""
+    result = runner.run(
+        ["bash", "-c", _REWRITE_SCRIPT, "dbops-rewrite", path], stdin=text.encode("utf-8")
+    )
+    if not result.ok:
+        raise script_error(result, f"rewriting {path}")
+
+
+def read_remote_file(runner: Runner, path: str, *, missing_ok: bool = False) -> str:
+    result = runner.run(["cat", "--", path])
+    if not result.ok and missing_ok and "No such file" in result.stderr:
+        return ""
+    return result.check().stdout
+
+
+# --- the job ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProvisionResult:
+    """What provisioning did; never the password (that went only to the customer)."""
+
+    customer: str
+    server: str
+    plan: str
+    database: str
+    role: str
+    host: str
+    port: int
+    email: str
+    steps: list[str]
+    resumed: bool
+    already_done: bool
+    welcome_sent_at: datetime | None
+    warnings: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "customer": self.customer,
+            "server": self.server,
+            "plan": self.plan,
+            "database": self.database,
+            "role": self.role,
+            "host": self.host,
+            "port": self.port,
+            "email": self.email,
+            "steps": self.steps,
+            "resumed": self.resumed,
+            "already_done": self.already_done,
+            "welcome_sent_at": self.welcome_sent_at.isoformat() if self.welcome_sent_at else None,
+            "warnings": self.warnings,
+        }
+
+    def summary(self) -> str:
+        if self.already_done:
+            return f"{self.customer} was already provisioned on {self.server}; nothing to do."
+        how = "finished" if self.resumed else "provisioned"
+        text = (
+            f"{self.customer} {how} on {self.server} (plan {self.plan}): database "
+            f"{self.database}, role {self.role}, {self.host}:{self.port}; welcome email sent to "
+            f"{self.email}."
+        )
+        return text + ("" if not self.warnings else " Warnings: " + "; ".join(self.warnings))
+
+
+Progress = Callable[[str, str], None]
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    if ts is None:
+        return None
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
+
+
+class Provisioner:
+    """Server proposals and provisioning; one per process.
+
+    ``failpoints``: a test seam, names like ``after:role`` at which a run stops with an error.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        events: EventLog,
+        fleet: Fleet | Callable[[], Fleet],
+        runners: RunnerPool | None = None,
+        *,
+        smtp_url: str | None,
+        smtp_sender: str | None = None,
+        signature: str = mail.DEFAULT_SIGNATURE,
+        public_host: Callable[[Server], str] | None = None,
+        backups: Backups | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        send_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.events = events
+        self._fleet = fleet
+        self._runners = runners
+        self.smtp_url = smtp_url
+        self.smtp_sender = smtp_sender
+        self.signature = signature
+        self.public_host = public_host or (lambda server: server.host)
+        self._backups = backups
+        self.clock = clock
+        self.send_options = dict(send_options or {})
+        self.failpoints: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def fleet(self) -> Fleet:
+        return self._fleet() if callable(self._fleet) else self._fleet
+
+    @property
+    def runners(self) -> RunnerPool:
+        with self._lock:
+            if self._runners is None:
+                self._runners = RunnerPool(self.fleet, record=self._record)
+            return self._runners
+
+    def _record(self, kind: str, subject: str, payload: dict[str, Any]) -> None:
+        self.events.append(kind, subject, payload, actor="dbops")
+
+    @property
+    def backups(self) -> Backups:
+        with self._lock:
+            if self._backups is None:
+                self._backups = Backups(self.engine, self.events, self._fleet, self._runners)
+            return self._backups
+
+    # -- choosing a server ---------------------------------------------------------------------
+
+    def propose_server(self, plan: str) -> ServerProposal:
+        """The server with the most room left after placing ``plan`` (SOP-102: verify capacity);
+        ``server`` None with the reasons when none has room."""
+        fleet = self.fleet
+        chosen = fleet.plan(plan)
+        customers = list_customers(self.engine)
+
+        def one(server: Server) -> ServerCapacity:
+            try:
+                runner = self.runners.get(server.name)
+            except DbopsError as exc:
+                return ServerCapacity(server.name, False, reasons=(exc.message[:200],))
+            return measure_capacity(runner, server, fleet.plans, customers, chosen)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(fleet.servers)))) as pool:
+            found = list(pool.map(one, fleet.servers))
+        fitting = sorted(
+            (c for c in found if c.fits),
+            key=lambda c: (c.load_after or 0.0, c.customers, c.server),
+        )
+        ranked = fitting + [c for c in found if not c.fits]
+        if not fitting:
+            why = "; ".join(f"{c.server}: {', '.join(c.reasons) or 'full'}" for c in found)
+            return ServerProposal(plan, None, ranked, f"no server has room for {plan}: {why}")
+        best = fitting[0]
+        return ServerProposal(
+            plan,
+            best.server,
+            ranked,
+            f"{best.server} has the most room after placing {plan} "
+            f"({round((best.load_after or 0) * 100)} % of its RAM or disk line used)",
+        )
+
+    # -- provisioning --------------------------------------------------------------------------
+
+    def job(self, customer: str) -> ProvisionJob | None:
+        with Session(self.engine) as session:
+            return session.get(ProvisionJob, validate_name(customer))
+
+    def provision(
+        self,
+        customer: str,
+        plan: str,
+        server: str | None = None,
+        *,
+        email: str,
+        actor: str,
+        stripe_customer: str | None = None,
+        stripe_subscription: str | None = None,
+        resend_welcome: bool = False,
+        progress: Progress | None = None,
+    ) -> ProvisionResult:
+        """Provision ``customer`` (SOP-103), or finish an earlier run that failed.
+
+        ``server`` None: the one ``propose_server`` picks (on a first run). A DbopsError says
+        what failed and that running it again finishes the job; it never holds the password.
+        """
+        validate_name(customer)
+        plan_cfg = self.fleet.plan(plan)
+        if not _ADDRESS.fullmatch(email or ""):
+            raise DbopsError(f"{(email or '')[:60]!r} is not an email address.")
+        if server is not None:
+            validate_server_name(server)
+            self.fleet.server(server)
+        job, resumed = self._open_job(customer, plan, server, email, actor, stripe_customer)
+        if job.status == "done":
+            return self._result(job, [], resumed=True, already_done=True)
+        owner = f"{uuid.uuid4().hex}"
+        self._claim(job, owner, actor)
+        target = self.fleet.server(job.server)
+        runner = self.runners.get(target.name)
+        done: list[str] = list(job.steps)
+        warnings: list[str] = []
+        password: str | None = None
+        current = "start"
+        self.events.append(
+            "provision.started",
+            customer,
+            {
+                "server": target.name,
+                "plan": plan,
+                "email": email,
+                "resumed": resumed,
+                "steps_done": done,
+            },
+            actor=actor,
+        )
+
+        def mark(step: str, **payload: Any) -> None:
+            if step not in done:
+                done.append(step)
+            self._update(customer, steps=list(done))
+            self.events.append(
+                "provision.step", customer, {"server": target.name, "step": step, **payload},
+                actor=actor,
+            )  # fmt: skip
+            if progress is not None:
+                try:
+                    progress(step, payload.get("detail", ""))
+                except Exception:  # a progress message that cannot be posted stops nothing
+                    log.warning("provisioning %s: progress for %s not delivered", customer, step)
+            if f"after:{step}" in self.failpoints:
+                raise DbopsError(f"failpoint after:{step} (a test stopped here on purpose).")
+
+        try:
+            if job.welcome == "sending" and not resend_welcome:
+                raise DbopsError(
+                    f"an earlier run stopped while sending {customer}'s welcome email to "
+                    f"{job.email}; it may have been delivered.",
+                    hint="Check with the customer; to send a new password anyway, run again "
+                    "with resend_welcome.",
+                )
+            current = "names"
+            if not job.names_claimed:
+                self._claim_names(runner, target, customer)
+                self._update(customer, names_claimed=True)
+            mark("names")
+            current = "role"
+            need_password = job.welcome != "sent"
+            if need_password:
+                password = generate_password()
+            created = self._role(runner, target, customer, plan_cfg, password)
+            mark("role", detail="created" if created else "password set again")
+            current = "database"
+            made = self._database(runner, target, customer)
+            mark("database", detail="created" if made else "already there")
+            current = "privileges"
+            self._privileges(runner, target, customer)
+            mark("privileges")
+            current = "pgbouncer"
+            port = self._pgbouncer(runner, target, customer, password)
+            mark("pgbouncer", detail="registered" if target.pgbouncer_ini else "not configured")
+            current = "customer"
+            upsert_customers(
+                self.engine,
+                [Customer(customer, target.name, customer, customer, plan, email, "active")],
+            )
+            if stripe_customer:
+                try:
+                    link_stripe_customer(
+                        self.engine,
+                        customer,
+                        stripe_customer,
+                        subscription=stripe_subscription,
+                        email=email,
+                    )
+                except ValueError as exc:
+                    raise DbopsError(str(exc)) from None
+            mark("customer", detail="backups and monitoring on")
+            current = "connection_test"
+            host, port = self._connection_test(target, customer, password, port)
+            mark("connection_test", detail=f"logged in as {customer} at {host}:{port}")
+            current = "first_backup"
+            try:
+                first_backup = self.backups.take_backup(customer, actor).stamp
+            except DbopsError as exc:  # not worth holding back a paying customer for
+                warnings.append(
+                    f"first backup failed ({exc.message[:120]}); the nightly run retries"
+                )
+                first_backup = "failed; the nightly run will take it"
+            mark("first_backup", detail=first_backup)
+            current = "welcome"
+            if job.welcome != "sent":
+                assert password is not None
+                self._welcome(job, target, customer, password, host, port, actor)
+            mark("welcome", detail=f"sent to {email}")
+        except BaseException as exc:
+            message = exc.message if isinstance(exc, DbopsError) else type(exc).__name__
+            message = _scrub(message, password)
+            self._update(customer, status="failed", last_error=message[:300], owner=None,
+                         lease_until=None)  # fmt: skip
+            self.events.append(
+                "provision.failed",
+                customer,
+                {"server": target.name, "step": current, "error": message[:300]},
+                actor=actor,
+            )
+            if isinstance(exc, DbopsError):
+                raise DbopsError(
+                    f"provisioning {customer} stopped at {current}: {message}",
+                    hint=_scrub(exc.hint, password)
+                    if exc.hint
+                    else "Fix the cause and run it again: it finishes the job, keeping what "
+                    "was done.",
+                ) from None
+            raise
+        finally:
+            password = None
+        now = self.clock()
+        self._update(
+            customer, status="done", finished_at=now, owner=None, lease_until=None, last_error=None
+        )
+        final = self.job(customer)
+        assert final is not None
+        result = self._result(final, done, resumed=resumed, already_done=False, host=host,
+                              port=port, warnings=warnings)  # fmt: skip
+        self.events.append("provision.done", customer, result.as_json(), actor=actor)
+        return result
+
+    def _open_job(
+        self,
+        customer: str,
+        plan: str,
+        server: str | None,
+        email: str,
+        actor: str,
+        stripe_customer: str | None,
+    ) -> tuple[ProvisionJob, bool]:
+        existing = self.job(customer)
+        if existing is not None:
+            if server is not None and server != existing.server:
+                raise DbopsError(
+                    f"{customer}'s provisioning started on {existing.server}, not {server}.",
+                    hint=f"Run it again on {existing.server} to finish it.",
+                )
+            if plan != existing.plan or email != existing.email:
+                raise DbopsError(
+                    f"{customer}'s provisioning started with plan {existing.plan} for "
+                    f"{existing.email}; run it again with those to finish it.",
+                )
+            return existing, True
+        try:
+            known = get_customer(self.engine, customer)
+        except NotFound:
+            known = None
+        if known is not None:
+            raise DbopsError(
+                f"{customer} is already a customer (on {known.server}).",
+                hint="Pick another name for a new customer.",
+            )
+        chosen = server
+        if chosen is None:
+            proposal = self.propose_server(plan)
+            if proposal.server is None:
+                raise DbopsError(proposal.reason, hint="Add a server to the fleet (SOP-102).")
+            chosen = proposal.server
+        now = self.clock()
+        with Session(self.engine) as session:
+            session.add(
+                ProvisionJob(
+                    customer=customer,
+                    server=chosen,
+                    plan=plan,
+                    email=email,
+                    actor=actor,
+                    stripe_customer=stripe_customer,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            try:
+                session.commit()
+            except Exception:
+                session.rollback()
+                again = self.job(customer)
+                if again is None:
+                    raise
+                return again, True
+        job = self.job(customer)
+        assert job is not None
+        return job, False
+
+    def _claim(self, job: ProvisionJob, owner: str, actor: str) -> None:
+        now = self.clock()
+        with self.engine.begin() as conn:
+            taken = conn.execute(
+                update(ProvisionJob)
+                .where(
+                    col(ProvisionJob.customer) == job.customer,
+                    or_(col(ProvisionJob.owner).is_(None), col(ProvisionJob.lease_until) < now),
+                )
+                .values(
+                    owner=owner,
+                    lease_until=now + CLAIM_LEASE,
+                    status="running",
+                    attempts=col(ProvisionJob.attempts) + 1,
+                    updated_at=now,
+                )
+            )
+        if taken.rowcount != 1:
+            raise DbopsError(
+                f"provisioning of {job.customer} is already running.",
+                hint="Wait for it to finish; `/db log " + job.customer + "` shows its steps.",
+            )
+
+    def _update(self, customer: str, **values: Any) -> None:
+        values.setdefault("updated_at", self.clock())
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(ProvisionJob).where(col(ProvisionJob.customer) == customer).values(**values)
+            )
+
+    def _result(
+        self,
+        job: ProvisionJob,
+        steps: list[str],
+        *,
+        resumed: bool,
+        already_done: bool,
+        host: str | None = None,
+        port: int | None = None,
+        warnings: list[str] | None = None,
+    ) -> ProvisionResult:
+        server = self.fleet.server(job.server)
+        if host is None or port is None:
+            host, port = self.public_host(server), _pg_port(server)
+        return ProvisionResult(
+            customer=job.customer,
+            server=job.server,
+            plan=job.plan,
+            database=job.customer,
+            role=job.customer,
+            host=host,
+            port=port,
+            email=job.email,
+            steps=steps or list(job.steps),
+            resumed=resumed,
+            already_done=already_done,
+            welcome_sent_at=_aware(job.welcome_sent_at),
+            warnings=warnings or [],
+        )
+
+    # -- the steps -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _exists(runner: Runner, server: Server, customer: str) -> tuple[bool, bool]:
+        found = sql_json(
+            runner,
+            server,
+            sql.SQL(
+                "SELECT json_build_array("
+                "EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {n}), "
+                "EXISTS (SELECT 1 FROM pg_database WHERE datname = {n}))"
+            ).format(n=sql.Literal(customer)),
+        )
+        return bool(found[0]), bool(found[1])
+
+    def _claim_names(self, runner: Runner, server: Server, customer: str) -> None:
+        role, database = self._exists(runner, server, customer)
+        if role or database:
+            what = " and ".join(
+                w for w, there in (("a role", role), ("a database", database)) if there
+            )
+            raise DbopsError(
+                f"{server.name} already has {what} named {customer}, not made by dbops; "
+                "nothing was changed.",
+                hint="Pick another customer name, or remove the old one by hand first.",
+            )
+
+    def _role(
+        self, runner: Runner, server: Server, customer: str, plan: Plan, password: str | None
+    ) -> bool:
+        """Create the role, or set its password and limit again; True when created."""
+        role, _ = self._exists(runner, server, customer)
+        ident = sql.Identifier(customer)
+        limit = sql.Literal(plan.connection_limit)
+        secret = sql.Literal(scram_sha256_secret(password)) if password is not None else None
+        if not role:
+            if secret is None:  # pragma: no cover - a welcome sent implies the role exists
+                raise DbopsError(f"the role {customer} is gone from {server.name}.")
+            stmt = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} CONNECTION LIMIT {}").format(
+                ident, secret, limit
+            )
+        elif secret is not None:
+            stmt = sql.SQL("ALTER ROLE {} LOGIN PASSWORD {} CONNECTION LIMIT {}").format(
+                ident, secret, limit
+            )
+        else:
+            stmt = sql.SQL("ALTER ROLE {} LOGIN CONNECTION LIMIT {}").format(ident, limit)
+        # Keep the statement (and so the secret) out of the server log even when it fails or
+        # log_statement is set; best effort for an admin role that may not change these.
+        quiet = (
+            "DO $q$ BEGIN PERFORM set_config('log_statement', 'none', false); "
+            "PERFORM set_config('log_min_error_statement', 'panic', false); "
+            "EXCEPTION WHEN insufficient_privilege THEN NULL; END $q$"
+        )
+        run_sql(runner, server, [quiet, stmt])
+        return not role
+
+    @staticmethod
+    def _database(runner: Runner, server: Server, customer: str) -> bool:
+        _, exists = Provisioner._exists(runner, server, customer)
+        if exists:
+            return False
+        ident = sql.Identifier(customer)
+        run_sql(
+            runner,
+            server,
+            [
+                sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0 ENCODING 'UTF8'").format(
+                    ident, ident
+                ),
+                # At once, before anything else can connect to it.
+                sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(ident),
+            ],
+        )
+        return True
+
+    @staticmethod
+    def _privileges(runner: Runner, server: Server, customer: str) -> None:
+        ident = sql.Identifier(customer)
+        users = {_dsn_user(server.dsn), _dsn_user(server.admin_dsn or server.dsn)}
+        helpers = [
+            sql.Identifier(u) for u in sorted(u for u in users if u and NAME_RE.fullmatch(u))
+        ]
+        grantees = sql.SQL(", ").join([ident, *helpers])
+        statements: list[str | sql.Composable] = [
+            sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(ident),
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(ident, grantees),
+        ]
+        if helpers:
+            # Before PUBLIC loses it: the health checks and dbops itself connect to postgres.
+            statements.append(
+                sql.SQL("GRANT CONNECT ON DATABASE postgres TO {}").format(
+                    sql.SQL(", ").join(helpers)
+                )
+            )
+        statements.append("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
+        run_sql(runner, server, statements)
+
+    def _pgbouncer(
+        self, runner: Runner, server: Server, customer: str, password: str | None
+    ) -> int:
+        """Register the database in pgbouncer.ini (and the role's SCRAM secret in its auth_file
+        when it has one), reload; the port customers connect to."""
+        if not server.pgbouncer_ini:
+            return _pg_port(server)
+        ini = read_remote_file(runner, server.pgbouncer_ini)
+        params = conninfo_to_dict(server.admin_dsn or server.dsn)
+        host = str(params.get("host") or "127.0.0.1")
+        entry = f"host={host} port={params.get('port') or 5432} dbname={customer}"
+        changed = pgbouncer_with_database(ini, customer, entry)
+        if changed is not None:
+            rewrite_remote_file(runner, server.pgbouncer_ini, changed)
+        auth_file = _ini_value(ini, "pgbouncer", "auth_file")
+        if auth_file and password is not None:
+            users = read_remote_file(runner, auth_file, missing_ok=True)
+            rewrite_remote_file(
+                runner, auth_file, userlist_with(users, customer, scram_sha256_secret(password))
+            )
+        runner.run(server.argv(server.pgbouncer_reload_command)).check()
+        listen = _ini_value(ini, "pgbouncer", "listen_port")
+        return int(listen) if listen and listen.isdigit() else 6432
+
+    def _connection_test(
+        self, server: Server, customer: str, password: str | None, port: int
+    ) -> tuple[str, int]:
+        """Log in as the customer, as their application will (the host the bot reaches the
+        server's PostgreSQL on, the customer-facing port); (host for the email, port)."""
+        params = conninfo_to_dict(server.dsn)
+        host = str(params.get("host") or server.host)
+        if password is None:
+            return self.public_host(server), port
+        keep = {k: str(v) for k, v in params.items() if k in ("sslmode", "sslrootcert", "hostaddr")}
+        conninfo = make_conninfo(
+            host=host,
+            port=str(port),
+            dbname=customer,
+            user=customer,
+            password=password,
+            connect_timeout="5",
+            application_name="dbops-provision",
+            **keep,
+        )
+        try:
+            with psycopg.connect(conninfo) as conn:
+                row = conn.execute("SELECT current_user, current_database()").fetchone()
+        except psycopg.Error as exc:
+            last = _scrub(str(exc).strip().splitlines()[-1] if str(exc).strip() else "", password)
+            raise DbopsError(
+                f"the connection test as {customer} on {server.name} failed: {last[:200]}"
+            ) from None
+        if row != (customer, customer):
+            raise DbopsError(f"the connection test as {customer} landed in {row!r}.")
+        return self.public_host(server), port
+
+    def _welcome(
+        self,
+        job: ProvisionJob,
+        server: Server,
+        customer: str,
+        password: str,
+        host: str,
+        port: int,
+        actor: str,
+    ) -> None:
+        context = {
+            "customer": customer,
+            "host": host,
+            "port": port,
+            "database": customer,
+            "user": customer,
+            "password": password,
+            "connection_string": (
+                f"postgresql://{customer}:{password}@{host}:{port}/{customer}?sslmode=require"
+            ),
+            "signature": self.signature,
+        }
+        message = mail.render(WELCOME, context, to=[job.email])
+        self._update(customer, welcome="sending")
+        try:
+            mail.send(
+                message,
+                self.smtp_url,
+                events=self.events,
+                actor=actor,
+                subject=customer,
+                sender=self.smtp_sender,
+                **self.send_options,
+            )
+        except DbopsError:
+            # The server refused or was not there: nothing was delivered, a retry is safe.
+            self._update(customer, welcome="failed")
+            raise
+        self._update(customer, welcome="sent", welcome_sent_at=self.clock())
+
+
+def _dsn_user(dsn: str) -> str | None:
+    try:
+        user = conninfo_to_dict(dsn).get("user")
+    except psycopg.ProgrammingError:
+        return None
+    return str(user) if user else None
+
+
+def _pg_port(server: Server) -> int:
+    port = conninfo_to_dict(server.dsn).get("port")
+    return int(port) if port and str(port).isdigit() else 5432
+
+
+__all__ = [
+    "STEPS",
+    "ProvisionResult",
+    "Provisioner",
+    "ServerCapacity",
+    "ServerProposal",
+    "generate_password",
+    "measure_capacity",
+    "pgbouncer_with_database",
+    "scram_sha256_secret",
+    "userlist_with",
+]
