@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Route
 from bot.app import Services, build_services, create_app
 from bot.context import Context
 from core.errors import DbopsError
+from core.ops import Ops
 from storage.migrate import current_revision, head_revision
 
 log = logging.getLogger("dbops.http")
@@ -124,20 +125,45 @@ def uvicorn_server(ctx: Context, host: str, port: int, **kwargs: Any) -> uvicorn
 
 
 def webhook_routes(ctx: Context) -> list[BaseRoute]:
-    """POST /alerts/alertmanager: alerts open incidents that page through Slack."""
+    """POST /alerts/alertmanager (alerts open incidents that page through Slack) and
+    POST /stripe/webhook (a paid checkout proposes onboarding in the ops channel)."""
     from bot.notifier import ConsoleNotifier, SlackNotifier, web_client
+    from bot.stripe_webhook import stripe_routes
     from bot.webhooks import alert_desk, alertmanager_routes
+    from core.billing import Billing, OnboardingProposal
+    from core.notify import Message
+    from core.provisioning import Provisioner
 
-    def desk() -> Any:
-        settings = ctx.settings
-        notifier = (
-            SlackNotifier(web_client(settings), ctx.events)
-            if settings.slack_bot_token is not None
-            else ConsoleNotifier(events=ctx.events)
+    settings = ctx.settings
+    notifier = (
+        SlackNotifier(web_client(settings), ctx.events)
+        if settings.slack_bot_token is not None
+        else ConsoleNotifier(events=ctx.events)
+    )
+
+    def billing() -> Billing:
+        ops = Ops(ctx.fleet, ctx.engine, ctx.events)
+        provisioner = Provisioner(
+            ctx.engine, ctx.events, ctx.fleet, ops.runners, smtp_url=settings.smtp_url
         )
-        return alert_desk(ctx, notifier)
+        return Billing.from_settings(
+            settings, ctx.engine, ctx.events, lambda: ctx.fleet, propose=provisioner.propose_server
+        )
 
-    return list(alertmanager_routes(desk))
+    def onboarding(proposal: OnboardingProposal) -> None:
+        p = proposal.as_json()
+        name, plan = p.get("customer") or "<name>", p.get("plan") or "<plan>"
+        server = (p.get("server") or {}).get("server") or "none with capacity"
+        text = (
+            f":tada: New paying customer from Stripe: {name}, plan {plan}, proposed server "
+            f"{server}. Provisioning from Slack lands next; until then follow SOP-103 for "
+            f"`{name}` on the plan `{plan}`."
+        )
+        notifier.post(settings.ops_channel, Message(text=text))
+
+    routes: list[BaseRoute] = list(alertmanager_routes(lambda: alert_desk(ctx, notifier)))
+    routes += stripe_routes(billing, onboarding)
+    return routes
 
 
 def serve(ctx: Context, host: str = "127.0.0.1", port: int = 3000) -> None:

@@ -32,6 +32,7 @@ from bot.context import Context
 from bot.render import report_reply
 from core import checklists as cl
 from core.alerts import alerts_from_report
+from core.backups import Backups
 from core.escalation import Escalator
 from core.incidents import Incidents
 from core.jobs import JobSpec, RunResult, execute, job_specs, missed_slots, next_runs, owner_id
@@ -120,6 +121,14 @@ class Worker:
             clock=self.clock,
             tz=tz,
         )
+        self.backups = Backups(
+            self.ctx.engine,
+            self.ctx.events,
+            lambda: self.ctx.fleet,
+            self.ops.runners,
+            clock=self.clock,
+            on_alert=lambda alert: self.incidents.ingest([alert]),
+        )
         self.checklists = cl.load_checklists()
         self.specs = {s.id: s for s in job_specs(tz, self.checklists)}
 
@@ -157,6 +166,28 @@ class Worker:
             "alerts": len(outcomes),
             "opened": len(opened),
         }
+
+    def nightly_backups(self, slot: datetime, late_s: int) -> dict[str, Any]:
+        run = self.backups.backup_all(actor="scheduler")
+        if run.failed:
+            names = ", ".join(sorted({o.customer for o in run.failed}))
+            self.notifier.post(
+                self.channel,
+                Message(text=f":x: Nightly backups failed for {names}: see `/db log <customer>`."),
+            )
+        return {"ok": run.ok, "failed": len(run.failed), "wall_s": round(run.wall_s)}
+
+    def restore_tests(self, slot: datetime, late_s: int) -> dict[str, Any]:
+        outcomes = self.backups.verify_all(actor="scheduler")
+        bad = [o.customer for o in outcomes if o.verification.verdict == "crit"]
+        if bad:
+            self.notifier.post(
+                self.channel,
+                Message(
+                    text=f":x: Restore tests failed for {', '.join(bad)}: see `/db log <customer>`."
+                ),
+            )
+        return {"tested": len(outcomes), "failed": bad}
 
     def escalation_tick(self, slot: datetime, late_s: int) -> dict[str, Any] | None:
         done = self.escalator.tick(self.clock())

@@ -94,6 +94,22 @@ def job_specs(tz: tzinfo, checklists: dict[str, Checklist]) -> list[JobSpec]:
             quiet=True,
         ),
         JobSpec(
+            "nightly_backups",
+            "pg_dump of every customer database and each server's globals, then retention",
+            cron(tz, hour=2, minute=0),
+            misfire_grace_s=4 * 3600,
+            catch_up=True,
+            lease_s=3 * 3600,
+        ),
+        JobSpec(
+            "restore_tests",
+            "restore each newest backup into a scratch database and compare row counts",
+            cron(tz, hour=4, minute=30),
+            misfire_grace_s=4 * 3600,
+            catch_up=True,
+            lease_s=3 * 3600,
+        ),
+        JobSpec(
             "checklist_nudge",
             "remind the channel of checklists left unfinished at the end of the day",
             cron(tz, day_of_week="mon-fri", hour=17, minute=0),
