@@ -95,7 +95,8 @@ def parse_stamp(stamp: str) -> datetime:
         ) from None
 
 
-def _parse_time(value: object) -> datetime | None:
+def parse_time(value: object) -> datetime | None:
+    """An ISO-8601 time from a status file, as an aware datetime (UTC when it names no zone)."""
     if not isinstance(value, str):
         return None
     try:
@@ -462,7 +463,7 @@ class Verification:
         return cls(
             ok=ok,
             verdict=verdict if verdict in ("ok", "warn", "crit") else ("ok" if ok else "crit"),
-            verified_at=_parse_time(data.get("verified_at")),
+            verified_at=parse_time(data.get("verified_at")),
             detail=str(data.get("detail") or ""),
             tables=int(data.get("tables") or 0),
             rows=int(data.get("rows") or 0),
@@ -591,8 +592,8 @@ def backups_from_files(
                 path=f"{base}/{stamp}",
                 state=state,
                 database=str(status["database"]) if status and status.get("database") else None,
-                started_at=_parse_time(status.get("started_at")) if status else None,
-                finished_at=_parse_time(status.get("finished_at")) if status else None,
+                started_at=parse_time(status.get("started_at")) if status else None,
+                finished_at=parse_time(status.get("finished_at")) if status else None,
                 size_bytes=int(size) if isinstance(size, int) else None,
                 sha256=str(status["sha256"]) if status and status.get("sha256") else None,
                 error=str(status["error"])[:300] if status and status.get("error") else None,

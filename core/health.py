@@ -24,7 +24,6 @@ How a sweep talks to a server, and why:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -38,7 +37,12 @@ from typing import Any, Generic, Literal, TypeVar
 import psycopg
 from psycopg import conninfo as pg_conninfo
 
-from core.backups import backup_files_argv, backup_verified_check, parse_backup_files
+from core.backups import (
+    backup_files_argv,
+    backup_verified_check,
+    parse_backup_files,
+    parse_time,
+)
 from core.customers import Customer
 from core.errors import DbopsError, Unreachable
 from core.fleet import Fleet, Server
@@ -889,37 +893,6 @@ def log_argv(server: Server, tail_bytes: int = LOG_TAIL_BYTES) -> list[str]:
 _STAMP_DIR_RE = re.compile(r"^\d{8}T\d{6}Z$")
 
 
-def parse_status_lines(text: str, root: str) -> dict[str, dict[str, Any]]:
-    """The JSON of each ``<root>/<customer>/<stamp>/status`` from `grep -r -H` output."""
-    prefix = root.rstrip("/") + "/"
-    chunks: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if not line.startswith(prefix):
-            continue
-        path, sep, content = line.partition("/status:")
-        if sep:
-            chunks.setdefault(path + "/status", []).append(content)
-    out: dict[str, dict[str, Any]] = {}
-    for path, lines in chunks.items():
-        try:
-            data = json.loads("\n".join(lines))
-        except ValueError:
-            continue  # being written, or damaged: not a complete backup
-        if isinstance(data, dict):
-            out[path] = data
-    return out
-
-
-def _parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
 @dataclass(frozen=True)
 class BackupSeen:
     stamp: str
@@ -939,7 +912,7 @@ def backups_by_customer(
         if len(parts) != 3 or not _STAMP_DIR_RE.match(parts[1]):
             continue
         customer, stamp = parts[0], parts[1]
-        finished = _parse_time(data.get("finished_at"))
+        finished = parse_time(data.get("finished_at"))
         out.setdefault(customer, []).append(BackupSeen(stamp, finished, data.get("ok") is True))
     for seen in out.values():
         seen.sort(key=lambda b: b.stamp, reverse=True)

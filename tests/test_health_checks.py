@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from core import health, sandbox
+from core.backups import parse_backup_files
 from core.customers import Customer, customer_from_mapping
 from core.fleet import Fleet, parse_fleet
 from core.health import Check, ServerHealth
@@ -330,7 +331,7 @@ def test_status_lines_keep_only_complete_backups() -> None:
         '/b/acme/20261122T080000Z/status: "finished_at": "2026-11-22T08:01:00+00:00"}\n'
         "/b/acme/20261123T080000Z/status:{half written\n"
     )
-    statuses = health.parse_status_lines(text, "/b")
+    statuses = parse_backup_files(text, "/b")
     assert list(statuses) == ["/b/acme/20261122T080000Z/status"]
     seen = health.backups_by_customer(statuses, "/b")
     assert seen["acme"][0].ok and seen["acme"][0].finished_at is not None
