@@ -18,6 +18,7 @@ from bot.roles import Role
 from bot.router import REGISTRY, Arg, Call, Spec
 from bot.scheduler import CHECKLIST_ACTION, checklist_message, jobs_table
 from core import checklists as cl
+from core.errors import DbopsError
 from core.jobs import job_specs
 from core.settings import Settings, load_settings
 
@@ -134,12 +135,14 @@ def _record(services: Services, user: str, block_id: str, done: set[int]) -> Non
         state = cl.set_done(
             ops.engine, router.events, int(block_id[10:]), done, user=user, now=datetime.now(UTC)
         )
-        settings = _settings()
+        settings = services.settings
         if settings.slack_bot_token is not None and state.channel and state.message_ts:
             from core.notify import MessageRef
 
             SlackNotifier(web_client(settings)).update(
                 MessageRef(state.channel, state.message_ts), checklist_message(state, router.tz)
             )
+    except DbopsError as exc:  # a denial (already an event) or a checklist that changed
+        log.info("checklist tick refused: %s", exc)
     except Exception:
         log.exception("could not record a checklist tick")
