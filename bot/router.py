@@ -68,6 +68,14 @@ def _subject(value: str) -> str:
     return validate_server_name(value)
 
 
+def _text(value: str) -> str:
+    """Free text (a summary, a cause): words kept as typed, spacing normalised."""
+    value = " ".join(value.split())
+    if not value or not value.isprintable():
+        raise DbopsError("That text has characters I cannot keep; use plain words.")
+    return value
+
+
 def _word(value: str) -> str:
     value = value.lower()
     if not _WORD.fullmatch(value):
@@ -81,6 +89,7 @@ KINDS: dict[str, Callable[[str], str]] = {
     "server": _server,
     "subject": _subject,
     "word": _word,
+    "text": _text,
 }
 
 
@@ -91,10 +100,11 @@ class Arg:
     optional: bool = False
     flag: bool = False  # given as --name VALUE
     metavar: str | None = None
+    rest: bool = False  # the last positional only: every remaining word, as one value
 
     @property
     def usage(self) -> str:
-        meta = f"<{self.metavar or self.name}>"
+        meta = f"<{self.metavar or self.name}{'...' if self.rest else ''}>"
         text = f"--{self.name} {meta}" if self.flag else meta
         return f"[{text}]" if self.optional else text
 
@@ -274,6 +284,9 @@ def _bind(spec: Spec, words: list[str]) -> dict[str, str]:
             raise UsageError(f"`{spec.name}` has no option {shown(word)!r}.", usage=spec.usage)
         else:
             loose.append(word)
+    if positional and positional[-1].rest and len(loose) > len(positional):
+        keep = len(positional) - 1
+        loose = [*loose[:keep], " ".join(loose[keep:])]
     if len(loose) > len(positional):
         raise UsageError(f"Too many arguments for `{spec.name}`.", usage=spec.usage)
     values.update({a.name: v for a, v in zip(positional, loose, strict=False)})

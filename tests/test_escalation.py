@@ -398,8 +398,11 @@ def test_sigkill_while_an_escalation_is_pending_then_restart(
     try:
         _ready(worker)
         inc = incidents.open("acme's database down", "P0", actor=ALICE, customers=["acme"]).id
-        assert wait_until(lambda: len(_lines(out)) >= 1, timeout=10)
-        worker.send_signal(signal.SIGKILL)  # secondary and channel still pending
+        # Kill once the primary's page is sent *and* recorded, with the secondary and channel
+        # steps pending. (A kill between a send and its record is the documented at-least-once
+        # window: that step is sent again after its lease.)
+        assert wait_until(lambda: len(_lines(out)) >= 1 and _pending(engine) == 2, timeout=10)
+        worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=5)
         assert _pending(engine) == 2
         worker = _worker(engine, fleet_path, out, "second")

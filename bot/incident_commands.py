@@ -1,0 +1,529 @@
+"""`/db incident open|list|ack|resolve|restart` and `/db oncall [set primary|secondary @user]`.
+
+The incident desk (core.incidents.Incidents with its pager) is built once per process and
+engine. With SLACK_BOT_TOKEN set it posts the card to OPS_CHANNEL, the diagnostics and results
+in the card's thread, and updates the card in place; without it (the shell) those posts go
+nowhere and the command's own reply carries the card.
+
+Registered on the router on import (bot/surfaces.py imports this module).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+from zoneinfo import ZoneInfo
+
+from slack_sdk.models.blocks import ButtonElement
+from sqlalchemy import Engine
+
+from bot import blocks
+from bot.blocks import Reply, escape
+from bot.incident_cards import (
+    acked_note,
+    as_message,
+    card_reply,
+    diagnostics_reply,
+    list_reply,
+    oncall_reply,
+    refused_reply,
+    resolution_reply,
+    restart_reply,
+)
+from bot.notifier import SlackNotifier, web_client
+from bot.roles import Role
+from bot.router import KINDS, REGISTRY, Arg, Call, Registry, Spec
+from core import oncall
+from core.customers import list_customers
+from core.errors import DbopsError
+from core.escalation import Escalator
+from core.health import Limits, ServerHealth, check_fleet, fetch_cluster, pg_error_text
+from core.incidents import Incident, Incidents, parse_incident_id, parse_severity
+from core.notify import Message, MessageRef, Notifier, NotifyError
+from core.ops import Ops
+from core.report import database_json, server_json
+from core.settings import Settings, load_settings
+
+log = logging.getLogger("dbops.incidents.slack")
+
+HEALTH_DEADLINE_S = 3.0  # the card's state and the diagnostics: a quick look, not a sweep
+RECHECK_S = 30.0  # after a restart, how long to wait for PostgreSQL to answer
+TOP_ACTIVITY = 5
+TEXT_WORDS = 40  # a summary or cause, word by word, until the router has a rest-of-line arg
+
+
+# --- argument kinds --------------------------------------------------------------------------
+
+
+def _text_word(value: str) -> str:
+    """One word of free text (a summary, a cause): kept as typed, printable, not too long."""
+    if len(value) > 100 or not value.isprintable():
+        raise DbopsError("That text has a word I cannot keep; use plain words.")
+    return value
+
+
+KINDS.setdefault("text", _text_word)
+KINDS.setdefault("severity", lambda v: str(parse_severity(v)))
+KINDS.setdefault("slack_user", oncall.parse_user)
+
+
+# Until the router takes a rest-of-line argument (Arg(rest=True)), free text is one optional
+# argument per word; once it does, one argument holds it all.
+_REST = "rest" in {f.name for f in dataclasses.fields(Arg)}
+
+
+def _text_args(name: str) -> tuple[Arg, ...]:
+    if _REST:
+        return (cast(Any, Arg)(name, "text", rest=True),)
+    first = Arg(name, "text")
+    return (first, *(Arg(f"{name}_{i}", "text", optional=True) for i in range(2, TEXT_WORDS + 1)))
+
+
+def _text(call: Call, name: str) -> str:
+    args = call.command.args
+    words = [args[name], *(args.get(f"{name}_{i}", "") for i in range(2, TEXT_WORDS + 1))]
+    return " ".join(w for w in words if w)
+
+
+@dataclass(frozen=True)
+class _TextSpec(Spec):
+    """A command whose last argument is free text (one optional arg per word, for now)."""
+
+    text_arg: str = ""
+
+    @property
+    def usage(self) -> str:
+        head = [a.usage for a in self.args if not a.name.startswith(self.text_arg + "_")]
+        return " ".join(["/db", self.name, *head[:-1], f"<{self.text_arg}...>"])
+
+
+# --- the desk --------------------------------------------------------------------------------
+
+
+class QuietNotifier:
+    """Sends nothing (the shell, or no Slack token): the command's reply shows the card."""
+
+    def __init__(self) -> None:
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def _ref(self, to: str) -> MessageRef:
+        with self._lock:
+            self._seq += 1
+            return MessageRef(to, f"quiet.{self._seq:06d}")
+
+    def dm(self, user: str, message: Message) -> MessageRef:
+        return self._ref(user)
+
+    def post(self, channel: str, message: Message, thread_ts: str | None = None) -> MessageRef:
+        return self._ref(channel)
+
+    def update(self, ref: MessageRef, message: Message) -> None:
+        return None
+
+
+@dataclass
+class Desk:
+    incidents: Incidents
+    notifier: Notifier
+    channel: str
+    slack: bool  # the card and thread are visible in Slack
+
+    def post(self, message: Reply, thread: MessageRef | None = None) -> MessageRef | None:
+        """Post in OPS_CHANNEL (in ``thread`` when given); a failed post is logged, not fatal."""
+        try:
+            if thread is not None:
+                return self.notifier.post(thread.channel, as_message(message), thread.ts)
+            return self.notifier.post(self.channel, as_message(message))
+        except NotifyError as exc:
+            log.warning("could not post to Slack: %s", exc.message)
+            return None
+
+    def update(self, ref: MessageRef, message: Reply) -> None:
+        try:
+            self.notifier.update(ref, as_message(message))
+        except NotifyError as exc:
+            log.warning("could not update the incident card: %s", exc.message)
+
+
+_desks: dict[Engine, Desk] = {}
+_desks_lock = threading.Lock()
+
+
+def desk_for(ops: Ops, *, settings: Settings | None = None) -> Desk:
+    """The process's incident desk for ``ops.engine``, built on first use."""
+    with _desks_lock:
+        desk = _desks.get(ops.engine)
+        if desk is None:
+            desk = _desks[ops.engine] = _build_desk(ops, settings or load_settings())
+        return desk
+
+
+def reset_desks() -> None:
+    """Forget the desks (tests that change the settings between cases)."""
+    with _desks_lock:
+        _desks.clear()
+
+
+def _build_desk(ops: Ops, settings: Settings) -> Desk:
+    notifier: Notifier
+    if settings.slack_bot_token is not None:
+        notifier = SlackNotifier(web_client(settings), ops.events)
+    else:
+        notifier = QuietNotifier()
+    escalator = Escalator(
+        ops.engine,
+        ops.events,
+        lambda: ops.fleet,
+        notifier,
+        ops_channel=settings.ops_channel,
+        tz=settings.tz,
+    )
+    incidents = Incidents(
+        ops.engine, ops.events, lambda: ops.fleet, escalator=escalator, tz=settings.tz
+    )
+    return Desk(incidents, notifier, settings.ops_channel, settings.slack_bot_token is not None)
+
+
+# --- health, the card and the diagnostics ----------------------------------------------------
+
+
+def _server_health(ops: Ops, server: str) -> ServerHealth:
+    customers = list_customers(ops.engine, server)
+    (health,) = check_fleet(
+        ops.fleet,
+        customers,
+        ops.runners,
+        deadline_s=HEALTH_DEADLINE_S,
+        servers=[server],
+        log_window=timedelta(hours=1),
+    )
+    return health
+
+
+def _health_view(inc: Incident, health: ServerHealth) -> dict[str, Any]:
+    """What restart_precondition reads: the server, and the database of a one-customer
+    incident (a database down on a healthy cluster is worth a restart too)."""
+    server = server_json(health)
+    if len(inc.customers) == 1:
+        db = next((d for d in health.databases if d.customer == inc.customers[0]), None)
+        if db is not None:
+            return {"server": server, "database": database_json(db)}
+    return server
+
+
+def _buttons(card: dict[str, Any], registry: Registry) -> list[ButtonElement]:
+    out = []
+    for b in card["buttons"]:
+        if b["action"] == "ack" and b["enabled"]:
+            out.append(registry.button(f"incident ack {card['id']}"))
+        elif b["action"] == "restart":  # a failed precondition is explained when pressed
+            out.append(registry.button(f"incident restart {card['id']}"))
+    return out
+
+
+def _card(
+    desk: Desk,
+    registry: Registry,
+    inc: Incident,
+    health: dict[str, Any] | None,
+    *,
+    note: str = "",
+) -> Reply:
+    card = desk.incidents.card(inc.id, health=health)
+    return card_reply(card, _buttons(card, registry), note=note)
+
+
+def _refresh(desk: Desk, call: Call, inc_id: int, *, note: str = "") -> Reply:
+    """Re-render the card from the incident and a fresh look at its server; update it in place."""
+    inc = desk.incidents.get(inc_id)
+    health = None
+    if inc.server is not None and inc.active:
+        try:
+            health = _health_view(inc, _server_health(call.ops, inc.server))
+        except DbopsError:
+            health = None
+    reply = _card(desk, call.router.registry, inc, health, note=note)
+    if inc.card_ref is not None:
+        desk.update(inc.card_ref, reply)
+    return reply
+
+
+def diagnostics(ops: Ops, server: str, health: ServerHealth) -> dict[str, Any]:
+    """Top of pg_stat_activity, blocking locks, recent log errors, disk: short, from one quick
+    connection and the checks just run."""
+
+    def detail(name: str) -> str:
+        check = health.check(name)
+        return f"{check.verdict}: {check.detail}" if check else ""
+
+    out: dict[str, Any] = {
+        "server": server,
+        "postgres": health.postgres,
+        "connection": conn.detail if (conn := health.check("connection")) else "",
+        "activity": None,
+        "locks": detail("locks"),
+        "log": detail("logfile"),
+        "disk": detail("disk_space"),
+        "taken_at": datetime.now(UTC),
+    }
+    if health.postgres != "up":
+        return out
+    try:
+        stats = fetch_cluster(ops.fleet.server(server), Limits.for_deadline(HEALTH_DEADLINE_S))
+    except Exception as exc:  # diagnostics are a courtesy: never fail the open over them
+        out["connection"] = pg_error_text(exc)
+        return out
+    busy = sorted(
+        (a for a in stats.activity if a.state not in (None, "idle")),
+        key=lambda a: (a.xact_s, a.state_s),
+        reverse=True,
+    )
+    out["activity"] = [
+        {
+            "pid": a.pid,
+            "datname": a.datname,
+            "usename": a.usename,
+            "state": a.state,
+            "xact_s": a.xact_s,
+            "state_s": a.state_s,
+            "query": a.query,
+        }
+        for a in busy[:TOP_ACTIVITY]
+    ]
+    waiting: dict[str, int] = {}
+    for granted, mode, datname in stats.locks:
+        if granted is False:
+            key = f"{datname} {mode}"
+            waiting[key] = waiting.get(key, 0) + 1
+    if waiting:
+        top = sorted(waiting.items(), key=lambda kv: -kv[1])[:5]
+        out["locks"] = (
+            f"{sum(waiting.values())} waiting: "
+            + ", ".join(f"{n}x {k}" for k, n in top)
+            + (f" ({out['locks']})" if out["locks"] else "")
+        )
+    return out
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Announced:
+    card: Reply
+    diagnostics: Reply | None
+    ref: MessageRef | None  # where the card landed; None when it could not be posted
+
+
+def announce(
+    ops: Ops, incident_id: int, tz: ZoneInfo, *, registry: Registry = REGISTRY
+) -> Announced:
+    """Post the incident's card in OPS_CHANNEL and the diagnostics in its thread, and record
+    where the card is so later changes update it. `/db incident open` calls this; so may
+    whatever else opens incidents (the alert webhook, the health sweep)."""
+    desk = desk_for(ops)
+    inc = desk.incidents.get(incident_id)
+    health: ServerHealth | None = None
+    if inc.server is not None:
+        try:
+            health = _server_health(ops, inc.server)
+        except DbopsError as exc:
+            log.warning("no health for %s at open: %s", inc.ref, exc.message)
+    view = _health_view(inc, health) if health is not None else None
+    card = _card(desk, registry, inc, view)
+    diag = (
+        diagnostics_reply(inc.ref, diagnostics(ops, inc.server, health), tz)
+        if health is not None and inc.server is not None
+        else None
+    )
+    ref = desk.post(card)
+    if ref is not None:
+        desk.incidents.set_card(inc.id, ref)
+        if diag is not None:
+            desk.post(diag, thread=ref)
+    return Announced(card, diag, ref)
+
+
+def _open(call: Call) -> Reply:
+    desk = desk_for(call.ops)
+    inc = desk.incidents.open_for(
+        call.arg("target"), call.arg("severity"), _text(call, "summary"), actor=call.actor
+    )
+    said = announce(call.ops, inc.id, call.tz, registry=call.router.registry)
+    if desk.slack:
+        where = (
+            f"Card posted in {escape(desk.channel)}." if said.ref else "Could not post the card."
+        )
+        return Reply(
+            text=f"Opened {inc.ref} ({inc.severity}): {inc.title}",
+            blocks=[
+                blocks.section(f":rotating_light: Opened *{inc.ref}* ({inc.severity}). {where}")
+            ],
+        )
+    # No Slack (the shell): the card and the diagnostics are the reply.
+    diag = said.diagnostics.blocks if said.diagnostics else ()
+    return Reply(text=said.card.text, blocks=[*said.card.blocks, *diag])
+
+
+def _list(call: Call) -> Reply:
+    desk = desk_for(call.ops)
+    found = desk.incidents.list_incidents(active=True, limit=40)
+    ack = call.router.registry.get("incident ack")
+    assert ack is not None
+    buttons = [  # one Ack per open incident, each saying which
+        blocks.button(f"Ack {i.ref}", ack.action_id, f"incident ack {i.id}")
+        for i in found
+        if i.status == "open"
+    ][:5]
+    return list_reply(found, datetime.now(UTC), buttons)
+
+
+def _incident_id(call: Call) -> int:
+    return parse_incident_id(call.arg("incident"))
+
+
+def _ack(call: Call) -> Reply:
+    desk = desk_for(call.ops)
+    inc = desk.incidents.ack(_incident_id(call), actor=call.actor)
+    _refresh(desk, call, inc.id)
+    if inc.card_ref is not None:
+        desk.post(acked_note(call.actor), thread=inc.card_ref)
+    return Reply(
+        text=f"You acknowledged {inc.ref}; paging has stopped.",
+        blocks=[blocks.section(f":eyes: You acknowledged *{inc.ref}*; paging has stopped.")],
+    )
+
+
+_restarting: set[int] = set()
+_restarts_lock = threading.Lock()
+
+
+def _restart(call: Call) -> Reply:
+    desk = desk_for(call.ops)
+    inc = desk.incidents.get(_incident_id(call))
+    if inc.server is None or not inc.active:
+        why = "it names no server" if inc.server is None else "it is resolved"
+        return refused_reply(inc.ref, "Restart", why)
+    health = _health_view(inc, _server_health(call.ops, inc.server))
+    card = desk.incidents.card(inc.id, health=health)
+    button = next((b for b in card["buttons"] if b["action"] == "restart"), None)
+    if button is None or not button["enabled"]:
+        reason = button["reason"] if button else "nothing to restart"
+        return refused_reply(inc.ref, "Restart", reason)
+    with _restarts_lock:
+        if inc.id in _restarting:  # two people pressed it: one restart is enough
+            return refused_reply(inc.ref, "Restart", "a restart is already running")
+        _restarting.add(inc.id)
+    try:
+        result = desk.incidents.restart(
+            inc.id, call.ops.runners, actor=call.actor, recheck_s=RECHECK_S
+        )
+    finally:
+        with _restarts_lock:
+            _restarting.discard(inc.id)
+    said = restart_reply(inc.ref, result, call.actor)
+    fresh = desk.incidents.get(inc.id)
+    if fresh.card_ref is not None:
+        desk.post(said, thread=fresh.card_ref)
+    _refresh(desk, call, inc.id, note=str(result.get("message") or ""))
+    return said
+
+
+def _resolve(call: Call) -> Reply:
+    desk = desk_for(call.ops)
+    res = desk.incidents.resolve(_incident_id(call), _text(call, "cause"), actor=call.actor)
+    said = resolution_reply(res, call.actor)
+    if res.incident.card_ref is not None:
+        desk.post(said, thread=res.incident.card_ref)
+        _refresh(desk, call, res.incident.id)
+    return said
+
+
+def _oncall(call: Call) -> Reply:
+    now = oncall.current(call.ops.engine, call.ops.fleet, tz=call.tz)
+    return oncall_reply(now, call.tz)
+
+
+def _oncall_set(call: Call) -> Reply:
+    ops = call.ops
+    oncall.set_oncall(
+        ops.engine,
+        ops.events,
+        ops.fleet,
+        call.arg("role"),
+        call.arg("user"),
+        actor=call.actor,
+        tz=call.tz,
+    )
+    now = oncall.current(ops.engine, ops.fleet, tz=call.tz)
+    reply = oncall_reply(now, call.tz)
+    head = blocks.section(f"<@{call.arg('user')}> is now {escape(call.arg('role'))} on call.")
+    return Reply(text=reply.text, blocks=[head, *reply.blocks])
+
+
+INCIDENT = Arg("incident", "subject", metavar="id")
+SPECS: list[Spec] = [
+    _TextSpec(
+        "incident open",
+        "open an incident: card in the ops channel, diagnostics in its thread, page on-call",
+        _open,
+        (
+            Arg("target", "server", metavar="customer|server"),
+            Arg("severity", "severity", metavar="P0-P3"),
+            *_text_args("summary"),
+        ),
+        role=Role.OPERATOR,
+        text_arg="summary",
+    ),
+    Spec("incident list", "the open incidents, most severe first", _list),
+    Spec(
+        "incident ack",
+        "acknowledge an incident: paging stops, you own it",
+        _ack,
+        (INCIDENT,),
+        role=Role.OPERATOR,
+        button="Ack",
+    ),
+    Spec(
+        "incident restart",
+        "restart the incident's PostgreSQL (when it does not answer), then re-check",
+        _restart,
+        (INCIDENT,),
+        role=Role.OPERATOR,
+        button="Restart",
+        destructive=True,
+    ),
+    _TextSpec(
+        "incident resolve",
+        "resolve with the root cause; downtime and SLA credits go in the thread",
+        _resolve,
+        (INCIDENT, *_text_args("cause")),
+        role=Role.OPERATOR,
+        text_arg="cause",
+    ),
+    Spec("oncall", "who is primary and secondary on call now", _oncall),
+    Spec(
+        "oncall set",
+        "put someone on call until changed",
+        _oncall_set,
+        (
+            Arg("role", "word", metavar="primary|secondary"),
+            Arg("user", "slack_user", metavar="@user"),
+        ),
+        role=Role.ADMIN,
+    ),
+]
+
+
+def register_commands(registry: Registry = REGISTRY) -> None:
+    for spec in SPECS:
+        if registry.get(spec.name) is None:
+            registry.add(spec)
+
+
+register_commands()

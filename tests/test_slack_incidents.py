@@ -1,0 +1,385 @@
+"""Incidents in Slack: the card in #db-ops, its thread, its buttons, on-call.
+
+Alice (an operator) opens an incident on acme; the card lands in the ops channel with Ack and a
+red Restart behind a confirm dialog, the diagnostics in its thread. Bob (a viewer) presses Ack
+and is told no; Alice presses it and the card changes in place. With vps1's PostgreSQL down,
+Restart on the card brings it back and the thread and the card say so. Carol (an admin) puts
+someone on call. Slack is our stub; the router runs every line as a slash command or a button.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import time_machine
+from slack_bolt.request.async_request import AsyncBoltRequest
+
+from bot.app import build_services, create_app
+from bot.blocks import Reply
+from bot.context import Context
+from bot.incident_cards import resolution_reply
+from bot.listeners.errors import reply_for
+from bot.roles import Denied, Roles
+from bot.router import REGISTRY, Invocation, Router, UsageError, parse
+from bot.shell import render_blocks
+from core.customers import customer_from_mapping, upsert_customers
+from core.fleet import Fleet
+from core.incidents import CreditProposal, Incident, Resolution, credit_cents
+from core.ops import Ops
+from core.settings import load_settings
+from storage.db import make_engine
+from storage.events import EventLog
+from storage.migrate import upgrade
+from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, Call, SlackStub, action_body, sign
+from tests.test_blocks_contract import check_contract
+
+ALICE, BOB, CAROL = "U_ALICE", "U_BOB", "U_CAROL"  # operator, viewer, admin
+OPS = "C0DBOPS"
+TZ = ZoneInfo("America/New_York")
+
+
+@pytest.fixture(scope="module")
+def incident_commands() -> Iterator[ModuleType]:
+    """bot.incident_commands, registered on the router for these tests only.
+
+    The module registers its commands on import, as bot/surfaces.py expects. Imported here
+    rather than at collection, and forgotten afterwards when it was these tests that loaded it,
+    so the rest of the suite sees the registry bot/surfaces.py makes.
+    """
+    loaded = "bot.incident_commands" in sys.modules
+    before = {s.name for s in REGISTRY.specs}
+    module = importlib.import_module("bot.incident_commands")
+    yield module
+    module.reset_desks()
+    surfaces = getattr(sys.modules.get("bot.surfaces"), "SURFACES", [])
+    if not loaded and module not in surfaces:
+        for name in {s.name for s in REGISTRY.specs} - before:
+            REGISTRY._specs.pop(name)  # no public removal: commands never leave
+        sys.modules.pop("bot.incident_commands")
+        delattr(sys.modules["bot"], "incident_commands")
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[SlackStub]:
+    with SlackStub() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def router(
+    sandbox: dict[str, Any],
+    sandbox_fleet: Fleet,
+    stub: SlackStub,
+    incident_commands: ModuleType,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Router]:
+    engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('incidents') / 'dbops.db'}")
+    upgrade(engine)
+    upsert_customers(engine, [customer_from_mapping(c) for c in sandbox["customers"]])
+    events = EventLog(engine)
+    ops = Ops(sandbox_fleet, engine, events)
+    settings = load_settings(
+        slack_bot_token=BOT_TOKEN, slack_api_url=stub.base_url, ops_channel=OPS
+    )
+    incident_commands.desk_for(ops, settings=settings)
+    roles = Roles(operators=frozenset({ALICE}), admins=frozenset({CAROL}))
+    yield Router(ops=ops, events=events, roles=roles, tz=TZ, registry=REGISTRY)
+    ops.close()
+    engine.dispose()
+
+
+def say(router: Router, user: str, text: str) -> Reply:
+    reply = router.run(Invocation(actor=user, surface="slack", text=text, channel=OPS))
+    assert reply is not None
+    check_contract(text, reply)
+    return reply
+
+
+def press(router: Router, user: str, line: str) -> Reply:
+    command = parse(line, router.registry)
+    inv = Invocation(
+        actor=user,
+        surface="slack",
+        action_id=command.spec.action_id,
+        value=command.line,
+        channel=OPS,
+    )
+    try:
+        reply = router.run(inv)
+    except Exception as exc:  # what the Slack app does with it (bot.app.Background)
+        reply = reply_for(exc)
+    assert reply is not None
+    check_contract(line, reply)
+    return reply
+
+
+def bolt_press(router: Router, stub: SlackStub, user: str, line: str) -> Call:
+    """Press a card button as Slack does: a signed block_actions request through Bolt, the
+    router in the background, the reply on the press's response_url (which is returned)."""
+    ctx = Context.load(
+        database_url="sqlite://",
+        slack_bot_token=BOT_TOKEN,
+        slack_signing_secret=SIGNING_SECRET,
+        slack_api_url=stub.base_url,
+    )
+    services = build_services(ctx, router=router)
+    app = create_app(services)
+    command = parse(line, router.registry)
+    token = uuid.uuid4().hex
+    body = action_body(
+        command.spec.action_id,
+        command.line,
+        user=user,
+        response_url=stub.response_url(token),
+        channel=OPS,
+    )
+
+    async def scenario() -> int:
+        try:
+            resp = await app.async_dispatch(AsyncBoltRequest(body=body, headers=sign(body)))
+            await services.background.drain(timeout=60)
+            return resp.status
+        finally:
+            services.background.close()
+            await services.replier.close()
+
+    assert asyncio.run(scenario()) == 200
+    reply = stub.wait_for(lambda c: c.path == f"/response/{token}")
+    posted_contract(reply)
+    return reply
+
+
+def posted_contract(call: Call) -> None:
+    """A message we sent with chat.postMessage / chat.update keeps Block Kit's limits."""
+    blocks = call.body.get("blocks") or []
+    assert str(call.body.get("text", "")).strip() and len(call.body["text"]) <= 3000
+    assert len(blocks) <= 50
+    for block in blocks:
+        if block["type"] == "section":
+            assert len(block.get("text", {}).get("text", "")) <= 3000
+
+
+def card_of(stub: SlackStub, title: str) -> Call:
+    card = stub.wait_for(
+        lambda c: (
+            c.kind == "chat.postMessage"
+            and c.body.get("channel") == OPS
+            and not c.body.get("thread_ts")
+            and title in c.body.get("text", "")
+        )
+    )
+    posted_contract(card)
+    return card
+
+
+def ts_of(router: Router, card: Call) -> str:
+    """The ts Slack (our stub) gave the card, as the incident recorded it."""
+    desk = sys.modules["bot.incident_commands"].desk_for(router.ops)
+    ref = desk.incidents.get(incident_id(card)).card_ref
+    assert ref is not None
+    return ref.ts
+
+
+def incident_id(card: Call) -> int:
+    return int(card.body["text"].split(" inc-")[1].split(" ")[0])
+
+
+def buttons(call: Call) -> dict[str, dict[str, Any]]:
+    return {
+        el["action_id"]: el
+        for block in call.body.get("blocks") or []
+        if block["type"] == "actions"
+        for el in block["elements"]
+    }
+
+
+def test_open_posts_the_card_with_ack_and_a_guarded_restart(
+    router: Router, stub: SlackStub
+) -> None:
+    reply = say(router, ALICE, "incident open acme P1 checkout is slow")
+    assert "Opened" in reply.text and reply.ephemeral
+
+    card = card_of(stub, "checkout is slow")
+    assert "P1" in card.text and "acme" in card.text and "vps1" in card.text
+    found = buttons(card)
+    assert set(found) == {"db_incident_ack", "db_incident_restart"}
+    restart = found["db_incident_restart"]
+    assert restart["style"] == "danger" and restart["confirm"]["style"] == "danger"
+    # PostgreSQL answers, so the card says why Restart will not act.
+    assert "nothing to restart" in card.text
+
+    number = incident_id(card)
+    ts = ts_of(router, card)
+    diag = stub.wait_for(lambda c: c.kind == "chat.postMessage" and c.body.get("thread_ts") == ts)
+    posted_contract(diag)
+    for part in ("Diagnostics", "pg_stat_activity", "Log errors", "Disk"):
+        assert part in diag.text, part
+
+    # Pressing Restart anyway says why, to the presser alone, and runs nothing.
+    refused = press(router, ALICE, f"incident restart {number}")
+    assert refused.ephemeral and "not run" in refused.text and "answers" in refused.text
+    assert not router.events.query(kind="incident.restart", subject=f"inc-{number}")
+
+
+def test_a_viewer_cannot_ack_and_an_operator_acks_in_place(router: Router, stub: SlackStub) -> None:
+    say(router, ALICE, "incident open acme P2 replication lag on acme")
+    card = card_of(stub, "replication lag")
+    number, ts = incident_id(card), ts_of(router, card)
+
+    denied = bolt_press(router, stub, BOB, f"incident ack {number}")
+    assert denied.body["response_type"] == "ephemeral" and "operator" in denied.text
+    assert router.events.query(kind="auth.denied", subject=f"inc-{number}")
+    assert not [c for c in stub.find(lambda c: c.kind == "chat.update") if c.body["ts"] == ts]
+
+    acked = bolt_press(router, stub, ALICE, f"incident ack {number}")
+    assert acked.body["response_type"] == "ephemeral" and "acknowledged" in acked.text
+    update = stub.wait_for(lambda c: c.kind == "chat.update" and c.body.get("ts") == ts)
+    posted_contract(update)
+    assert "acknowledged" in update.text and "U_ALICE" in update.text
+    assert "db_incident_ack" not in buttons(update)  # nothing left to ack
+
+    again = press(router, ALICE, f"incident ack {number}")
+    assert "already acknowledged" in again.text
+
+
+def test_restart_from_the_card_brings_a_down_server_back(
+    router: Router, stub: SlackStub, sandbox_break: Any
+) -> None:
+    sandbox_break("server-down", "vps1")
+    say(router, ALICE, "incident open vps1 P0 vps1 postgres down")
+    card = card_of(stub, "vps1 postgres down")
+    number, ts = incident_id(card), ts_of(router, card)
+    assert "nothing to restart" not in card.text
+    assert "db_incident_restart" in buttons(card)
+
+    result = press(router, ALICE, f"incident restart {number}")
+    assert "answers again" in result.text, result.text
+
+    thread = stub.wait_for(
+        lambda c: (
+            c.kind == "chat.postMessage"
+            and c.body.get("thread_ts") == ts
+            and "answers again" in c.text
+        )
+    )
+    posted_contract(thread)
+    update = stub.wait_for(
+        lambda c: c.kind == "chat.update" and c.body.get("ts") == ts and "answers again" in c.text
+    )
+    assert "acknowledged" in update.text  # pressing Restart means someone is on it
+    kinds = [e.kind for e in router.ops.events.query(subject=f"inc-{number}", limit=100)]
+    assert "incident.restart" in kinds and "incident.recovered" in kinds
+
+
+def test_log_shows_the_timeline_and_resolve_posts_the_downtime(
+    router: Router, stub: SlackStub
+) -> None:
+    say(router, ALICE, "incident open acme P0 acme database down")
+    card = card_of(stub, "acme database down")
+    number, ts = incident_id(card), ts_of(router, card)
+    press(router, ALICE, f"incident ack {number}")
+
+    # Two hours later (over the SLA's hour), it is resolved with its cause.
+    with time_machine.travel(datetime.now(UTC) + timedelta(hours=2), tick=True):
+        resolved = say(router, ALICE, f"incident resolve inc-{number} disk filled by WAL")
+    assert "resolved" in resolved.text and "SLA credit" in resolved.text
+    thread = stub.wait_for(
+        lambda c: (
+            c.kind == "chat.postMessage" and c.body.get("thread_ts") == ts and "Downtime" in c.text
+        )
+    )
+    posted_contract(thread)
+    assert "disk filled by WAL" in thread.text and "acme: 2h00m" in thread.text
+    assert "Proposed SLA credits" in thread.text and "$" in thread.text
+    assert router.events.query(kind="sla.credit_proposed", subject=f"inc-{number}")
+    closed = stub.wait_for(
+        lambda c: c.kind == "chat.update" and c.body.get("ts") == ts and "resolved" in c.text
+    )
+    assert buttons(closed) == {}
+
+    log = say(router, BOB, f"log inc-{number}")
+    body = json.dumps([b.to_dict() for b in log.blocks])
+    for kind in ("incident.opened", "incident.acknowledged", "incident.resolved"):
+        assert kind in body, kind
+
+
+def test_an_outage_over_an_hour_proposes_the_credit() -> None:
+    now = datetime.now(UTC)
+    reply = resolution_reply(two_hours_down(now), ALICE)
+    check_contract("credit", reply)
+    body = json.dumps([b.to_dict() for b in reply.blocks])
+    cents = credit_cents(300, timedelta(hours=2))
+    assert "Proposed SLA credits" in body and f"${cents / 100:.2f}" in body
+    assert "acme: 2h" in body or "acme: 2 h" in body, body
+
+
+def two_hours_down(now: datetime) -> Resolution:
+    """What core.incidents.resolve returns for acme down two hours on a $300/month plan."""
+    inc = Incident(
+        7, "acme down", "P0", "resolved", "db_down", "vps1", ("acme",), (), None, None,
+        ALICE, ALICE, "manual", now - timedelta(hours=2), now, None, now, None, None, 0,
+        "disk full", None,
+    )  # fmt: skip
+    cents = credit_cents(300, timedelta(hours=2))
+    credit = CreditProposal("acme", "pro", 300, 7200, cents, "down 2 h (over 1 h)")
+    return Resolution(inc, {"acme": 7200}, [credit], [])
+
+
+def test_hostile_text_and_bad_arguments(router: Router, stub: SlackStub) -> None:
+    say(router, ALICE, "incident open acme P3 <!channel> & <https://evil.example|click>")
+    card = card_of(stub, "&lt;!channel&gt;")
+    assert "<!channel>" not in card.text
+    with pytest.raises(UsageError):
+        router.run(Invocation(ALICE, "slack", text="incident open acme P9 broken"))
+    with pytest.raises(UsageError):
+        router.run(Invocation(ALICE, "slack", text="incident open acme P1"))
+    listed = say(router, BOB, "incident list")
+    assert "open incident" in listed.text
+    assert any(str(b.text.text).startswith("Ack inc-") for b in listed.buttons())
+
+
+def test_oncall_shows_and_an_admin_sets_it(router: Router) -> None:
+    shown = say(router, BOB, "oncall")
+    assert "primary U_ALICE" in shown.text
+    with pytest.raises(Denied):
+        router.run(Invocation(BOB, "slack", text="oncall set primary <@U_DAVE|dave>"))
+    done = say(router, CAROL, "oncall set primary <@U_DAVE|dave>")
+    assert "primary U_DAVE" in done.text
+    assert "U_DAVE" in say(router, BOB, "oncall").text
+
+
+def test_without_slack_the_reply_is_the_card(
+    sandbox: dict[str, Any],
+    sandbox_fleet: Fleet,
+    incident_commands: ModuleType,
+    tmp_path: Path,
+) -> None:
+    """The shell (no SLACK_BOT_TOKEN): nothing is posted; the card and diagnostics are the reply,
+    buttons and all, so `press 1` acks."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'shell.db'}")
+    upgrade(engine)
+    upsert_customers(engine, [customer_from_mapping(c) for c in sandbox["customers"]])
+    ops = Ops(sandbox_fleet, engine, EventLog(engine))
+    incident_commands.desk_for(ops, settings=load_settings(slack_bot_token=None))
+    roles = Roles(operators=frozenset({ALICE}))
+    router = Router(ops=ops, events=ops.events, roles=roles, tz=TZ, registry=REGISTRY)
+    try:
+        reply = say(router, ALICE, "incident open acme P2 slow queries")
+        text, shown = render_blocks(reply.blocks)
+        assert "slow queries" in text and "Diagnostics" in text
+        assert [b.action_id for b in shown] == ["db_incident_ack", "db_incident_restart"]
+        assert "acknowledged" in press(router, ALICE, str(shown[0].value)).text
+    finally:
+        ops.close()
+        engine.dispose()
