@@ -161,7 +161,17 @@ def webhook_routes(ctx: Context) -> list[BaseRoute]:
         )
         notifier.post(settings.ops_channel, Message(text=text))
 
-    routes: list[BaseRoute] = list(alertmanager_routes(lambda: alert_desk(ctx, notifier)))
+    def card(incident_id: int) -> None:
+        from bot.incident_commands import announce
+
+        try:
+            announce(Ops(ctx.fleet, ctx.engine, ctx.events), incident_id, settings.tz)
+        except Exception:
+            log.exception("could not post the card of incident %s", incident_id)
+
+    routes: list[BaseRoute] = list(
+        alertmanager_routes(lambda: alert_desk(ctx, notifier, on_opened=card))
+    )
     routes += stripe_routes(billing, onboarding)
     return routes
 

@@ -466,7 +466,50 @@ def _oncall_set(call: Call) -> Reply:
     return Reply(text=reply.text, blocks=[head, *reply.blocks])
 
 
+def _email(call: Call) -> Reply:
+    """SOP-201's customer email, rendered for a check before anyone presses Send."""
+    desk = desk_for(call.ops)
+    inc = desk.incidents.get(_incident_id(call))
+    which = call.arg("which")
+    emails = desk.incidents.email_preview(inc.id, which)
+    if not emails:
+        raise DbopsError(f"none of {inc.ref}'s customers has an email address on record.")
+    body = "\n".join(f"```{escape(e.preview())}```" for e in emails)
+    send = call.router.registry.button(f"incident email-send {inc.id} {which}")
+    return Reply(
+        text=f"Preview: the {which} email for {inc.ref} ({len(emails)} recipient(s))",
+        blocks=[
+            blocks.section(f"*The {escape(which)} email for {inc.ref}*: check it, then Send."),
+            *blocks.text_sections(body),
+            blocks.actions([send]),
+        ],
+    )
+
+
+def _email_send(call: Call) -> Reply:
+    desk = desk_for(call.ops)
+    inc = desk.incidents.get(_incident_id(call))
+    smtp_url = load_settings().smtp_url
+    if not smtp_url:
+        raise DbopsError(
+            "SMTP_URL is not set, so no email can be sent.",
+            hint="Set it (smtp://user:pass@host:587) and restart `dbops serve`.",
+        )
+    sent = desk.incidents.email_send(inc.id, call.arg("which"), smtp_url, actor=call.actor)
+    to = ", ".join(escape(addr) for e in sent for addr in e.get("to", []))
+    return Reply(
+        text=f"Sent the {call.arg('which')} email for {inc.ref} to {len(sent)} customer(s).",
+        blocks=[
+            blocks.section(
+                f":email: Sent the {escape(call.arg('which'))} email for "
+                f"*{inc.ref}* to {to or 'the customers'}."
+            )
+        ],
+    )
+
+
 INCIDENT = Arg("incident", "subject", metavar="id")
+EMAIL = Arg("which", "word", metavar="investigating|update|resolved")
 SPECS: list[Spec] = [
     _TextSpec(
         "incident open",
@@ -505,6 +548,22 @@ SPECS: list[Spec] = [
         (INCIDENT, *_text_args("cause")),
         role=Role.OPERATOR,
         text_arg="cause",
+    ),
+    Spec(
+        "incident email",
+        "preview SOP-201's customer email (investigating, update, resolved) with a Send button",
+        _email,
+        (INCIDENT, EMAIL),
+        role=Role.OPERATOR,
+    ),
+    Spec(
+        "incident email-send",
+        "send the customer email shown by `incident email`",
+        _email_send,
+        (INCIDENT, EMAIL),
+        role=Role.OPERATOR,
+        button="Send",
+        destructive=True,
     ),
     Spec("oncall", "who is primary and secondary on call now", _oncall),
     Spec(

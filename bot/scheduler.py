@@ -29,6 +29,7 @@ from slack_sdk.models.blocks import (
 
 from bot.blocks import clip, escape
 from bot.context import Context
+from bot.incident_commands import announce
 from bot.render import report_reply
 from core import checklists as cl
 from core.alerts import alerts_from_report
@@ -160,7 +161,12 @@ class Worker:
     def health_sweep(self, slot: datetime, late_s: int) -> dict[str, Any]:
         report = self.ops.report(deadline_s=20.0)
         outcomes = self.incidents.ingest(alerts_from_report(report), now=self.clock())
-        opened = [o for o in outcomes if getattr(o, "created", False)]
+        opened = [o.incident.id for o in outcomes if o.action == "opened" and o.incident]
+        for incident_id in opened:
+            try:
+                announce(self.ops, incident_id, self.ctx.settings.tz)
+            except Exception:
+                log.exception("could not post the card of incident %s", incident_id)
         return {
             "verdict": report["summary"]["verdict"],
             "alerts": len(outcomes),

@@ -57,9 +57,13 @@ class AlertDesk:
     settings: Settings
     events: EventLog
     incidents: Incidents
+    # Called with the id of each incident an alert opened (the bot posts its card).
+    on_opened: Callable[[int], object] | None = None
 
 
-def alert_desk(ctx: Any, notifier: Notifier) -> AlertDesk:
+def alert_desk(
+    ctx: Any, notifier: Notifier, on_opened: Callable[[int], object] | None = None
+) -> AlertDesk:
     """An AlertDesk from the bot's Context (settings, engine, events, fleet)."""
     from core.escalation import Escalator
 
@@ -74,7 +78,7 @@ def alert_desk(ctx: Any, notifier: Notifier) -> AlertDesk:
     incidents = Incidents(
         ctx.engine, ctx.events, lambda: ctx.fleet, escalator=escalator, tz=ctx.settings.tz
     )
-    return AlertDesk(ctx.settings, ctx.events, incidents)
+    return AlertDesk(ctx.settings, ctx.events, incidents, on_opened)
 
 
 def _authorised(request: Request, token: str) -> bool:
@@ -103,6 +107,10 @@ def _process(desk: AlertDesk, alerts: Sequence[Alert], delivery: str) -> None:
             delivery,
             ", ".join(f"{o.alert.dedupe_key}={o.action}" for o in outcomes),
         )
+        if desk.on_opened is not None:
+            for o in outcomes:
+                if o.action == "opened" and o.incident is not None:
+                    desk.on_opened(o.incident.id)
     except Exception:
         # The 200 has gone; Alertmanager re-sends firing alerts every repeat_interval, and
         # the dedupe key makes the next delivery pick up where this one failed.

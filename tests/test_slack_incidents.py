@@ -383,3 +383,50 @@ def test_without_slack_the_reply_is_the_card(
     finally:
         ops.close()
         engine.dispose()
+
+
+def test_customer_email_preview_then_send_over_smtp(
+    router: Router, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiosmtpd.controller import Controller
+
+    from tests.pgserver import free_port
+
+    class Inbox:
+        def __init__(self) -> None:
+            self.messages: list[bytes] = []
+
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            self.messages.append(envelope.content)
+            return "250 OK"
+
+    say(router, ALICE, "incident open acme P0 acme database down")
+    inc = router.ops.events.query(kind="incident.opened", newest_first=True, limit=1)[0]
+    number = int(str(inc.subject).removeprefix("inc-"))
+    preview = say(router, ALICE, f"incident email {number} investigating")
+    text = json.dumps(preview.message())
+    assert "[INCIDENT]" in text and "{{" not in text and "acme" in text
+    (send,) = preview.buttons()
+    assert send.style == "danger" and send.confirm is not None
+    # A viewer may not send; without SMTP_URL the operator is told what to set.
+    with pytest.raises(Denied):
+        router.run(
+            Invocation(
+                actor=BOB, surface="slack", action_id=send.action_id, value=send.value, channel=OPS
+            )
+        )
+    monkeypatch.delenv("SMTP_URL", raising=False)
+    assert "SMTP_URL is not set" in press(router, ALICE, str(send.value)).text
+    inbox, port = Inbox(), free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        monkeypatch.setenv("SMTP_URL", f"smtp://127.0.0.1:{port}")
+        sent = press(router, ALICE, str(send.value))
+    finally:
+        controller.stop()
+    assert "Sent the investigating email" in sent.text
+    (message,) = inbox.messages
+    body = message.decode()
+    assert "[INCIDENT] Database outage - investigating" in body and "{{" not in body
+    assert router.ops.events.query(kind="email.sent", subject=f"inc-{number}")
