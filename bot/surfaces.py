@@ -5,6 +5,6 @@ The foundation's commands live in bot/router.py; each later capability adds its 
 
 from __future__ import annotations
 
-from bot import incident_commands, scheduler_commands
+from bot import backup_commands, incident_commands, scheduler_commands
 
-SURFACES = [scheduler_commands, incident_commands]
+SURFACES = [scheduler_commands, incident_commands, backup_commands]

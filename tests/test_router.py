@@ -68,15 +68,15 @@ def test_typos_get_did_you_mean(typo: str, meant: str) -> None:
 
 
 def test_unknown_help_topic_is_a_usage_error() -> None:
-    with pytest.raises(UsageError, match="backups"):
-        parse("help backups")
+    with pytest.raises(UsageError, match="restores"):
+        parse("help restores")
 
 
 def test_help_lists_only_commands_that_exist() -> None:
     import bot.surfaces  # noqa: F401  (the app loads every capability's commands)
 
     assert [s.name for s in REGISTRY.specs] == [
-        *("help", "status", "report", "servers", "log"),
+        *("help", "status", "report", "servers", "log", "backups", "backup"),
         *("incident open", "incident list", "incident ack", "incident restart", "incident resolve"),
         *("incident email", "incident email-send", "oncall", "oncall set", "checklist", "jobs"),
     ]

@@ -1,0 +1,97 @@
+"""`/db backups <customer>` and `/db backup <customer>` (operator).
+
+Registered on the router on import (bot/surfaces.py). Restores, provisioning and the Stripe
+cards come next; their core is core/backups.py, core/provisioning.py and core/billing.py.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from bot import blocks
+from bot.blocks import Reply, escape
+from bot.roles import Role
+from bot.router import REGISTRY, Arg, Call, Spec
+from core.backups import BackupInfo, Backups
+from core.health import pretty_age, pretty_bytes
+from core.ops import Ops
+
+SHOWN = 15
+
+
+def _backups(ops: Ops) -> Backups:
+    return Backups(ops.engine, ops.events, ops.fleet, ops.runners)
+
+
+def _line(b: BackupInfo, now: datetime) -> str:
+    size = pretty_bytes(b.size_bytes) if b.size_bytes is not None else "?"
+    if b.verification is None:
+        tested = "not restore-tested yet"
+    else:
+        tested = "restore test ok" if b.verified else "restore test FAILED"
+    state = {"ok": ":white_check_mark:", "failed": ":x:"}.get(str(b.state), ":hourglass:")
+    return (
+        f"{state} `{escape(b.stamp)}` {pretty_age(b.age_s(now))} ago, {size}, "
+        f"{escape(str(b.state))}, {tested}"
+    )
+
+
+def _list(call: Call) -> Reply:
+    name = call.arg("customer")
+    found = _backups(call.ops).list_backups(name)
+    now = datetime.now(UTC)
+    if not found:
+        return Reply(
+            text=f"{name} has no backups yet.",
+            blocks=[
+                blocks.section(f"*{escape(name)}* has no backups yet."),
+                blocks.actions([call.router.registry.button(f"backup {name}")]),
+            ],
+        )
+    lines = "\n".join(_line(b, now) for b in found[:SHOWN])
+    more = f"\n…and {len(found) - SHOWN} older" if len(found) > SHOWN else ""
+    complete = sum(1 for b in found if b.complete)
+    return Reply(
+        text=f"{name}: {len(found)} backups, {complete} complete, newest {found[0].stamp}",
+        blocks=[
+            blocks.section(f"*Backups of {escape(name)}* on {escape(found[0].server)}"),
+            *blocks.text_sections(lines + more),
+            blocks.actions([call.router.registry.button(f"backup {name}")]),
+        ],
+    )
+
+
+def _take(call: Call) -> Reply:
+    name = call.arg("customer")
+    info = _backups(call.ops).take_backup(name, call.actor)
+    size = pretty_bytes(info.size_bytes) if info.size_bytes is not None else "?"
+    return Reply(
+        text=f"Backed up {name}: {info.stamp}, {size}.",
+        blocks=[
+            blocks.section(
+                f":floppy_disk: Backed up *{escape(name)}*: `{escape(info.stamp)}`"
+                f", {size}, sha256 recorded."
+            )
+        ],
+    )
+
+
+REGISTRY.add(
+    Spec(
+        "backups",
+        "a customer's backups: age, size, restore-test result",
+        _list,
+        (Arg("customer", "customer"),),
+        shared=True,
+    )
+)
+REGISTRY.add(
+    Spec(
+        "backup",
+        "take a backup of a customer's database now",
+        _take,
+        (Arg("customer", "customer"),),
+        role=Role.OPERATOR,
+        button="Back up now",
+    )
+)
