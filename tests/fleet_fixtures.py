@@ -63,3 +63,22 @@ def sandbox_break(sandbox_dir: Path) -> Iterator[Callable[[str, str], dict[str, 
         yield breaker
     finally:
         sandbox_mod.heal(sandbox_dir)
+
+
+@pytest.fixture
+def sandbox_backups_kept(sandbox: dict[str, Any]) -> Iterator[None]:
+    """Tests that take backups or restore-test them leave the session sandbox's backup
+    directories as they found them: whatever they add is removed afterwards."""
+    roots = [Path(s["backup_path"]) for s in sandbox["servers"]]
+    before = {p for root in roots for p in root.rglob("*")}
+    try:
+        yield
+    finally:
+        added = sorted(
+            {p for root in roots for p in root.rglob("*")} - before, key=lambda p: len(p.parts)
+        )
+        for path in added:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()

@@ -42,7 +42,7 @@ def _say(router: Router, user: str, text: str) -> Any:
     return reply
 
 
-def test_list_then_take_a_backup(router: Router) -> None:
+def test_list_then_take_a_backup(router: Router, sandbox_backups_kept: None) -> None:
     before = _say(router, "U_BOB", "backups acme")
     assert "acme:" in before.text and "complete" in before.text
     (button,) = before.buttons()

@@ -29,7 +29,9 @@ def worker(sandbox: dict[str, Any], tmp_path: Path) -> Worker:
     return Worker(ctx, RecordingNotifier())
 
 
-def test_nightly_backups_then_restore_tests(worker: Worker, sandbox: dict[str, Any]) -> None:
+def test_nightly_backups_then_restore_tests(
+    worker: Worker, sandbox: dict[str, Any], sandbox_backups_kept: None
+) -> None:
     n = len(sandbox["customers"])
     with time_machine.travel(datetime(2026, 11, 24, 7, 0, 4, tzinfo=UTC), tick=False):
         first = worker.run("nightly_backups")
