@@ -891,6 +891,13 @@ def _break_server_down(
 ) -> dict[str, Any]:
     if _cluster_running(spec):
         _pg_runner(spec["name"]).run(_pg_ctl(spec, "stop", "-m", "fast")).check()
+    # pg_ctl returns once postmaster.pid is gone; make sure nothing answers on the port either,
+    # so "server down" means connections are refused, not accepted and dropped.
+    _wait_for(
+        f"{spec['name']}'s port {spec['port']} to close",
+        lambda: not _port_open(spec["port"]),
+        timeout=10,
+    )
     return {}
 
 
