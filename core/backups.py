@@ -36,7 +36,6 @@ import io
 import json
 import secrets
 import tarfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -54,7 +53,7 @@ from core.customers import Customer, get_customer, list_customers
 from core.errors import DbopsError, NotFound
 from core.fleet import Fleet, Server
 from core.names import validate_name
-from core.remote import CommandResult, Runner, RunnerPool
+from core.remote import CommandResult, FleetAccess, Runner, RunnerPool
 from storage.events import EventLog, scrub_text
 from storage.models_billing import LockBusy, op_lock
 
@@ -1095,7 +1094,7 @@ def _short_name(base: str, suffix: str) -> str:
     return validate_name(f"{base[: 63 - len(suffix) - 1]}_{suffix}", "database")
 
 
-class Backups:
+class Backups(FleetAccess):
     """Backups, restore tests and restores for the fleet; one per process is enough.
 
     ``failpoints`` is a test seam: names of steps at which to fail on purpose (see the
@@ -1114,26 +1113,10 @@ class Backups:
     ) -> None:
         self.engine = engine
         self.events = events
-        self._fleet = fleet
-        self._runners = runners
+        self._init_fleet_access(fleet, runners)
         self.clock = clock
         self.on_alert = on_alert
         self.failpoints: set[str] = set()
-        self._pool_lock = threading.Lock()
-
-    @property
-    def fleet(self) -> Fleet:
-        return self._fleet() if callable(self._fleet) else self._fleet
-
-    @property
-    def runners(self) -> RunnerPool:
-        with self._pool_lock:
-            if self._runners is None:
-                self._runners = RunnerPool(self.fleet, record=self._record)
-            return self._runners
-
-    def _record(self, kind: str, subject: str, payload: dict[str, Any]) -> None:
-        self.events.append(kind, subject, payload, actor="dbops")
 
     def _failpoint(self, name: str) -> None:
         if name in self.failpoints:

@@ -50,7 +50,7 @@ from core.customers import Customer, get_customer, list_customers, upsert_custom
 from core.errors import DbopsError, NotFound
 from core.fleet import Fleet, Plan, Server
 from core.names import NAME_RE, validate_name, validate_server_name
-from core.remote import Runner, RunnerPool
+from core.remote import FleetAccess, Runner, RunnerPool
 from storage.events import EventLog
 from storage.models_billing import ProvisionJob, link_stripe_customer
 
@@ -373,7 +373,7 @@ def _aware(ts: datetime | None) -> datetime | None:
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
 
 
-class Provisioner:
+class Provisioner(FleetAccess):
     """Server proposals and provisioning; one per process.
 
     ``failpoints``: a test seam, names like ``after:role`` at which a run stops with an error.
@@ -396,8 +396,7 @@ class Provisioner:
     ) -> None:
         self.engine = engine
         self.events = events
-        self._fleet = fleet
-        self._runners = runners
+        self._init_fleet_access(fleet, runners)
         self.smtp_url = smtp_url
         self.smtp_sender = smtp_sender
         self.signature = signature
@@ -407,20 +406,6 @@ class Provisioner:
         self.send_options = dict(send_options or {})
         self.failpoints: set[str] = set()
         self._lock = threading.Lock()
-
-    @property
-    def fleet(self) -> Fleet:
-        return self._fleet() if callable(self._fleet) else self._fleet
-
-    @property
-    def runners(self) -> RunnerPool:
-        with self._lock:
-            if self._runners is None:
-                self._runners = RunnerPool(self.fleet, record=self._record)
-            return self._runners
-
-    def _record(self, kind: str, subject: str, payload: dict[str, Any]) -> None:
-        self.events.append(kind, subject, payload, actor="dbops")
 
     @property
     def backups(self) -> Backups:

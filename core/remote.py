@@ -549,3 +549,32 @@ class RunnerPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class FleetAccess:
+    """For the operation desks (backups, provisioning): ``fleet`` (a Fleet, or a callable giving
+    the current one) and, built on first use unless one is shared in, a RunnerPool whose every
+    command is an event. Subclasses call ``_init_fleet_access`` and set ``events``."""
+
+    events: Any  # storage.events.EventLog: append(kind, subject, payload, actor=)
+
+    def _init_fleet_access(
+        self, fleet: Fleet | Callable[[], Fleet], runners: RunnerPool | None
+    ) -> None:
+        self._fleet = fleet
+        self._runners = runners
+        self._runners_lock = threading.Lock()
+
+    @property
+    def fleet(self) -> Fleet:
+        return self._fleet() if callable(self._fleet) else self._fleet
+
+    @property
+    def runners(self) -> RunnerPool:
+        with self._runners_lock:
+            if self._runners is None:
+                self._runners = RunnerPool(self.fleet, record=self._record)
+            return self._runners
+
+    def _record(self, kind: str, subject: str, payload: dict[str, Any]) -> None:
+        self.events.append(kind, subject, payload, actor="dbops")
