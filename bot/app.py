@@ -20,7 +20,7 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -31,6 +31,7 @@ from sqlalchemy import Engine
 from bot import listeners, surfaces
 from bot.blocks import Reply
 from bot.context import Context
+from bot.forms import Forms
 from bot.listeners.delivery import Destination
 from bot.listeners.errors import reply_for
 from bot.roles import Roles
@@ -189,6 +190,7 @@ class Background:
         self._flights: dict[str, asyncio.Future[Reply]] = {}
         self.quiet = Quiet()
         self._deliveries = asyncio.Semaphore(deliveries)
+        self.forms = Forms(replier.client)
 
     def submit(self, inv: Invocation, to: Destination) -> None:
         task = asyncio.get_running_loop().create_task(self._run(inv, to))
@@ -199,22 +201,31 @@ class Background:
         await self.quiet.wait()
         loop = asyncio.get_running_loop()
         command: Command | None = None
+        form: str | None = None  # the id of a modal opened for this command
+        title = "dbops"
         try:
             command = await loop.run_in_executor(self.pool, self.router.begin, inv)
             if command is None:
                 log.info("dropped a repeated delivery of %s", inv.delivery)
                 return
+            if inv.trigger and command.spec.needs_form(command):
+                title = (command.spec.button or command.spec.name).rstrip("…")
+                form = await self.forms.open(inv.trigger, title, f"`/db {command.line}` …")
             reply = await self._execute(command, inv.actor)
         except Exception as exc:
             reply = reply_for(exc)
-        try:
-            async with self._deliveries:
-                how = await self.replier.deliver(
-                    reply, response_url=to.response_url, channel=to.channel, user=to.user
-                )
-        except Exception as exc:
-            log.warning("could not deliver a reply to %s: %s", inv.actor, type(exc).__name__)
-            how = ""
+        how = ""
+        if form is not None and await self.forms.show(form, reply, to, title):
+            how = "form"
+        else:
+            reply = replace(reply, view=None)
+            try:
+                async with self._deliveries:
+                    how = await self.replier.deliver(
+                        reply, response_url=to.response_url, channel=to.channel, user=to.user
+                    )
+            except Exception as exc:
+                log.warning("could not deliver a reply to %s: %s", inv.actor, type(exc).__name__)
         payload: dict[str, Any] = {
             "to": inv.actor,
             "channel": inv.channel,

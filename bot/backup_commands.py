@@ -1,7 +1,6 @@
 """`/db backups <customer>` and `/db backup <customer>` (operator).
 
-Registered on the router on import (bot/surfaces.py). Restores, provisioning and the Stripe
-cards come next; their core is core/backups.py, core/provisioning.py and core/billing.py.
+Registered on the router on import (bot/surfaces.py). Restores are bot/restore_commands.py.
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ from core.ops import Ops
 SHOWN = 15
 
 
-def _backups(ops: Ops) -> Backups:
+def backups_for(ops: Ops) -> Backups:
+    """core's Backups over the router's fleet, runners and event log (cheap to make)."""
     return Backups(ops.engine, ops.events, ops.fleet, ops.runners)
 
 
@@ -38,7 +38,7 @@ def _line(b: BackupInfo, now: datetime) -> str:
 
 def _list(call: Call) -> Reply:
     name = call.arg("customer")
-    found = _backups(call.ops).list_backups(name)
+    found = backups_for(call.ops).list_backups(name)
     now = datetime.now(UTC)
     if not found:
         return Reply(
@@ -63,7 +63,7 @@ def _list(call: Call) -> Reply:
 
 def _take(call: Call) -> Reply:
     name = call.arg("customer")
-    info = _backups(call.ops).take_backup(name, call.actor)
+    info = backups_for(call.ops).take_backup(name, call.actor)
     size = pretty_bytes(info.size_bytes) if info.size_bytes is not None else "?"
     return Reply(
         text=f"Backed up {name}: {info.stamp}, {size}.",

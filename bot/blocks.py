@@ -8,7 +8,7 @@ line make the whole reply fail.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -89,13 +89,16 @@ def divider() -> DividerBlock:
     return DividerBlock()
 
 
-def button(label: str, action_id: str, value: str, *, primary: bool = False) -> ButtonElement:
-    """A harmless button (a read). Destructive ones are made with ``danger_button``."""
+def button(
+    label: str, action_id: str, value: str, *, primary: bool = False, danger: bool = False
+) -> ButtonElement:
+    """A button with no dialog: a read, or one that opens a form (``danger``: red, since the
+    form leads somewhere destructive). Destructive ones are made with ``danger_button``."""
     return ButtonElement(
         text=PlainTextObject(text=clip(label, BUTTON_TEXT_MAX)),
         action_id=action_id,
         value=value,
-        style="primary" if primary else None,
+        style="danger" if danger else "primary" if primary else None,
     )
 
 
@@ -148,6 +151,9 @@ class Reply:
     text: str
     blocks: Sequence[Block] = ()
     ephemeral: bool = True
+    # A form to open instead (a Slack modal's view JSON) where the surface can; the text and
+    # blocks say how to do the same by typing, for the shell and when the form cannot open.
+    view: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.text.strip():

@@ -127,11 +127,12 @@ def uvicorn_server(ctx: Context, host: str, port: int, **kwargs: Any) -> uvicorn
 def webhook_routes(ctx: Context) -> list[BaseRoute]:
     """POST /alerts/alertmanager (alerts open incidents that page through Slack) and
     POST /stripe/webhook (a paid checkout proposes onboarding in the ops channel)."""
+    from bot.incident_cards import as_message
     from bot.notifier import ConsoleNotifier, SlackNotifier, web_client
+    from bot.provision_commands import onboarding_reply
     from bot.stripe_webhook import stripe_routes
     from bot.webhooks import alert_desk, alertmanager_routes
     from core.billing import Billing, OnboardingProposal
-    from core.notify import Message
     from core.provisioning import Provisioner
 
     settings = ctx.settings
@@ -151,15 +152,9 @@ def webhook_routes(ctx: Context) -> list[BaseRoute]:
         )
 
     def onboarding(proposal: OnboardingProposal) -> None:
-        p = proposal.as_json()
-        name, plan = p.get("customer") or "<name>", p.get("plan") or "<plan>"
-        server = (p.get("server") or {}).get("server") or "none with capacity"
-        text = (
-            f":tada: New paying customer from Stripe: {name}, plan {plan}, proposed server "
-            f"{server}. Provisioning from Slack lands next; until then follow SOP-103 for "
-            f"`{name}` on the plan `{plan}`."
-        )
-        notifier.post(settings.ops_channel, Message(text=text))
+        # The card (customer, email, plan, server and its capacity, warnings) with a Provision
+        # button (admins) that runs `/db provision ...` through the router.
+        notifier.post(settings.ops_channel, as_message(onboarding_reply(proposal)))
 
     def card(incident_id: int) -> None:
         from bot.incident_commands import announce

@@ -18,6 +18,7 @@ from slack_sdk.models.blocks import Block, ButtonElement
 
 from bot import blocks
 from bot.blocks import Reply, escape
+from bot.router import REGISTRY, Registry
 from core.health import pretty_age
 from core.incidents import Incident, Resolution
 from core.notify import Message
@@ -171,8 +172,41 @@ def refused_reply(ref: str, action: str, reason: str) -> Reply:
     )
 
 
-def resolution_reply(res: Resolution, actor: str) -> Reply:
+def credit_buttons(res: Resolution, registry: Registry | None = None) -> list[ButtonElement]:
+    """An Apply button (admins, behind a confirm dialog) for each proposed credit with an amount,
+    when the router has `credit apply`. The button names the incident and the customer only: the
+    amount is the one core recorded at resolve time, so a button cannot carry another."""
+    registry = registry or REGISTRY
+    if registry.get("credit apply") is None:
+        return []
+    out = []
+    for c in res.credits:
+        if c.credit_cents is None:
+            continue
+        # Parsed and built by the registry (a bad name never makes a button); labelled here.
+        made = registry.button(f"credit apply {res.incident.id} {c.customer}")
+        amount = f"${c.credit_cents / 100:.2f}"
+        out.append(
+            blocks.danger_button(
+                f"Apply {amount} to {c.customer}",
+                str(made.action_id),
+                str(made.value),
+                title="Apply the SLA credit?",
+                question=f"Credit *{escape(c.customer)}* {amount} in Stripe for "
+                f"{escape(res.incident.ref)}? It comes off their next invoice.",
+                confirm="Apply",
+            )
+        )
+    return out
+
+
+def resolution_reply(
+    res: Resolution, actor: str, buttons: Sequence[ButtonElement] | None = None
+) -> Reply:
+    """The resolve note: cause, downtime, proposed SLA credits with their Apply buttons
+    (``buttons``; by default ``credit_buttons`` on the router's registry)."""
     inc = res.incident
+    buttons = credit_buttons(res) if buttons is None else buttons
     lines = [
         f":white_check_mark: {_who(actor)} resolved *{escape(inc.ref)}* "
         f"after {pretty_age(_age(inc))}. Cause: {escape(inc.cause or '')}"
@@ -184,7 +218,10 @@ def resolution_reply(res: Resolution, actor: str) -> Reply:
         for name, secs in sorted(res.downtime_s.items()):
             lines.append(f"• {escape(name)}: {pretty_age(secs)}")
     if res.credits:
-        lines.append("*Proposed SLA credits* (over 1 h down; apply them in billing)")
+        how = (
+            "an admin presses Apply to credit it in Stripe" if buttons else "apply them in billing"
+        )
+        lines.append(f"*Proposed SLA credits* (over 1 h down; {how})")
         for c in res.credits:
             amount = f"${c.credit_cents / 100:.2f}" if c.credit_cents is not None else "no amount"
             lines.append(f"• {escape(c.customer)}: *{amount}*, {escape(c.reason)}")
@@ -193,7 +230,10 @@ def resolution_reply(res: Resolution, actor: str) -> Reply:
     text = f"{inc.ref} resolved: {inc.cause}"
     if res.credits:
         text += f"; {len(res.credits)} SLA credit(s) proposed"
-    return Reply(text=text, blocks=blocks.text_sections("\n".join(lines)), ephemeral=False)
+    out: list[Block] = list(blocks.text_sections("\n".join(lines)))
+    if buttons:
+        out.append(blocks.actions(buttons, block_id=f"credits-{inc.id}"))
+    return Reply(text=text, blocks=out, ephemeral=False)
 
 
 def _age(inc: Incident) -> int:

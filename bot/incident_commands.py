@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -22,11 +23,13 @@ from slack_sdk.models.blocks import ButtonElement
 from sqlalchemy import Engine
 
 from bot import blocks
+from bot.backup_commands import backups_for
 from bot.blocks import Reply, escape
 from bot.incident_cards import (
     acked_note,
     as_message,
     card_reply,
+    credit_buttons,
     diagnostics_reply,
     list_reply,
     oncall_reply,
@@ -216,14 +219,37 @@ def _health_view(inc: Incident, health: ServerHealth) -> dict[str, Any]:
     return server
 
 
-def _buttons(card: dict[str, Any], registry: Registry) -> list[ButtonElement]:
+def _buttons(
+    card: dict[str, Any], registry: Registry, restore: Mapping[str, Any] | None = None
+) -> list[ButtonElement]:
     out = []
     for b in card["buttons"]:
         if b["action"] == "ack" and b["enabled"]:
             out.append(registry.button(f"incident ack {card['id']}"))
         elif b["action"] == "restart":  # a failed precondition is explained when pressed
             out.append(registry.button(f"incident restart {card['id']}"))
+        elif b["action"] == "restore" and b["enabled"] and restore and registry.get("restore"):
+            # Opens the restore form with this backup chosen; the admin types the name there.
+            line = f"restore {card['customers'][0]} {restore['name']}"
+            out.append(registry.button(line, label=b["label"]))
     return out
+
+
+def restore_hint(ops: Ops, inc: Incident) -> dict[str, Any] | None:
+    """For the card's Restore button: the newest restore-tested backup of a one-customer
+    incident ({"name", "age_s"}), or why there is none ({"reason"}). None: no button (several
+    customers, or the incident is over)."""
+    if len(inc.customers) != 1 or not inc.active:
+        return None
+    try:
+        found = backups_for(ops).list_backups(inc.customers[0])
+    except DbopsError as exc:
+        return {"reason": f"could not read the backups: {exc.message[:100]}"}
+    now = datetime.now(UTC)
+    for b in found:
+        if b.complete and b.verified:
+            return {"name": b.stamp, "age_s": b.age_s(now)}
+    return {"reason": "no restore-tested backup yet"}
 
 
 def _card(
@@ -232,13 +258,15 @@ def _card(
     inc: Incident,
     health: dict[str, Any] | None,
     *,
+    restore: Mapping[str, Any] | None = None,
     note: str = "",
 ) -> Reply:
-    card = desk.incidents.card(inc.id, health=health)
-    return card_reply(card, _buttons(card, registry), note=note)
+    restore = restore if registry.get("restore") is not None else None
+    card = desk.incidents.card(inc.id, health=health, restore=restore)
+    return card_reply(card, _buttons(card, registry, restore), note=note)
 
 
-def _refresh(desk: Desk, call: Call, inc_id: int, *, note: str = "") -> Reply:
+def refresh_card(desk: Desk, call: Call, inc_id: int, *, note: str = "") -> Reply:
     """Re-render the card from the incident and a fresh look at its server; update it in place."""
     inc = desk.incidents.get(inc_id)
     health = None
@@ -247,7 +275,8 @@ def _refresh(desk: Desk, call: Call, inc_id: int, *, note: str = "") -> Reply:
             health = _health_view(inc, _server_health(call.ops, inc.server))
         except DbopsError:
             health = None
-    reply = _card(desk, call.router.registry, inc, health, note=note)
+    hint = restore_hint(call.ops, inc)
+    reply = _card(desk, call.router.registry, inc, health, restore=hint, note=note)
     if inc.card_ref is not None:
         desk.update(inc.card_ref, reply)
     return reply
@@ -335,7 +364,7 @@ def announce(
         except DbopsError as exc:
             log.warning("no health for %s at open: %s", inc.ref, exc.message)
     view = _health_view(inc, health) if health is not None else None
-    card = _card(desk, registry, inc, view)
+    card = _card(desk, registry, inc, view, restore=restore_hint(ops, inc))
     diag = (
         diagnostics_reply(inc.ref, diagnostics(ops, inc.server, health), tz)
         if health is not None and inc.server is not None
@@ -390,7 +419,7 @@ def _incident_id(call: Call) -> int:
 def _ack(call: Call) -> Reply:
     desk = desk_for(call.ops)
     inc = desk.incidents.ack(_incident_id(call), actor=call.actor)
-    _refresh(desk, call, inc.id)
+    refresh_card(desk, call, inc.id)
     if inc.card_ref is not None:
         desk.post(acked_note(call.actor), thread=inc.card_ref)
     return Reply(
@@ -430,17 +459,17 @@ def _restart(call: Call) -> Reply:
     fresh = desk.incidents.get(inc.id)
     if fresh.card_ref is not None:
         desk.post(said, thread=fresh.card_ref)
-    _refresh(desk, call, inc.id, note=str(result.get("message") or ""))
+    refresh_card(desk, call, inc.id, note=str(result.get("message") or ""))
     return said
 
 
 def _resolve(call: Call) -> Reply:
     desk = desk_for(call.ops)
     res = desk.incidents.resolve(_incident_id(call), _text(call, "cause"), actor=call.actor)
-    said = resolution_reply(res, call.actor)
+    said = resolution_reply(res, call.actor, credit_buttons(res, call.router.registry))
     if res.incident.card_ref is not None:
         desk.post(said, thread=res.incident.card_ref)
-        _refresh(desk, call, res.incident.id)
+        refresh_card(desk, call, res.incident.id)
     return said
 
 

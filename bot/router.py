@@ -143,6 +143,13 @@ class Spec:
     destructive: bool = False  # a danger button behind a confirm dialog
     public: bool = False  # the reply goes to the channel, not only to the user
     shared: bool = False  # a read: identical calls in flight share one answer
+    # The flag argument a form fills in (restore's typed name): without it the handler answers
+    # with a form (``Reply.view``, a Slack modal) instead of acting; the form submits the line
+    # back with the flag, through the same parse and role check.
+    form: str | None = None
+
+    def needs_form(self, command: Command) -> bool:
+        return self.form is not None and self.form not in command.args
 
     @property
     def usage(self) -> str:
@@ -212,12 +219,15 @@ class Registry:
     def action_ids(self) -> list[str]:
         return [s.action_id for s in self._specs.values() if s.button]
 
-    def button(self, line: str) -> ButtonElement:
+    def button(self, line: str, *, label: str | None = None) -> ButtonElement:
         """The button that runs ``line`` (parsed, so a button never carries a bad name)."""
         command = parse(line, self)
         spec = command.spec
         if not spec.button:
             raise ValueError(f"{spec.name!r} has no button")
+        if spec.form is not None:
+            # Red, and no confirm dialog: the form it opens is the confirmation.
+            return blocks.button(label or spec.button, spec.action_id, command.line, danger=True)
         if spec.destructive:
             return blocks.danger_button(
                 spec.button,
@@ -227,7 +237,7 @@ class Registry:
                 question=f"Run `/db {blocks.escape(command.line)}`? This cannot be undone.",
                 confirm=spec.button,
             )
-        return blocks.button(spec.button, spec.action_id, command.line)
+        return blocks.button(label or spec.button, spec.action_id, command.line)
 
     def match(self, words: list[str]) -> tuple[Spec | None, list[str]]:
         """The longest registered name that starts ``words`` (two words before one)."""
@@ -324,6 +334,8 @@ class Invocation:
     value: str | None = None
     channel: str | None = None
     delivery: str | None = None  # the transport's idempotency key (a Slack retry repeats it)
+    trigger: str | None = None  # Slack's trigger_id: lets the reply open a form (3 s to use it)
+    form: str | None = None  # the form (a modal's callback_id) that submitted ``text``
 
     @property
     def typed(self) -> str:
@@ -389,8 +401,11 @@ class Router:
         }
         if inv.action_id is not None:
             payload["action_id"] = inv.action_id[:100]
+        if inv.form is not None:
+            payload["form"] = inv.form[:100]
+        kind = "button" if inv.action_id is not None else "form" if inv.form else "command"
         stored = self.events.append(
-            "button" if inv.action_id is not None else "command",
+            kind,
             command.subject if command else None,
             payload,
             actor=inv.actor,
@@ -421,7 +436,10 @@ class Router:
 
     def execute(self, command: Command, actor: str) -> Reply:
         reply = command.spec.handler(Call(command, actor, self))
-        return replace(reply, ephemeral=not command.spec.public)
+        spec = command.spec
+        # What a form confirmed (a restore) is news for the channel; the form itself is not.
+        public = spec.public or (spec.form is not None and not spec.needs_form(command))
+        return replace(reply, ephemeral=not public)
 
     def run(self, inv: Invocation) -> Reply | None:
         command = self.begin(inv)

@@ -5,6 +5,20 @@ The foundation's commands live in bot/router.py; each later capability adds its 
 
 from __future__ import annotations
 
-from bot import backup_commands, incident_commands, scheduler_commands
+from bot import (
+    backup_commands,
+    incident_commands,
+    provision_commands,
+    restart_commands,
+    restore_commands,
+    scheduler_commands,
+)
 
-SURFACES = [scheduler_commands, incident_commands, backup_commands]
+SURFACES = [
+    scheduler_commands,
+    incident_commands,
+    backup_commands,
+    restore_commands,
+    provision_commands,
+    restart_commands,
+]

@@ -24,9 +24,11 @@ server-down and database-down incidents, and any P0 opened by hand.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, Literal
@@ -1081,6 +1083,7 @@ class Incidents:
             raise DbopsError(f"{inc.ref} names no server to restart.")
         if not inc.active:
             raise DbopsError(f"{inc.ref} is resolved.")
+        refuse_while_restarting(inc.server)  # before the ack: a refused press changes nothing
         if inc.status == "open":
             self.ack(inc.id, actor=actor, now=now)
         customers = [c for c in list_customers(self.engine, inc.server) if c.name in inc.customers]
@@ -1255,6 +1258,43 @@ def restart_precondition(health: Mapping[str, Any]) -> Precondition:
     return Precondition(False, f"PostgreSQL on {name} answers: nothing to restart")
 
 
+# One restart per server at a time in this process, whoever asks (an incident card's button,
+# `/db restart`): a second restart while the first runs would only bounce the cluster again.
+_restarting: dict[str, float] = {}  # server -> when its restart started (monotonic)
+_restarting_lock = threading.Lock()
+
+
+def _busy(server: str, started: float) -> DbopsError:
+    return DbopsError(
+        f"a restart of {server}'s PostgreSQL is already running "
+        f"(started {int(time.monotonic() - started)}s ago).",
+        hint="Its result is posted when it finishes; one restart at a time.",
+    )
+
+
+def refuse_while_restarting(server: str) -> None:
+    """A DbopsError when a restart of ``server`` is running now: the quick look a caller takes
+    before its own slower checks (``restart_server`` enforces it in any case)."""
+    with _restarting_lock:
+        started = _restarting.get(server)
+    if started is not None:
+        raise _busy(server, started)
+
+
+@contextlib.contextmanager
+def _one_restart(server: str) -> Iterator[None]:
+    with _restarting_lock:
+        started = _restarting.get(server)
+        if started is not None:
+            raise _busy(server, started)
+        _restarting[server] = time.monotonic()
+    try:
+        yield
+    finally:
+        with _restarting_lock:
+            _restarting.pop(server, None)
+
+
 def restart_server(
     fleet: Fleet,
     runner_pool: RunnerPool,
@@ -1268,11 +1308,38 @@ def restart_server(
     check_deadline_s: float = 5.0,
 ) -> dict[str, Any]:
     """Run the server's ``restart_command`` through its runner, then re-check it (and the given
-    customers' databases) until PostgreSQL answers or ``recheck_s`` runs out.
+    customers' databases) until PostgreSQL answers or ``recheck_s`` runs out. A DbopsError
+    while another restart of ``server`` runs.
 
     Returns ``{server, command, ran, exit_code, error, postgres, answering, databases_online,
     databases_total, offline, duration_ms, message}``; the event ``server.restart`` says the same.
     """
+    with _one_restart(server):
+        return _restart_server(
+            fleet,
+            runner_pool,
+            server,
+            actor,
+            customers=customers,
+            events=events,
+            timeout=timeout,
+            recheck_s=recheck_s,
+            check_deadline_s=check_deadline_s,
+        )
+
+
+def _restart_server(
+    fleet: Fleet,
+    runner_pool: RunnerPool,
+    server: str,
+    actor: str,
+    *,
+    customers: Sequence[Customer],
+    events: EventLog | None,
+    timeout: float,
+    recheck_s: float,
+    check_deadline_s: float,
+) -> dict[str, Any]:
     started = time.monotonic()
     config = fleet.server(server)
     argv = config.argv(config.restart_command)

@@ -213,6 +213,11 @@ class SlackStub:
         if kind in ("chat.postMessage", "chat.update", "chat.postEphemeral"):
             ts = f"{time.time():.6f}"
             return 200, {"ok": True, "channel": body.get("channel"), "ts": ts}, {}
+        if kind in ("views.open", "views.update", "views.push"):
+            view = body.get("view")
+            view = json.loads(view) if isinstance(view, str) else dict(view or {})
+            view_id = body.get("view_id") or f"V{uuid.uuid4().hex[:10].upper()}"
+            return 200, {"ok": True, "view": {**view, "id": view_id, "hash": uuid.uuid4().hex}}, {}
         return 200, {"ok": True}, {}
 
 
@@ -262,6 +267,34 @@ def slash_body(
     if response_url is not None:
         fields["response_url"] = response_url
     return urlencode(fields)
+
+
+def view_submission_body(
+    view: dict[str, Any],
+    values: dict[str, dict[str, dict[str, Any]]],
+    *,
+    user: str = "U_ALICE",
+    view_id: str | None = None,
+) -> str:
+    """A modal's submit as Slack sends it: the view we opened, with the state typed into it."""
+    from urllib.parse import urlencode
+
+    payload = {
+        "type": "view_submission",
+        "team": {"id": TEAM, "domain": "dbops-test"},
+        "user": {"id": user, "username": user.lower(), "team_id": TEAM},
+        "api_app_id": "A0DBOPS",
+        "token": "legacy-verification-token",
+        "trigger_id": f"{uuid.uuid4().int % 10**13}.{uuid.uuid4().hex[:12]}",
+        "view": {
+            **view,
+            "id": view_id or view.get("id") or f"V{uuid.uuid4().hex[:10].upper()}",
+            "team_id": TEAM,
+            "state": {"values": values},
+        },
+        "response_urls": [],
+    }
+    return urlencode({"payload": json.dumps(payload)})
 
 
 def action_body(

@@ -21,7 +21,7 @@ from bot import render
 from bot.blocks import Reply
 from bot.listeners.errors import reply_for
 from bot.roles import Denied, Role
-from bot.router import REGISTRY, Arg, Spec, UsageError, parse
+from bot.router import REGISTRY, UsageError, parse
 from core.customers import customer_from_mapping, upsert_customers
 from core.errors import DbopsError, NotFound
 from core.fleet import Fleet
@@ -152,19 +152,11 @@ def replies(
 
 
 def _registry_with_restart() -> Any:
-    registry = REGISTRY.copy()
-    registry.add(
-        Spec(
-            "restart",
-            "restart",
-            lambda call: Reply("x"),
-            (Arg("target", "server"),),
-            role=Role.OPERATOR,
-            button="Restart",
-            destructive=True,
-        )
-    )
-    return registry
+    """The app's registry, every capability loaded (`restart` is the destructive example)."""
+    import bot.surfaces  # noqa: F401  (registers every command)
+
+    assert REGISTRY.get("restart") is not None and REGISTRY.get("restart").destructive  # type: ignore[union-attr]
+    return REGISTRY
 
 
 def _texts(block: dict[str, Any]) -> Iterator[str]:
@@ -196,7 +188,9 @@ def check_contract(name: str, reply: Reply) -> None:
             spec = registry.by_action(el["action_id"])
             assert spec is not None, (name, el["action_id"])
             assert parse(el["value"], registry).spec is spec
-            if spec.destructive or el.get("style") == "danger":
+            if spec.form is not None:  # opens a form, which is its confirmation: red, no dialog
+                assert el["style"] == "danger" and "confirm" not in el, name
+            elif spec.destructive or el.get("style") == "danger":
                 assert el["style"] == "danger" and el["confirm"]["style"] == "danger", name
                 assert el["confirm"]["title"]["text"] and el["confirm"]["confirm"]["text"]
     assert "<!channel>" not in message["text"]

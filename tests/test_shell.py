@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from bot import blocks
 from bot.blocks import Reply
 from bot.roles import Role, Roles
-from bot.router import REGISTRY, Arg, Call, Router, Spec
+from bot.router import REGISTRY, Arg, Call, Registry, Router, Spec
 from bot.shell import HINT, Shell, plain, render_blocks
 from core.customers import customer_from_mapping, upsert_customers
 from core.ops import Ops
@@ -71,7 +71,7 @@ def test_a_session_presses_buttons_and_hints(sandbox: dict[str, Any], db_url: st
     assert "Log of acme" in out and "status acme" in out  # bob's own command is in the log
     assert HINT in out
     assert "No button 7" in out
-    assert "Did you mean `/db status`?" in out
+    assert "Did you mean `/db status`" in out  # the nearest first
 
 
 def test_render_blocks_as_text() -> None:
@@ -108,7 +108,9 @@ def _restart_router(engine: Engine, calls: list[str]) -> Router:
         button = call.router.registry.button("restart vps1")
         return Reply("vps1", [blocks.section("vps1"), blocks.actions([button])])
 
-    registry = REGISTRY.copy()
+    # A stand-in for the real `restart` that records what it was asked, so the gate is
+    # tested without a fleet.
+    registry = Registry(s for s in REGISTRY.specs if s.name != "restart")
     registry.add(
         Spec(
             "restart",

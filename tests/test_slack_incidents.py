@@ -26,6 +26,7 @@ import time_machine
 from slack_bolt.request.async_request import AsyncBoltRequest
 
 from bot.app import build_services, create_app
+from bot.backup_commands import backups_for
 from bot.blocks import Reply
 from bot.context import Context
 from bot.incident_cards import resolution_reply
@@ -160,6 +161,12 @@ def bolt_press(router: Router, stub: SlackStub, user: str, line: str) -> Call:
     return reply
 
 
+def restore_button(ops: Ops) -> list[str]:
+    """The card's Restore button, when acme has a backup that passed its restore test."""
+    tested = [b for b in backups_for(ops).list_backups("acme") if b.complete and b.verified]
+    return ["db_restore"] if tested else []
+
+
 def posted_contract(call: Call) -> None:
     """A message we sent with chat.postMessage / chat.update keeps Block Kit's limits."""
     blocks = call.body.get("blocks") or []
@@ -213,7 +220,8 @@ def test_open_posts_the_card_with_ack_and_a_guarded_restart(
     card = card_of(stub, "checkout is slow")
     assert "P1" in card.text and "acme" in card.text and "vps1" in card.text
     found = buttons(card)
-    assert set(found) == {"db_incident_ack", "db_incident_restart"}
+    # Restore is offered when acme has a restore-tested backup (other tests may have made one).
+    assert set(found) == {"db_incident_ack", "db_incident_restart", *restore_button(router.ops)}
     restart = found["db_incident_restart"]
     assert restart["style"] == "danger" and restart["confirm"]["style"] == "danger"
     # PostgreSQL answers, so the card says why Restart will not act.
@@ -378,7 +386,11 @@ def test_without_slack_the_reply_is_the_card(
         reply = say(router, ALICE, "incident open acme P2 slow queries")
         text, shown = render_blocks(reply.blocks)
         assert "slow queries" in text and "Diagnostics" in text
-        assert [b.action_id for b in shown] == ["db_incident_ack", "db_incident_restart"]
+        assert [b.action_id for b in shown] == [
+            "db_incident_ack",
+            "db_incident_restart",
+            *restore_button(ops),
+        ]
         assert "acknowledged" in press(router, ALICE, str(shown[0].value)).text
     finally:
         ops.close()

@@ -17,13 +17,14 @@ if TYPE_CHECKING:
 
 
 def register(app: AsyncApp, services: Services) -> dict[str, list[str]]:
-    from bot import scheduler_commands
+    from bot import restore_commands, scheduler_commands
 
     registered = {
         "commands": commands.register(app, services),
         "actions": actions.register(app, services),
-        # Inputs that are not command buttons: a checklist's checkboxes.
+        # Inputs that are not command buttons: a checklist's checkboxes, the restore form.
         "inputs": scheduler_commands.register(app, services),
+        "forms": restore_commands.register(app, services),
     }
     errors.register(app, services)
     services.registered = registered

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from slack_bolt.async_app import AsyncAck
 from slack_bolt.request.async_request import AsyncBoltRequest
 
-from bot.listeners.delivery import Destination, delivery_key
+from bot.listeners.delivery import Destination, delivery_key, trigger_of
 from bot.router import Invocation
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ def register(app: AsyncApp, services: Services) -> list[str]:
                 value=str(action.get("value", "")),
                 channel=channel,
                 delivery=delivery_key("button", body, request),
+                trigger=trigger_of(body),
             ),
             Destination(body.get("response_url"), channel, user),
         )

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from slack_bolt.async_app import AsyncAck
 from slack_bolt.request.async_request import AsyncBoltRequest
 
-from bot.listeners.delivery import Destination, delivery_key
+from bot.listeners.delivery import Destination, delivery_key, trigger_of
 from bot.router import Invocation
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ def register(app: AsyncApp, services: Services) -> list[str]:
                 text=str(body.get("text", "")),
                 channel=channel,
                 delivery=delivery_key("command", body, request),
+                trigger=trigger_of(body),
             ),
             Destination(body.get("response_url"), channel, user),
         )

@@ -26,3 +26,9 @@ class Destination:
     response_url: str | None = None
     channel: str | None = None
     user: str | None = None
+
+
+def trigger_of(body: dict[str, Any]) -> str | None:
+    """Slack's trigger_id, which lets the reply open a modal (for 3 seconds)."""
+    trigger = body.get("trigger_id")
+    return trigger if isinstance(trigger, str) and 0 < len(trigger) <= 150 else None

@@ -1,0 +1,93 @@
+"""Slack modals for commands that ask before they act (``Spec.form``: restore's typed name).
+
+Slack's trigger_id is good for 3 seconds, and the form's content (a list of backups read over
+SSH) can take longer. So a placeholder modal is opened with the trigger at once and updated in
+place with the form, or with the error, when the command has answered. Where the modal cannot
+open (an expired trigger), the command's reply goes out as a message instead: it says how to do
+the same by typing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.models.blocks import MarkdownTextObject, SectionBlock
+from slack_sdk.models.views import View
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.blocks import Reply, clip, escape
+from bot.listeners.delivery import Destination
+
+log = logging.getLogger("dbops.forms")
+TITLE_MAX = 24
+METADATA_MAX = 3000
+
+
+def _modal(title: str, mrkdwn: str | None = None, reply: Reply | None = None) -> dict[str, Any]:
+    body = (
+        list(reply.blocks)
+        if reply is not None and reply.blocks
+        else [SectionBlock(text=MarkdownTextObject(text=clip(mrkdwn or "", 3000)))]
+    )
+    return View(
+        type="modal",
+        title=clip(title, TITLE_MAX),
+        close="Close",
+        blocks=body[:100],
+    ).to_dict()
+
+
+def with_destination(view: Mapping[str, Any], to: Destination) -> dict[str, Any]:
+    """``view`` with where the result goes (channel, response_url) added to its metadata, which
+    Slack hands back on submit. The response_url is a bearer capability: it goes to Slack and
+    back, never into a log or the event log."""
+    try:
+        meta = json.loads(view.get("private_metadata") or "{}")
+    except ValueError:
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    meta.update({"channel": to.channel, "response_url": to.response_url})
+    text = json.dumps(meta)
+    if len(text) > METADATA_MAX:
+        meta.pop("response_url")
+        text = json.dumps(meta)
+    return {**view, "private_metadata": text}
+
+
+class Forms:
+    def __init__(self, client: AsyncWebClient) -> None:
+        self.client = client
+
+    async def open(self, trigger: str, title: str, doing: str) -> str | None:
+        """A placeholder modal, opened while the trigger is fresh; its view id, or None."""
+        try:
+            result = await self.client.views_open(
+                trigger_id=trigger, view=_modal(title, f":hourglass_flowing_sand: {doing}")
+            )
+        except SlackApiError as exc:
+            log.warning("could not open a form: %s", exc.response.get("error"))
+            return None
+        except Exception as exc:
+            log.warning("could not open a form: %s", type(exc).__name__)
+            return None
+        view = result.get("view") or {}
+        view_id = view.get("id") if isinstance(view, dict) else None
+        return str(view_id) if view_id else None
+
+    async def show(self, view_id: str, reply: Reply, to: Destination, title: str) -> bool:
+        """The form (``reply.view``) in place of the placeholder, or the reply itself (an error,
+        a refusal) in a modal the user closes."""
+        if reply.view is not None:
+            view = with_destination(reply.view, to)
+        else:
+            view = _modal(title, escape(reply.text), reply)
+        try:
+            result = await self.client.views_update(view_id=view_id, view=view)
+        except Exception as exc:
+            log.warning("could not show a form: %s", type(exc).__name__)
+            return False
+        return bool(result.get("ok"))

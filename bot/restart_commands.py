@@ -1,0 +1,114 @@
+"""`/db restart <server|customer>` (operator): restart a server's PostgreSQL that does not answer.
+
+parse -> core.restarts -> render. A customer stands for its server, and the reply says that
+every customer on it restarted too. With an outage incident open on the server, the restart is
+recorded on it, its result posted in the incident's thread and its card updated, as the card's
+own Restart button does. Refusals (the cluster answers, a restart already running) are errors
+the operator alone sees; a restart's result goes to the channel.
+
+Registered on the router on import (bot/surfaces.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from bot import blocks
+from bot.blocks import Reply, escape
+from bot.incident_cards import restart_reply
+from bot.incident_commands import desk_for, refresh_card
+from bot.roles import Role
+from bot.router import REGISTRY, Arg, Call, Spec
+from core.restarts import Restarted, Restarts
+from core.settings import SLACK_USER_ID
+
+
+def _who(user: str) -> str:
+    return f"<@{user}>" if re.fullmatch(SLACK_USER_ID, user) else escape(user)
+
+
+def _took(result: dict[str, Any]) -> str:
+    ms = result.get("duration_ms")
+    return f"{int(ms) / 1000:.1f}s" if ms is not None else "?"
+
+
+def restarted_reply(done: Restarted, actor: str, *, in_thread: bool) -> Reply:
+    """What happened: the command's result, the re-check after it and the time it took."""
+    r, target = done.result, done.target
+    server = escape(target.server)
+    ok = bool(r.get("answering"))
+    icon = ":white_check_mark:" if ok else ":warning:"
+    lines = [f"{icon} {_who(actor)} restarted PostgreSQL on `{server}`: {escape(r['message'])}"]
+    if target.customer is not None:
+        lines.append(
+            f"{escape(target.customer)} is on {server}; restarting {server}'s PostgreSQL "
+            f"restarted every customer on it: {escape(target.scope)}."
+        )
+    lines.append(f"Why: {escape(done.reason)}.")
+    if done.incident is not None:
+        where = "; the result is in its thread" if in_thread else ""
+        lines.append(
+            f"Recorded on *{escape(done.incident.ref)}* (now {escape(done.incident.status)})"
+            f"{where}."
+        )
+    if not ok:
+        lines.append(
+            f"SOP-201 next: the PostgreSQL log and the disk (`/db log {server}` has what ran)"
+            + (
+                f"; open an incident: `/db incident open {server} P0 {escape('<summary>')}`."
+                if done.incident is None
+                else "."
+            )
+        )
+    command = f"`{escape(r.get('command') or '')}` exit {r.get('exit_code')}"
+    if r.get("error"):
+        command += f" ({escape(r['error'])})"
+    offline = r.get("offline") or []
+    recheck = (
+        f"re-check: PostgreSQL {escape(r.get('postgres'))}, "
+        f"{r.get('databases_online')}/{r.get('databases_total')} databases online"
+        + (f" (not: {escape(', '.join(offline))})" if offline else "")
+    )
+    text = (
+        f"Restarted {target.server}'s PostgreSQL: {r['message']} "
+        f"(exit {r.get('exit_code')}, {_took(r)})"
+    )
+    return Reply(
+        text=text,
+        blocks=[
+            *blocks.text_sections("\n".join(lines)),
+            blocks.context(command, recheck, f"took {_took(r)}"),
+        ],
+        ephemeral=False,
+    )
+
+
+def _restart(call: Call) -> Reply:
+    ops = call.ops
+    desk = desk_for(ops)
+    restarts = Restarts(ops.engine, ops.events, ops.fleet, ops.runners, incidents=desk.incidents)
+    done = restarts.restart(call.arg("target"), call.actor)
+    inc = done.incident
+    in_thread = False
+    if inc is not None and inc.card_ref is not None:
+        # As the card's Restart does: the result in the incident's thread, the card updated.
+        ref = desk.post(restart_reply(inc.ref, done.result, call.actor), thread=inc.card_ref)
+        in_thread = ref is not None and desk.slack
+        refresh_card(desk, call, inc.id, note=str(done.result.get("message") or ""))
+    return restarted_reply(done, call.actor, in_thread=in_thread)
+
+
+SPEC = Spec(
+    "restart",
+    "restart a server's PostgreSQL when it does not answer (a customer: its server), then re-check",
+    _restart,
+    (Arg("target", "server", metavar="server|customer"),),
+    role=Role.OPERATOR,
+    button="Restart",
+    destructive=True,
+    public=True,
+)
+
+if REGISTRY.get(SPEC.name) is None:
+    REGISTRY.add(SPEC)

@@ -1,0 +1,300 @@
+"""`/db restore <customer> [backup]` (admin): a form asking for the backup and the customer's
+name typed out, then the restore (core/backups.py: a new database, verified, swapped in).
+
+    /db restore acme            -> Slack: a modal (newest restore-tested backup preselected, the
+                                   others to pick from, the warnings, a box for the name);
+                                   shell: the same facts and the line to type
+    modal submitted             -> the name checked at once (a mismatch keeps the modal open),
+                                   then `restore acme <backup> --confirm acme` runs in the
+                                   background through the router: role check again, events
+    /db restore acme B --confirm acme   (shell, or typed in Slack: the name typed is the guard)
+
+The result goes to the channel the command came from; a failure says whether the customer's
+database was left untouched or swapped back.
+
+Registered on the router on import (bot/surfaces.py); the modal's submit listener is registered
+with the app's other listeners (bot/listeners).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from slack_sdk.models.blocks import (
+    InputBlock,
+    MarkdownTextObject,
+    Option,
+    PlainTextInputElement,
+    PlainTextObject,
+    SectionBlock,
+    StaticSelectElement,
+)
+from slack_sdk.models.views import View
+
+from bot import blocks
+from bot.backup_commands import backups_for
+from bot.blocks import Reply, escape
+from bot.listeners.delivery import Destination
+from bot.roles import Role
+from bot.router import KINDS, REGISTRY, Arg, Call, Invocation, Spec, shown
+from core.backups import BackupInfo, RestoreFailed, RestorePreview, RestoreResult, parse_stamp
+from core.errors import DbopsError
+from core.health import pretty_age, pretty_bytes
+
+if TYPE_CHECKING:
+    from slack_bolt.async_app import AsyncAck, AsyncApp
+
+    from bot.app import Services
+
+log = logging.getLogger("dbops.restore")
+
+FORM_ID = "db_restore"  # the modal's callback_id
+BACKUP_BLOCK, BACKUP_ACTION = "backup", "backup"
+NAME_BLOCK, NAME_ACTION = "confirm", "typed"
+OPTIONS_MAX = 100  # Slack's limit for a static select
+OPTION_TEXT_MAX = 75
+
+
+def _backup(value: str) -> str:
+    stamp = value.upper()
+    parse_stamp(stamp)
+    return stamp
+
+
+def _typed(value: str) -> str:
+    """The name typed to confirm: kept as typed (core compares it exactly), printable, short."""
+    value = value.strip()
+    if not value or len(value) > 100 or not value.isprintable():
+        raise DbopsError("Type the customer's name exactly, as plain text, to confirm.")
+    return value
+
+
+KINDS.setdefault("backup", _backup)
+KINDS.setdefault("typed", _typed)
+
+
+# --- what the admin sees before typing the name ------------------------------------------------
+
+
+def _verdict(b: BackupInfo) -> str:
+    if b.verification is None:
+        return "not restore-tested"
+    return "restore test ok" if b.verified else "restore test FAILED"
+
+
+def _choice(b: BackupInfo, now: datetime) -> str:
+    size = pretty_bytes(b.size_bytes) if b.size_bytes is not None else "size ?"
+    return f"{b.stamp} · {pretty_age(b.age_s(now))} old · {size} · {_verdict(b)}"
+
+
+def _facts(p: RestorePreview) -> str:
+    b = p.backup
+    size = pretty_bytes(b.size_bytes) if b.size_bytes is not None else "size unknown"
+    lines = [
+        f"*{escape(p.customer)}* (database `{escape(p.database)}` on *{escape(p.server)}*)",
+        f"From backup `{escape(b.stamp)}`: {pretty_age(p.age_s)} old, {size}, {_verdict(b)}.",
+        "The backup is restored into a new database and checked (row counts) first; then the "
+        "customer's connections are ended and the names swapped. The current database is kept, "
+        "renamed with the time, closed to connections.",
+    ]
+    lines += [f":warning: {escape(w)}" for w in p.warnings]
+    return "\n".join(lines)
+
+
+def restore_view(p: RestorePreview, now: datetime) -> dict[str, Any]:
+    """The modal: the facts, the backup to restore (newest restore-tested preselected), and the
+    customer's name to type. The bot adds where to answer to ``private_metadata`` when it opens."""
+    options = [
+        Option(value=b.stamp, text=PlainTextObject(text=_choice(b, now)[:OPTION_TEXT_MAX]))
+        for b in p.choices[:OPTIONS_MAX]
+    ]
+    chosen = next((o for o in options if o.value == p.backup.stamp), None)
+    if chosen is None:  # the preview's backup is always a choice; be safe if not
+        chosen = Option(
+            value=p.backup.stamp, text=PlainTextObject(text=_choice(p.backup, now)[:75])
+        )
+        options = [chosen, *options][:OPTIONS_MAX]
+    view = View(
+        type="modal",
+        callback_id=FORM_ID,
+        title=PlainTextObject(text="Restore a database"),
+        submit=PlainTextObject(text="Restore"),
+        close=PlainTextObject(text="Cancel"),
+        private_metadata=json.dumps({"customer": p.customer}),
+        blocks=[
+            SectionBlock(text=MarkdownTextObject(text=blocks.clip(_facts(p), 3000))),
+            InputBlock(
+                block_id=BACKUP_BLOCK,
+                label=PlainTextObject(text="Backup"),
+                element=StaticSelectElement(
+                    action_id=BACKUP_ACTION, options=options, initial_option=chosen
+                ),
+            ),
+            InputBlock(
+                block_id=NAME_BLOCK,
+                label=PlainTextObject(text=f"Type {p.customer} to confirm"),
+                element=PlainTextInputElement(
+                    action_id=NAME_ACTION,
+                    placeholder=PlainTextObject(text=p.customer),
+                    max_length=100,
+                ),
+                hint=PlainTextObject(text="The customer's name, exactly as it is spelled."),
+            ),
+        ],
+    )
+    return view.to_dict()
+
+
+def _preview_reply(p: RestorePreview) -> Reply:
+    now = datetime.now(UTC)
+    line = f"/db restore {p.customer} {p.backup.stamp} --confirm {p.customer}"
+    others = [b for b in p.choices if b.stamp != p.backup.stamp][:5]
+    more = "\n".join(f"• `{escape(_choice(b, now))}`" for b in others)
+    body = _facts(p) + (f"\nOther backups:\n{more}" if more else "")
+    return Reply(
+        text=f"Restore {p.customer} from {p.backup.stamp}? Type: {line}",
+        blocks=[
+            blocks.header(f"Restore {p.customer}?"),
+            *blocks.text_sections(body),
+            blocks.section(f"To go ahead, type the customer's name in the command:\n`{line}`"),
+        ],
+        view=restore_view(p, now),
+    )
+
+
+def _done_reply(r: RestoreResult, actor: str) -> Reply:
+    who = f"<@{actor}>" if actor.startswith("U") and actor.isalnum() else escape(actor)
+    reload = "; pgBouncer reloaded" if r.pgbouncer_reloaded else ""
+    return Reply(
+        text=f"Restored {r.customer} from {r.backup}: {r.tables} tables, {r.rows:,} rows.",
+        blocks=[
+            blocks.section(
+                f":rewind: {who} restored *{escape(r.customer)}* on *{escape(r.server)}* "
+                f"from backup `{escape(r.backup)}` in {r.duration_s:.1f} s: "
+                f"{r.tables} tables, {r.rows:,} rows, counts checked against the dump{reload}."
+            ),
+            blocks.context(
+                f"The database it replaced is kept as `{escape(r.kept_as)}` (no connections). "
+                f"Steps: {escape(' → '.join(r.steps))}. `/db log {escape(r.customer)}` has each."
+            ),
+        ],
+        ephemeral=False,
+    )
+
+
+def _restore(call: Call) -> Reply:
+    name = call.arg("customer")
+    backup = call.command.args.get("backup")
+    backups = backups_for(call.ops)
+    if call.command.spec.needs_form(call.command):
+        return _preview_reply(backups.restore_preview(name, backup))
+    try:
+        result = backups.restore(name, backup, call.arg("confirm"), call.actor)
+    except RestoreFailed as exc:
+        kept = {
+            "untouched": "is untouched and serving",
+            "swapped back": "was swapped back and is serving",
+        }.get(exc.original, f"is {exc.original}")
+        raise DbopsError(
+            f"The restore of {name} stopped at {exc.step}: {exc.message} Its database {kept}.",
+            hint=f"`/db log {name}` has each step.",
+        ) from None
+    return _done_reply(result, call.actor)
+
+
+REGISTRY.add(
+    Spec(
+        "restore",
+        "restore a customer's database from a backup (asks for the name typed out)",
+        _restore,
+        (
+            Arg("customer", "customer"),
+            Arg("backup", "backup", optional=True),
+            Arg("confirm", "typed", optional=True, flag=True, metavar="customer"),
+        ),
+        role=Role.ADMIN,
+        button="Restore…",
+        form="confirm",
+    )
+)
+
+
+# --- the modal's submit --------------------------------------------------------------------------
+
+
+def _metadata(view: dict[str, Any]) -> dict[str, Any]:
+    try:
+        data = json.loads(view.get("private_metadata") or "{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _state(view: dict[str, Any], block: str, action: str) -> dict[str, Any]:
+    values = ((view.get("state") or {}).get("values") or {}).get(block) or {}
+    found = values.get(action)
+    return found if isinstance(found, dict) else {}
+
+
+def progress_view(customer: str, backup: str, channel: str | None) -> dict[str, Any]:
+    where = f"<#{channel}>" if channel and channel.isalnum() else "the channel"
+    return View(
+        type="modal",
+        title=PlainTextObject(text="Restoring"),
+        close=PlainTextObject(text="Close"),
+        blocks=[
+            SectionBlock(
+                text=MarkdownTextObject(
+                    text=f":hourglass_flowing_sand: Restoring *{escape(customer)}* from "
+                    f"`{escape(backup)}`. The result is posted in {where}; you can close this."
+                )
+            )
+        ],
+    ).to_dict()
+
+
+def register(app: AsyncApp, services: Services) -> list[str]:
+    """The restore modal's submit: check the typed name now (Slack keeps the modal open with
+    the error), then run the restore after the ack like any command."""
+
+    async def submitted(ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
+        user = str((body.get("user") or {}).get("id", ""))
+        meta = _metadata(view)
+        customer = str(meta.get("customer") or "")
+        option = _state(view, BACKUP_BLOCK, BACKUP_ACTION).get("selected_option") or {}
+        backup = str(option.get("value") or "")
+        typed = str(_state(view, NAME_BLOCK, NAME_ACTION).get("value") or "").strip()
+        if not customer or typed != customer:
+            await ack(
+                response_action="errors",
+                errors={NAME_BLOCK: f"That is not {customer!r}; type the name exactly to restore."},
+            )
+            payload = {"form": FORM_ID, "typed": shown(typed), "backup": backup[:40]}
+            await asyncio.get_running_loop().run_in_executor(
+                services.background.pool,
+                lambda: services.router.events.append(
+                    "restore.refused", customer or None, payload, actor=user
+                ),
+            )
+            return
+        channel = meta.get("channel") if isinstance(meta.get("channel"), str) else None
+        await ack(response_action="update", view=progress_view(customer, backup, channel))
+        url = meta.get("response_url") if isinstance(meta.get("response_url"), str) else None
+        services.background.submit(
+            Invocation(
+                actor=user,
+                surface="slack",
+                text=f"restore {customer} {backup} --confirm {typed}",
+                channel=channel,
+                delivery=f"form:{view.get('id') or body.get('trigger_id')}",
+                form=FORM_ID,
+            ),
+            Destination(url, channel, user),
+        )
+
+    app.view(FORM_ID)(submitted)
+    return [FORM_ID]
