@@ -66,6 +66,7 @@ HEALTH_SEVERITY: dict[str, Severity] = {
     "prepared_txns": "P1",
     "backup_age": "P2",
     "logfile": "P2",
+    "last_vacuum": "P3",  # worth a look in working hours, not a page
 }
 
 # Alertmanager's body is at most this big; more is refused before it is parsed.

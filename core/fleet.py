@@ -126,6 +126,7 @@ DEFAULT_THRESHOLDS: dict[str, dict[str, Any]] = {
     "disk_space": {"warn": "90%", "crit": "95%"},
     "hitratio": {"warn": "90%", "crit": "80%"},
     "database_size": {"warn": "10G", "crit": "20G"},
+    "last_vacuum": {"warn": "1d", "crit": "2d"},
     "logfile": {"warn": 1, "crit": 10},
     "backup_age": {"warn": "26h", "crit": "50h"},
 }

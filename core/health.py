@@ -12,7 +12,8 @@ How a sweep talks to a server, and why:
   go in one pipeline (one round trip), locks first: in autocommit a pipeline is one implicit
   transaction, and the lock count must see only the lock its own statement takes, as
   check_postgres's does.
-* One short connection per customer database for ``connection`` (connect_timeout small).
+* One short connection per customer database for ``connection`` (connect_timeout small),
+  which then asks for ``last_vacuum``'s figures: one more query, no other connection.
 * Every connection says application_name=dbops-health and carries statement_timeout and
   lock_timeout as startup options, so no health query can hang on a lock or run away. Our own
   probes are left out of backends, activity, locks and the log.
@@ -69,7 +70,14 @@ SERVER_CHECKS = (
     "pgbouncer",
 )
 CLUSTER_CHECKS = SERVER_CHECKS[1:8]
-DATABASE_CHECKS = ("connection", "database_size", "hitratio", "backup_age", "backup_verified")
+DATABASE_CHECKS = (
+    "connection",
+    "database_size",
+    "hitratio",
+    "last_vacuum",
+    "backup_age",
+    "backup_verified",
+)
 
 # Below this many block reads since the statistics reset a hit ratio says nothing: a database
 # that was just created or restored reads everything from disk once.
@@ -90,7 +98,7 @@ LOG_LINES_THAT_MATTER = (
     "could not fsync",
 )
 # Probes per server at a time: enough that a typical server's databases are probed in one wave
-# (each probe is 3-4 round trips), few enough to leave max_connections alone.
+# (each probe is 4-5 round trips), few enough to leave max_connections alone.
 PROBES_PER_SERVER = 16
 
 
@@ -301,6 +309,25 @@ ORDER BY d.datname
 """
 
 
+# check_last_vacuum_analyze's query, aggregated in SQL to one row (a customer database may hold
+# thousands of tables): its tables are every ordinary table outside information_schema, less
+# pg_catalog here (see check_last_vacuum); a table's time is the later of its last manual and
+# last automatic vacuum; ages rounded to whole seconds in SQL, as check_postgres does.
+LAST_VACUUM_SQL = """
+SELECT current_database(), count(*) AS tables, count(*) FILTER (WHERE v IS NULL) AS never,
+  (array_agg(quote_ident(nspname) || '.' || quote_ident(relname) ORDER BY v, relname)
+     FILTER (WHERE v IS NOT NULL))[1] AS oldest,
+  round(extract(epoch FROM now() - min(v)))::bigint AS age_s,
+  (SELECT stats_reset FROM pg_stat_database WHERE datname = current_database()) AS stats_reset
+FROM (
+  SELECT n.nspname, c.relname,
+    GREATEST(pg_stat_get_last_vacuum_time(c.oid), pg_stat_get_last_autovacuum_time(c.oid)) AS v
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE c.relkind = 'r' AND n.nspname NOT IN ('information_schema', 'pg_catalog')
+) AS t
+"""
+
+
 @dataclass(frozen=True)
 class Activity:
     pid: int
@@ -366,22 +393,46 @@ def fetch_cluster(server: Server, limits: Limits) -> ClusterStats:
 
 
 @dataclass(frozen=True)
+class VacuumStats:
+    """One database's row of LAST_VACUUM_SQL."""
+
+    datname: str
+    tables: int
+    never: int  # tables with no vacuum on record
+    oldest: str | None  # schema.table whose last vacuum is the oldest, if any has one
+    age_s: int | None  # seconds since that vacuum
+    stats_reset: datetime | None
+
+
+@dataclass(frozen=True)
 class Probe:
     ok: bool
     ms: int
     error: str = ""
+    vacuum: VacuumStats | None = None
+    vacuum_error: str = ""
 
 
 def probe_database(server: Server, database: str, limits: Limits) -> Probe:
-    """check_postgres's connection: connect to the database and run SELECT version()."""
+    """check_postgres's connection: connect to the database and run SELECT version().
+
+    Then, on the same connection, last_vacuum's query; its failure is last_vacuum's, not the
+    connection's. ``ms`` is the connection check's time, without that query.
+    """
     started = time.monotonic()
     try:
         conninfo = health_conninfo(server.dsn, limits, dbname=database)
         with psycopg.connect(conninfo, autocommit=True) as conn:  # no BEGIN round trip
             conn.execute("SELECT version()").fetchone()
+            ms = int((time.monotonic() - started) * 1000)
+            try:
+                row = conn.execute(LAST_VACUUM_SQL).fetchone()
+            except psycopg.Error as exc:
+                return Probe(True, ms, vacuum_error=pg_error_text(exc))
     except psycopg.Error as exc:
         return Probe(False, int((time.monotonic() - started) * 1000), pg_error_text(exc))
-    return Probe(True, int((time.monotonic() - started) * 1000))
+    vacuum = VacuumStats(*row) if row else None
+    return Probe(True, ms, vacuum=vacuum, vacuum_error="" if row else "no answer to the query")
 
 
 # --- cluster checks (pure: stats + thresholds -> Check) --------------------------------------
@@ -687,6 +738,63 @@ def check_hitratio(db: DatabaseStats | None, warn: object, crit: object) -> Chec
         "crit" if c is not None and ratio <= c else "warn" if w is not None and ratio <= w else "ok"
     )
     return Check(name, verdict, int(ratio), w, c, f"{ratio:.2f}% of {reads} block reads from cache")
+
+
+def check_last_vacuum(
+    vac: VacuumStats | None, warn: object, crit: object, error: str = ""
+) -> Check:
+    """check_postgres's last_vacuum: the longest time since any one table was last vacuumed.
+
+    As check_last_vacuum_analyze (check_postgres 2.25) does it, per database:
+
+    * a table's time is the later of its last manual VACUUM and its last autovacuum;
+    * the tables are the ordinary ones (relkind 'r'; not TOAST, views, materialized views or
+      partitioned parents) outside information_schema;
+    * a table never vacuumed (no time on record) is passed over, and when no table has a time
+      the answer is UNKNOWN ("No matching tables have ever been vacuumed");
+    * the age is ``round(now() - time)`` in seconds, compared with ``>=``, critical first;
+      defaults 1 day and 2 days; a warning above the critical is refused.
+
+    Deliberately unlike it: system catalogs (pg_catalog) are left out, as check_postgres's
+    ``--exclude=pg_catalog.`` would. By default it counts them, and the shared ones (pg_authid,
+    pg_database, ...) carry the same vacuum time in every database of a cluster: vacuumed once at
+    initdb or by a ``vacuumdb --all``, and rarely again since they hardly change, they would make
+    every database on a server crit two days later whatever its own tables are doing. What a
+    customer's tables are doing is the question here. With ``--exclude`` check_postgres also
+    says UNKNOWN when the oldest time rounds to 0 seconds (its ``$maxtime < 1`` on a skipped
+    row); we do not copy that: a table vacuumed this instant is ok.
+
+    Unknown, with the reason, where nothing can be measured: the database not answering, no
+    user tables, or no vacuum on record (never run, or the statistics were reset or lost).
+    """
+    name = "last_vacuum"
+    try:
+        w = parse_seconds(warn, name) if warn not in (None, "") else None
+        c = parse_seconds(crit, name) if crit not in (None, "") else None
+    except BadThreshold as exc:
+        return _unknown(name, exc)
+    sw = int(w) if w is not None else None
+    sc = int(c) if c is not None else None
+    if w is not None and c is not None and w > c:
+        return Check(name, "unknown", None, sw, sc, f"warning {warn} is above critical {crit}")
+    if vac is None:
+        return Check(name, "unknown", None, sw, sc, error or "vacuum times not read")
+    if vac.tables == 0:
+        return Check(name, "unknown", None, sw, sc, f"{vac.datname} has no user tables")
+    if vac.oldest is None or vac.age_s is None:
+        since = (
+            f"since the statistics were reset {vac.stats_reset.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+            if vac.stats_reset is not None
+            else "(never run, or the statistics were lost in a crash)"
+        )
+        tables = "table" if vac.tables == 1 else f"{vac.tables} tables"
+        return Check(name, "unknown", None, sw, sc, f"no vacuum on record of its {tables} {since}")
+    age = max(0, vac.age_s)
+    verdict: Verdict = "crit" if c and age >= c else "warn" if w and age >= w else "ok"
+    detail = f"{vac.oldest} last vacuumed {pretty_age(age)} ago"
+    if vac.never:
+        detail += f"; {vac.never} of {vac.tables} tables never vacuumed"
+    return Check(name, verdict, age, sw, sc, detail)
 
 
 # --- through the runner: disk, log, backups --------------------------------------------------
@@ -1216,6 +1324,12 @@ def finish_server(
             if backups is not None
             else Check("backup_verified", "unknown", detail=f"cannot list backups: {backup_error}")
         )
+        if probe is None or not probe.ok:
+            why = f"database not answering: {probe.error if probe else probe_error}"
+            vacuum = Check("last_vacuum", "unknown", detail=why)
+        else:
+            why = f"cannot read vacuum times: {probe.vacuum_error}"
+            vacuum = check_last_vacuum(probe.vacuum, *_limits(fleet, "last_vacuum"), error=why)
         connections = stats.backends.get(customer.database) if stats else None
         databases.append(
             DatabaseHealth(
@@ -1226,7 +1340,7 @@ def finish_server(
                 size_bytes=db.size_bytes if db else None,
                 last_backup_at=last,
                 connections=connections,
-                checks=[conn, size, ratio, age, verified],
+                checks=[conn, size, ratio, vacuum, age, verified],
             )
         )
     return ServerHealth(

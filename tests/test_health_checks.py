@@ -120,6 +120,8 @@ def test_db_down_is_crit_then_ok(
     assert "127.0.0.1" not in conn.detail  # no host or port in what users see
     assert not next(d for d in where.databases if d.customer == "acme").online
     assert check(where, "connection").verdict == "ok"  # the cluster itself is fine
+    vacuum = check(where, "last_vacuum", "acme")
+    assert vacuum.verdict == "unknown" and "database not answering" in vacuum.detail
     sandbox.heal(sandbox_dir)
     all_ok(sweep(acme_server))
 
@@ -363,3 +365,44 @@ def test_txn_idle_without_pg_monitor_is_unknown() -> None:
     hidden = health.Activity(7, None, None, None, "<insufficient privilege>", 0, 0, False, False)
     got = health.check_txn_idle(stats(activity=[hidden]), "1s", "1h")
     assert got.verdict == "unknown" and "pg_monitor" in got.detail
+
+
+def vacuumed(age_s: int | None, tables: int = 2, never: int = 0, **kw: Any) -> health.VacuumStats:
+    oldest = "public.orders" if age_s is not None else None
+    return health.VacuumStats("acme", tables, never, oldest, age_s, kw.get("stats_reset"))
+
+
+@pytest.mark.parametrize(
+    ("age", "verdict"),
+    [(0, "ok"), (86_399, "ok"), (86_400, "warn"), (172_799, "warn"), (172_800, "crit")],
+)
+def test_last_vacuum_boundaries_at_check_postgres_defaults(age: int, verdict: str) -> None:
+    got = health.check_last_vacuum(vacuumed(age), "1d", "2d")
+    assert (got.verdict, got.value, got.warn, got.crit) == (verdict, age, 86_400, 172_800)
+    assert got.detail.startswith("public.orders last vacuumed ")
+
+
+def test_last_vacuum_passes_over_tables_never_vacuumed() -> None:
+    got = health.check_last_vacuum(vacuumed(10_800, tables=5, never=3), "1d", "2d")
+    assert got.verdict == "ok" and got.value == 10_800
+    assert got.detail == "public.orders last vacuumed 3h00m ago; 3 of 5 tables never vacuumed"
+
+
+def test_last_vacuum_unknown_where_nothing_can_be_measured() -> None:
+    never = health.check_last_vacuum(vacuumed(None, tables=2, never=2), "1d", "2d")
+    assert never.verdict == "unknown" and never.value is None
+    assert "no vacuum on record of its 2 tables" in never.detail
+    reset = datetime(2026, 11, 22, 7, 30, tzinfo=UTC)
+    after_reset = health.check_last_vacuum(vacuumed(None, never=2, stats_reset=reset), "1d", "2d")
+    assert "statistics were reset 2026-11-22 07:30 UTC" in after_reset.detail
+    empty = health.check_last_vacuum(vacuumed(None, tables=0), "1d", "2d")
+    assert empty.verdict == "unknown" and empty.detail == "acme has no user tables"
+    silent = health.check_last_vacuum(None, "1d", "2d", error="database not answering: x")
+    assert silent.verdict == "unknown" and silent.detail == "database not answering: x"
+
+
+def test_last_vacuum_thresholds_read_as_check_postgres() -> None:
+    assert health.check_last_vacuum(vacuumed(90), "1 minute", 120).verdict == "warn"
+    assert health.check_last_vacuum(vacuumed(90), "soon", "2d").verdict == "unknown"
+    upside_down = health.check_last_vacuum(vacuumed(90), "2d", "1d")
+    assert upside_down.verdict == "unknown" and "above critical" in upside_down.detail

@@ -1,5 +1,5 @@
 """check_postgres is the oracle: on the same cluster, in the same state, with the same thresholds,
-our verdict for connection, backends, txn_idle, locks and prepared_txns is the one
+our verdict for connection, backends, txn_idle, locks, prepared_txns and last_vacuum is the one
 `check_postgres --action=X` gives (exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
 
 Each state is a sandbox fault on acme's server (or none); the fault is healed afterwards.
@@ -30,18 +30,24 @@ THRESHOLDS: dict[str, tuple[str, str] | None] = {
     "txn_idle": ("1s", "1h"),
     "locks": ("2", "100"),
     "prepared_txns": ("1", "30"),
+    "last_vacuum": ("1d", "2d"),
 }
+# Ours leaves the system catalogs out of last_vacuum (see health.check_last_vacuum); this is how
+# check_postgres is told the same.
+OPTIONS: dict[str, list[str]] = {"last_vacuum": ["--exclude=pg_catalog."]}
 
 pytestmark = pytest.mark.skipif(
     not Path(CHECK_POSTGRES).exists(), reason="check_postgres (Debian check-postgres) missing"
 )
 
 
-def oracle(port: int, action: str, dbname: str = "postgres") -> tuple[str, str]:
+def oracle(
+    port: int, action: str, dbname: str = "postgres", limits: tuple[str, str] | None = None
+) -> tuple[str, str]:
     argv = [CHECK_POSTGRES, "--no-check_postgresrc", f"--action={action}", "--host=127.0.0.1",
             f"--port={port}", "--dbuser=dbops_monitor", f"--dbname={dbname}",
-            "--timeout=10"]  # fmt: skip
-    limits = THRESHOLDS[action]
+            "--timeout=10", *OPTIONS.get(action, [])]  # fmt: skip
+    limits = limits or THRESHOLDS[action]
     if limits is not None:
         argv += [f"--warning={limits[0]}", f"--critical={limits[1]}"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -157,3 +163,70 @@ def test_prepared_transaction(fleet: Fleet, acme: tuple[Server, int]) -> None:
         finally:
             conn.execute(f"ROLLBACK PREPARED '{gid}'")
     assert agree(fleet, server, port, [("prepared_txns", "postgres")]) == ["ok"]
+
+
+# --- last_vacuum: per database, on the probe's connection --------------------------------------
+
+
+def our_last_vacuum(server: Server, dbname: str, limits: tuple[str, str]) -> health.Check:
+    probe = health.probe_database(server, dbname, health.Limits())
+    return health.check_last_vacuum(probe.vacuum, *limits, error=probe.vacuum_error or probe.error)
+
+
+def agree_last_vacuum(server: Server, port: int, dbname: str, limits: tuple[str, str]) -> str:
+    mine = our_last_vacuum(server, dbname, limits)
+    theirs, said = oracle(port, "last_vacuum", dbname, limits)
+    assert mine.verdict == theirs, f"last_vacuum on {dbname}: ours {mine}, check_postgres {said}"
+    return mine.verdict
+
+
+def vacuum_acme(server: Server, *statements: str) -> None:
+    admin = psycopg.conninfo.make_conninfo(server.admin_dsn or server.dsn, dbname="acme")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def aged(server: Server, limits: tuple[str, str], seconds: int, verdict: str = "") -> health.Check:
+    """Poll ours until acme's oldest vacuum is ``seconds`` old (and, given one, at ``verdict``)."""
+    deadline = time.monotonic() + seconds + 5
+    while True:
+        got = our_last_vacuum(server, "acme", limits)
+        old = isinstance(got.value, int) and got.value >= seconds
+        if old and (not verdict or got.verdict == verdict):
+            return got
+        assert time.monotonic() < deadline, f"acme's last vacuum never aged: {got}"
+        time.sleep(0.2)
+
+
+def test_last_vacuum_just_vacuumed_then_warn_then_crit(acme: tuple[Server, int]) -> None:
+    server, port = acme
+    defaults = THRESHOLDS["last_vacuum"]
+    assert defaults is not None
+    vacuum_acme(server, "VACUUM accounts, orders")
+    # check_postgres --exclude calls an age that rounds to 0s unknown: a second, and it is ok.
+    got = aged(server, defaults, 1)
+    assert got.verdict == "ok" and "last vacuumed" in got.detail, got
+    assert agree_last_vacuum(server, port, "acme", defaults) == "ok"
+    assert agree_last_vacuum(server, port, "acme", ("1s", "1h")) == "warn"
+    aged(server, ("1s", "2s"), 2, "crit")
+    assert agree_last_vacuum(server, port, "acme", ("1s", "2s")) == "crit"
+
+
+def test_last_vacuum_unknown_without_tables_or_after_a_stats_reset(
+    acme: tuple[Server, int],
+) -> None:
+    server, port = acme
+    limits = THRESHOLDS["last_vacuum"]
+    assert limits is not None
+    # The sandbox's postgres database holds no user tables.
+    assert agree_last_vacuum(server, port, "postgres", limits) == "unknown"
+    vacuum_acme(server, "SELECT pg_stat_reset()")
+    try:
+        got = our_last_vacuum(server, "acme", limits)
+        assert got.verdict == "unknown" and "statistics were reset" in got.detail, got
+        assert agree_last_vacuum(server, port, "acme", limits) == "unknown"
+    finally:
+        vacuum_acme(server, "VACUUM ANALYZE accounts, orders")  # as the sandbox seeded it
+    aged(server, limits, 1)
+    assert agree_last_vacuum(server, port, "acme", limits) == "ok"

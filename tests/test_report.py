@@ -34,6 +34,10 @@ DATABASE_KEYS = {
 SUMMARY_KEYS = {"servers_up", "servers_total", "databases_online", "databases_total", "backups_ok",
                 "verdict"}  # fmt: skip
 CHECK_KEYS = {"name", "verdict", "value", "warn", "crit", "detail"}
+# Each database's checks, in order: DESIGN.md's check_postgres actions that look at a database,
+# then ours.
+DATABASE_CHECKS = ["connection", "database_size", "hitratio", "last_vacuum", "backup_age",
+                   "backup_verified"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +81,7 @@ def test_report_json_is_designs_shape(report: Callable[..., dict[str, Any]]) -> 
     assert set(got["summary"]) == SUMMARY_KEYS
     checks = [c for e in got["servers"] + got["databases"] for c in e["checks"]]
     assert all(set(c) == CHECK_KEYS for c in checks)
+    assert all([c["name"] for c in d["checks"]] == DATABASE_CHECKS for d in got["databases"])
     assert {c["verdict"] for c in checks} <= {"ok", "warn", "crit", "unknown"}
     assert floats_in(got) == []
     assert json.loads(json.dumps(got)) == got
@@ -95,6 +100,8 @@ def test_healthy_fleet_summary(report: Callable[..., dict[str, Any]]) -> None:
     acme = next(d for d in got["databases"] if d["customer"] == "acme")
     assert acme["online"] and acme["size_bytes"] > 0
     assert acme["last_backup_at"].endswith("Z")
+    vacuum = next(c for c in acme["checks"] if c["name"] == "last_vacuum")
+    assert isinstance(vacuum["value"], int) and (vacuum["warn"], vacuum["crit"]) == (86400, 172800)
     # Not faked: these arrive with later work and say so.
     unknown = {c["name"] for e in got["servers"] + got["databases"] for c in e["checks"]
                if c["verdict"] == "unknown"}  # fmt: skip
