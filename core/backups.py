@@ -1509,6 +1509,11 @@ class Backups(FleetAccess):
             if mismatches:
                 raise DbopsError("row counts differ after restore: " + "; ".join(mismatches[:5]))
             step("verified", tables=len(found), rows=sum(found.values()))
+            current = "analyze"
+            # pg_restore leaves no planner statistics and no vacuum on record: without this the
+            # customer's first queries are planned blind and last_vacuum reads unknown.
+            run_sql(runner, server, "VACUUM (ANALYZE)", dbname=new, timeout=RESTORE_TIMEOUT_S)
+            step("analyzed")
             current = "settings"
             self._copy_database_settings(runner, server, db, new)
             step("settings_copied")

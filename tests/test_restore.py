@@ -105,11 +105,18 @@ def test_restore_end_to_end_as_the_modal_submits_it(backups: Backups, customer: 
 
     assert result.backup == taken.stamp and result.rows == sum(EXPECTED_ROWS.values())
     assert result.steps == [
-        "checked", "created", "restored", "verified", "settings_copied",
+        "checked", "created", "restored", "verified", "analyzed", "settings_copied",
         "connections_ended", "swapped",
     ]  # fmt: skip
     # The customer's database is the backup's again, under its own name, for its own role.
     assert live_counts(customer.conninfo) == EXPECTED_ROWS
+    # ...vacuumed and analyzed: the planner has statistics from the first query on.
+    stats = query(
+        customer.conninfo,
+        "SELECT relname, last_vacuum IS NOT NULL, last_analyze IS NOT NULL"
+        " FROM pg_stat_user_tables WHERE relname IN ('accounts', 'orders') ORDER BY 1",
+    )
+    assert stats == [("accounts", True, True), ("orders", True, True)]
     now = database(customer)
     assert now is not None and before is not None
     assert now["oid"] != before["oid"] and now["allow"] and now["owner"] == customer.name
