@@ -4,9 +4,10 @@ event ("message.sent" with where it went, never its body's secrets: the event lo
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
@@ -14,10 +15,18 @@ from slack_sdk.http_retry.builtin_handlers import (
     ConnectionErrorRetryHandler,
     RateLimitErrorRetryHandler,
 )
+from slack_sdk.models.blocks import ButtonElement
 
+from bot import blocks
+from core.errors import DbopsError
 from core.notify import Message, MessageRef, NotifyError
 from core.settings import Settings
 from storage.events import EventLog
+
+if TYPE_CHECKING:
+    from bot.router import Registry
+
+log = logging.getLogger("dbops.notifier")
 
 # Errors no retry can fix: the caller should not try again.
 PERMANENT = {
@@ -48,12 +57,30 @@ def web_client(settings: Settings) -> WebClient:
     )
 
 
-class SlackNotifier:
-    """chat.postMessage / chat.update / conversations.open over the Web API."""
+def _ack_target(meta: dict[str, Any] | None) -> int | None:
+    """The incident a message offers to ack: core's ``{"incident": 12, "actions": ["ack"]}``."""
+    if not meta or "ack" not in (meta.get("actions") or ()):
+        return None
+    incident = meta.get("incident")
+    if isinstance(incident, bool) or not isinstance(incident, int) or incident <= 0:
+        return None
+    return incident
 
-    def __init__(self, client: WebClient, events: EventLog | None = None) -> None:
+
+class SlackNotifier:
+    """chat.postMessage / chat.update / conversations.open over the Web API.
+
+    A message whose meta offers the ack action (an escalation page) gets an Ack button, made by
+    the router's registry so a press runs `/db incident ack N` with its role check. The text
+    stays as it was, typed command and all: it is what a phone's notification shows.
+    """
+
+    def __init__(
+        self, client: WebClient, events: EventLog | None = None, *, registry: Registry | None = None
+    ) -> None:
         self.client = client
         self.events = events
+        self._registry = registry
         self._dm_channels: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -82,7 +109,37 @@ class SlackNotifier:
         body: dict[str, Any] = {"text": message.text}
         if message.blocks:
             body["blocks"] = message.blocks
+        incident = _ack_target(message.meta)
+        if incident is not None:
+            button = self._ack_button(incident)
+            if button is not None:
+                # With blocks, Slack shows them and keeps ``text`` for notifications: the words
+                # go in a section, so nothing is lost on screen.
+                head = list(message.blocks or [blocks.section(message.text).to_dict()])
+                if len(head) < blocks.MAX_BLOCKS:
+                    body["blocks"] = [*head, blocks.actions([button]).to_dict()]
         return body
+
+    def _ack_button(self, incident: int) -> ButtonElement | None:
+        """The Ack button for ``incident``, or None: a button must never cost a page, and the
+        page's text still says the command to type.
+
+        The router is imported here, not at the top: bot.incident_commands (which registers
+        `incident ack`) imports this module."""
+        try:
+            registry = self._registry
+            if registry is None:
+                from bot.router import REGISTRY
+
+                if REGISTRY.get("incident ack") is None:
+                    import bot.incident_commands  # noqa: F401  (registers `incident ack`)
+                registry = REGISTRY
+            return registry.button(f"incident ack {incident}")
+        except (DbopsError, ValueError) as exc:
+            log.warning("no Ack button for inc-%s: %s", incident, exc)
+        except Exception:
+            log.exception("no Ack button for inc-%s", incident)
+        return None
 
     def dm(self, user: str, message: Message) -> MessageRef:
         with self._lock:

@@ -284,12 +284,20 @@ def _who(user: str | None) -> str:
     return f"<@{user}>" if user else "nobody"
 
 
+_ANGLES = str.maketrans({"<": "\u2039", ">": "\u203a"})  # single angle quotation marks
+
+
 def page_text(inc: Any, timer: Timer, now: datetime, oncall: OnCallNow | None = None) -> str:
     """The words of a page. ``inc`` is an IncidentRow-like object."""
     opened = aware(inc.opened_at) or now
     age = _ago((now - opened).total_seconds())
     where = ", ".join(inc.customers) if inc.customers else (inc.server or "")
-    head = f"{inc.severity} inc-{inc.id}: {inc.title}" + (f" ({where})" if where else "")
+    # The title comes from whoever opened the incident (an alert's summary): its angle brackets
+    # become look-alikes so `<!channel>` or a link in it is shown as text, never acted on.
+    title = str(inc.title).translate(_ANGLES)
+    head = f"{inc.severity} inc-{inc.id}: {title}" + (
+        f" ({where.translate(_ANGLES)})" if where else ""
+    )
     ack = f"Ack with `/db incident ack {inc.id}`."
     again = f" Page {timer.round + 1}." if timer.round else ""
     if timer.kind == REMINDER:

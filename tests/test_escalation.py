@@ -445,3 +445,20 @@ def test_two_worker_processes_racing_send_each_step_once(engine: Engine, tmp_pat
     lines = _lines(out)
     keys = Counter((m["to"], m["text"]) for m in lines)
     assert len(lines) == len(ids) * 3 and max(keys.values()) == 1
+
+
+def test_a_hostile_title_cannot_ping_or_link_from_a_page(
+    engine: Engine, traveller: time_machine.Traveller
+) -> None:
+    """An alert's summary becomes the incident's title and goes into every page: `<!channel>`
+    or a link in it must reach Slack as text, while the page's own mentions still work."""
+    desk = Desk(engine, fleet_with())
+    desk.open_p0("<!channel> acme down <https://evil.example|click>")
+    traveller.shift(timedelta(minutes=15))
+    desk.pager.tick()
+    texts = [s.message.text for s in desk.notifier.sent if "update" not in s.message.text]
+    assert len(texts) == 3  # primary, secondary, the escalation channel
+    for text in texts:
+        assert "<!channel>" not in text and "<https://evil" not in text
+        assert "\u2039!channel\u203a acme down" in text  # look-alike angle quotes
+    assert f"not acknowledged by <@{ALICE}>" in texts[1]  # our mention is still a mention
