@@ -131,7 +131,7 @@ def webhook_routes(ctx: Context) -> list[BaseRoute]:
     from bot.notifier import ConsoleNotifier, SlackNotifier, web_client
     from bot.provision_commands import onboarding_reply
     from bot.stripe_webhook import stripe_routes
-    from bot.webhooks import alert_desk, alertmanager_routes
+    from bot.webhooks import alert_desk, alertmanager_routes, built_once
     from core.billing import Billing, OnboardingProposal
     from core.provisioning import Provisioner
 
@@ -142,10 +142,12 @@ def webhook_routes(ctx: Context) -> list[BaseRoute]:
         else ConsoleNotifier(events=ctx.events)
     )
 
+    # One Ops (its SSH connections) for both routes, made at the first request that needs it.
+    ops = built_once(lambda: Ops(ctx.fleet, ctx.engine, ctx.events))
+
     def billing() -> Billing:
-        ops = Ops(ctx.fleet, ctx.engine, ctx.events)
         provisioner = Provisioner(
-            ctx.engine, ctx.events, ctx.fleet, ops.runners, smtp_url=settings.smtp_url
+            ctx.engine, ctx.events, ctx.fleet, ops().runners, smtp_url=settings.smtp_url
         )
         return Billing.from_settings(
             settings, ctx.engine, ctx.events, lambda: ctx.fleet, propose=provisioner.propose_server
@@ -160,7 +162,7 @@ def webhook_routes(ctx: Context) -> list[BaseRoute]:
         from bot.incident_commands import announce
 
         try:
-            announce(Ops(ctx.fleet, ctx.engine, ctx.events), incident_id, settings.tz)
+            announce(ops(), incident_id, settings.tz)
         except Exception:
             log.exception("could not post the card of incident %s", incident_id)
 

@@ -15,7 +15,6 @@ is called once, at the first request, and returns a ``core.billing.Billing``
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 
 from starlette.background import BackgroundTask
@@ -24,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bot.webhooks import built_once
 from core.billing import MAX_BODY_BYTES, BadSignature, Billing, OnboardingProposal, Received
 from core.errors import DbopsError
 
@@ -61,14 +61,7 @@ def stripe_routes(
     *,
     path: str = PATH,
 ) -> list[Route]:
-    lock = threading.Lock()
-    made: list[Billing] = []
-
-    def billing() -> Billing:
-        with lock:
-            if not made:
-                made.append(ctx_factory())
-            return made[0]
+    billing = built_once(ctx_factory)
 
     async def receive(request: Request) -> Response:
         b = await run_in_threadpool(billing)

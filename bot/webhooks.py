@@ -22,7 +22,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -117,15 +117,26 @@ def _process(desk: AlertDesk, alerts: Sequence[Alert], delivery: str) -> None:
         log.exception("alertmanager delivery %s failed", delivery)
 
 
-def alertmanager_routes(ctx_factory: Callable[[], AlertDesk], *, path: str = PATH) -> list[Route]:
-    lock = threading.Lock()
-    made: list[AlertDesk] = []
+T = TypeVar("T")
 
-    def desk() -> AlertDesk:
+
+def built_once(factory: Callable[[], T]) -> Callable[[], T]:
+    """``factory``'s result, made at the first call (from whichever thread) and then kept: a
+    route's services are built at its first request, so `dbops serve` starts without them."""
+    lock = threading.Lock()
+    made: list[T] = []
+
+    def get() -> T:
         with lock:
             if not made:
-                made.append(ctx_factory())
+                made.append(factory())
             return made[0]
+
+    return get
+
+
+def alertmanager_routes(ctx_factory: Callable[[], AlertDesk], *, path: str = PATH) -> list[Route]:
+    desk = built_once(ctx_factory)
 
     async def receive(request: Request) -> Response:
         ctx = await run_in_threadpool(desk)

@@ -8,9 +8,7 @@ lists in the shapes of DESIGN.md); nothing here knows about Slack or terminals.
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -20,7 +18,7 @@ from core.customers import Customer, get_customer, list_customers
 from core.errors import DbopsError, NotFound
 from core.fleet import Fleet
 from core.names import not_found, validate_server_name
-from core.remote import RunnerPool
+from core.remote import FleetAccess, RunnerPool
 from core.report import build_report, customer_status
 from storage.events import EventLog, StoredEvent
 
@@ -31,27 +29,24 @@ STATUS_DEADLINE_S = 2.5
 REPORT_DEADLINE_S = 10.0
 
 
-@dataclass
-class Ops:
-    fleet: Fleet
-    engine: Engine
+class Ops(FleetAccess):
+    """The fleet (``fleet``), the customers' database (``engine``), the event log and, built on
+    first use, the runners: one SSH connection per server, every command an event."""
+
     events: EventLog
-    _pool: RunnerPool | None = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    @property
-    def runners(self) -> RunnerPool:
-        with self._lock:
-            if self._pool is None:
-                self._pool = RunnerPool(self.fleet, record=self._record)
-            return self._pool
-
-    def _record(self, kind: str, subject: str, payload: dict[str, Any]) -> None:
-        self.events.append(kind, subject, payload, actor="dbops")
+    def __init__(
+        self, fleet: Fleet, engine: Engine, events: EventLog, runners: RunnerPool | None = None
+    ) -> None:
+        self.engine = engine
+        self.events = events
+        self._init_fleet_access(fleet, runners)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
+        with self._runners_lock:
+            pool, self._runners = self._runners, None
+        if pool is not None:
+            pool.close()
 
     # -- reads -------------------------------------------------------------------------------
 

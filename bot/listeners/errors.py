@@ -17,6 +17,7 @@ from bot.blocks import Reply
 from bot.roles import Denied
 from bot.router import UsageError
 from core.errors import DbopsError
+from storage.group_commit import EventLogUnavailable
 
 if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncApp
@@ -37,6 +38,14 @@ def reply_for(exc: BaseException, *, where: str = "command") -> Reply:
         return render.error_reply(exc, usage=exc.usage, icon=":thinking_face:")
     if isinstance(exc, DbopsError):
         return render.error_reply(exc)
+    if isinstance(exc, EventLogUnavailable):  # nothing unrecorded is run
+        log.error("event log unavailable in %s: %s", where, exc)
+        return render.error_reply(
+            DbopsError(
+                "The event log could not be written, so nothing was done.",
+                hint="Try again in a minute; if it goes on, check the database (DATABASE_URL).",
+            )
+        )
     cid = correlation_id()
     log.error("unexpected error in %s [%s]", where, cid, exc_info=exc)
     return render.internal_error_reply(cid)
