@@ -46,6 +46,7 @@ WORKERS = 16  # threads for core calls (I/O-bound: SSH, libpq) and event-log wri
 DELIVERIES = 8  # replies being sent at once: a read shared by 200 people fans out gently
 QUIET_S = 0.02  # no new request for this long: the acks have passed, the work may start
 MAX_DEFER_S = 1.0  # the longest the work after an ack waits for the acks to pass
+FORM_WAIT_S = 1.2  # a form ready by then opens as it is; later, a placeholder opens first
 
 
 class Quiet:
@@ -114,23 +115,19 @@ class Background:
         await self.quiet.wait()
         loop = asyncio.get_running_loop()
         command: Command | None = None
-        form: str | None = None  # the id of a modal opened for this command
-        title = "dbops"
+        how = ""  # how the reply went out: "form" (a modal), "response_url", "chat"
         try:
             command = await loop.run_in_executor(self.pool, self.router.begin, inv)
             if command is None:
                 log.info("dropped a repeated delivery of %s", inv.delivery)
                 return
             if inv.trigger and command.spec.needs_form(command):
-                title = (command.spec.button or command.spec.name).rstrip("…")
-                form = await self.forms.open(inv.trigger, title, f"`/db {command.line}` …")
-            reply = await self._execute(command, inv.actor)
+                reply, how = await self._form(inv.trigger, command, inv.actor, to)
+            else:
+                reply = await self._execute(command, inv.actor)
         except Exception as exc:
             reply = reply_for(exc)
-        how = ""
-        if form is not None and await self.forms.show(form, reply, to, title):
-            how = "form"
-        else:
+        if not how:
             reply = replace(reply, view=None)
             try:
                 async with self._deliveries:
@@ -152,6 +149,29 @@ class Background:
             events.submit("message.sent", subject, payload, actor="dbops")
         else:
             await asyncio.to_thread(events.append, "message.sent", subject, payload, actor="dbops")
+
+    async def _form(
+        self, trigger: str, command: Command, actor: str, to: Destination
+    ) -> tuple[Reply, str]:
+        """Open the command's form on Slack's trigger, which lasts 3 seconds: the form itself
+        when the command answers within FORM_WAIT_S, else a placeholder at once, filled in when
+        it answers. ``(reply, "form")`` when a modal shows the reply; ``(reply, "")`` when none
+        could (the reply then goes out as a message, which says how to do it by typing). An
+        error before the placeholder opens is a message too."""
+        title = (command.spec.button or command.spec.name).rstrip("…")
+        work = asyncio.ensure_future(self._execute(command, actor))
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(work), FORM_WAIT_S)
+        except TimeoutError:
+            view_id = await self.forms.open(trigger, title, f"`/db {command.line}` …")
+            try:
+                reply = await work
+            except Exception as exc:
+                reply = reply_for(exc)
+            shown = view_id is not None and await self.forms.show(view_id, reply, to, title)
+            return reply, "form" if shown else ""
+        opened = reply.view is not None and await self.forms.open_form(trigger, reply, to)
+        return reply, "form" if opened else ""
 
     async def _execute(self, command: Command, actor: str) -> Reply:
         loop = asyncio.get_running_loop()

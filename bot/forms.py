@@ -1,10 +1,11 @@
 """Slack modals for commands that ask before they act (``Spec.form``: restore's typed name).
 
 Slack's trigger_id is good for 3 seconds, and the form's content (a list of backups read over
-SSH) can take longer. So a placeholder modal is opened with the trigger at once and updated in
-place with the form, or with the error, when the command has answered. Where the modal cannot
-open (an expired trigger), the command's reply goes out as a message instead: it says how to do
-the same by typing.
+SSH) usually takes a fraction of that but can take longer. So the form opens as it is when the
+command answers in time (bot.app.FORM_WAIT_S); otherwise a placeholder modal opens with the
+trigger and is updated in place with the form, or with the error, when the command answers.
+Where no modal can open (an expired trigger), the command's reply goes out as a message
+instead: it says how to do the same by typing.
 """
 
 from __future__ import annotations
@@ -77,6 +78,22 @@ class Forms:
         view = result.get("view") or {}
         view_id = view.get("id") if isinstance(view, dict) else None
         return str(view_id) if view_id else None
+
+    async def open_form(self, trigger: str, reply: Reply, to: Destination) -> bool:
+        """The form (``reply.view``) itself, opened while the trigger is fresh."""
+        if reply.view is None:
+            return False
+        try:
+            result = await self.client.views_open(
+                trigger_id=trigger, view=with_destination(reply.view, to)
+            )
+        except SlackApiError as exc:
+            log.warning("could not open a form: %s", exc.response.get("error"))
+            return False
+        except Exception as exc:
+            log.warning("could not open a form: %s", type(exc).__name__)
+            return False
+        return bool(result.get("ok"))
 
     async def show(self, view_id: str, reply: Reply, to: Destination, title: str) -> bool:
         """The form (``reply.view``) in place of the placeholder, or the reply itself (an error,
