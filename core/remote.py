@@ -283,6 +283,7 @@ class SSHRunner(_RecordingRunner):
         self.connect_timeout = connect_timeout
         self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
+        self._close_pending = False  # close() asked while a connect held the lock
         # sshd allows 10 sessions per connection by default (MaxSessions); stay under it when
         # many threads share this runner.
         self._sessions = threading.BoundedSemaphore(8)
@@ -295,19 +296,31 @@ class SSHRunner(_RecordingRunner):
     def connect(self) -> paramiko.Transport:
         """The live transport, opening (or re-opening after a drop) the connection if needed."""
         with self._lock:
-            client = self._client
-            transport = client.get_transport() if client is not None else None
-            if transport is not None and transport.is_active():
-                return transport
-            if client is not None:
-                client.close()
-                self._client = None
-            self._client = self._open()
-            transport = self._client.get_transport()
-            if transport is None:  # pragma: no cover - connect() returned without a transport
-                raise Unreachable(f"SSH connection to {self.server} closed right after opening.")
-            transport.set_keepalive(15)
+            try:
+                transport = self._connect_locked()
+            finally:
+                # close() was called meanwhile and could not wait for us: close for it.
+                closing, self._close_pending = self._close_pending, False
+                if closing:
+                    self._drop()
+            if closing:
+                raise Unreachable(f"the connection to {self.server} was closed as it opened.")
             return transport
+
+    def _connect_locked(self) -> paramiko.Transport:
+        client = self._client
+        transport = client.get_transport() if client is not None else None
+        if transport is not None and transport.is_active():
+            return transport
+        if client is not None:
+            client.close()
+            self._client = None
+        self._client = self._open()
+        transport = self._client.get_transport()
+        if transport is None:  # pragma: no cover - connect() returned without a transport
+            raise Unreachable(f"SSH connection to {self.server} closed right after opening.")
+        transport.set_keepalive(15)
+        return transport
 
     def _open(self) -> paramiko.SSHClient:
         cfg = self.config
@@ -448,10 +461,20 @@ class SSHRunner(_RecordingRunner):
         return bytes(out), bytes(err), chan.recv_exit_status()
 
     def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+        """Close the connection without waiting on one being opened (a hung server can hold a
+        connect for the whole connect timeout): that connect closes what it opens instead."""
+        self._close_pending = True
+        if self._lock.acquire(timeout=0.2):
+            try:
+                self._close_pending = False
+                self._drop()
+            finally:
+                self._lock.release()
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
 
 def fetch_host_key(host: str, port: int = 22, timeout: float = 5.0) -> paramiko.PKey:

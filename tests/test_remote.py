@@ -411,3 +411,38 @@ def test_runner_pool_keeps_one_runner_per_server(sandbox_fleet: Fleet) -> None:
         assert pool.get("vps2").run(["hostname"]).ok
         with pytest.raises(DbopsError, match="no server 'vps9'"):
             pool.get("vps9")
+
+
+def test_close_does_not_wait_for_a_connect_to_a_hung_server(
+    vps1: Server, sandbox_fleet: Fleet, record: Recorder
+) -> None:
+    """Shutting down (a reload, the end of a scheduler run) must not hang for the connect timeout
+    because one server accepted the TCP connection and then said nothing."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        mute = vps1.model_copy(update={"ssh_port": listener.getsockname()[1]})
+        runner = SSHRunner(mute, sandbox_fleet.known_hosts_path, record=record, connect_timeout=2)
+        outcome: list[BaseException] = []
+
+        def use() -> None:
+            try:
+                runner.run(["true"])
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=use)
+        thread.start()
+        listener.settimeout(5)
+        conn, _ = listener.accept()  # the connect is under way, waiting for a banner
+        with conn:
+            started = time.monotonic()
+            runner.close()
+            assert time.monotonic() - started < 0.5
+            thread.join(10)
+            assert len(outcome) == 1 and isinstance(outcome[0], Unreachable)
+            conn.settimeout(5)
+            said = b""
+            while chunk := conn.recv(4096):  # our client's banner, then the end: closed
+                said += chunk
+            assert said.startswith(b"SSH-2.0-")  # nothing left open behind us
