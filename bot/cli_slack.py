@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -116,6 +117,10 @@ def _demo_context(directory: Path) -> tuple[Context, dict[str, Any]]:
     typer.echo(f"Starting the sandbox fleet in {box} ...")
     state = sandbox.up(box, servers=servers, customers=customers, ssh=ssh)
     settings = Context.load().settings
+    if not settings.smtp_url:
+        # Welcome emails and customer notices go somewhere you can read them. Set in the
+        # environment: the desks that send email read their settings from it.
+        os.environ["SMTP_URL"] = _demo_outbox(base / "outbox")
     ctx = Context.load(
         database_url=f"sqlite:///{base / 'dbops.db'}",
         dbops_fleet=state["fleet"],
@@ -124,6 +129,34 @@ def _demo_context(directory: Path) -> tuple[Context, dict[str, Any]]:
     upgrade(ctx.engine)
     upsert_customers(ctx.engine, [customer_from_mapping(c) for c in state["customers"]])
     return ctx, state
+
+
+def _demo_outbox(outbox: Path) -> str:
+    """A real SMTP server on this machine for the demo's email: each message is saved in
+    ``outbox`` as an .eml file (readable by you alone: a welcome email carries a password).
+    Returns its SMTP_URL; it stops with the process."""
+    import socket
+    import uuid
+
+    from aiosmtpd.controller import Controller
+
+    outbox.mkdir(parents=True, exist_ok=True)
+    outbox.chmod(0o700)
+
+    class Saver:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            path = outbox / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}.eml"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(envelope.original_content)
+            typer.echo(f"(email to {', '.join(envelope.rcpt_tos)} saved in {path})")
+            return "250 saved"
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    Controller(Saver(), hostname="127.0.0.1", port=port).start()
+    return f"smtp://127.0.0.1:{port}?from=dbops-demo@localhost"
 
 
 def _serve_in_background(ctx: Context) -> None:
