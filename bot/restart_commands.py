@@ -84,11 +84,22 @@ def restarted_reply(done: Restarted, actor: str, *, in_thread: bool) -> Reply:
     )
 
 
-def _restart(call: Call) -> Reply:
+def _restarts(call: Call) -> Restarts:
     ops = call.ops
     desk = desk_for(ops)
-    restarts = Restarts(ops.engine, ops.events, ops.fleet, ops.runners, incidents=desk.incidents)
-    done = restarts.restart(call.arg("target"), call.actor)
+    return Restarts(ops.engine, ops.events, ops.fleet, ops.runners, incidents=desk.incidents)
+
+
+def _preflight(call: Call) -> str:
+    """Typed `/db restart X`: the look before its confirmation (refuses at once if healthy)."""
+    target, reason = _restarts(call).check(call.arg("target"), call.actor)
+    named = f"{target.customer} is on {target.server}; " if target.customer else ""
+    return f"{named}{reason}. Restarting {target.server}'s PostgreSQL restarts {target.scope}"
+
+
+def _restart(call: Call) -> Reply:
+    desk = desk_for(call.ops)
+    done = _restarts(call).restart(call.arg("target"), call.actor)
     inc = done.incident
     in_thread = False
     if inc is not None and inc.card_ref is not None:
@@ -108,6 +119,7 @@ SPEC = Spec(
     button="Restart",
     destructive=True,
     public=True,
+    preflight=_preflight,
 )
 
 if REGISTRY.get(SPEC.name) is None:

@@ -147,6 +147,10 @@ class Spec:
     # with a form (``Reply.view``, a Slack modal) instead of acting; the form submits the line
     # back with the flag, through the same parse and role check.
     form: str | None = None
+    # For a destructive command typed rather than pressed: the look before the confirmation
+    # (a sentence on what will happen, or a DbopsError refusing at once, e.g. "nothing to
+    # restart"). Typed, such a command answers with its button; the press runs it.
+    preflight: Callable[[Call], str] | None = None
 
     def needs_form(self, command: Command) -> bool:
         return self.form is not None and self.form not in command.args
@@ -164,6 +168,8 @@ class Spec:
 class Command:
     spec: Spec
     args: Mapping[str, str] = field(default_factory=dict)
+    # Typed (a slash command, a shell line), not pressed: a destructive one asks first.
+    typed: bool = field(default=False, compare=False)
 
     @property
     def line(self) -> str:
@@ -432,14 +438,34 @@ class Router:
             surface=inv.surface,
             subject=command.subject,
         )
-        return command
+        return replace(command, typed=inv.action_id is None and inv.form is None)
 
     def execute(self, command: Command, actor: str) -> Reply:
-        reply = command.spec.handler(Call(command, actor, self))
         spec = command.spec
+        if command.typed and spec.destructive:
+            return self._confirm_first(command, actor)
+        reply = spec.handler(Call(command, actor, self))
         # What a form confirmed (a restore) is news for the channel; the form itself is not.
         public = spec.public or (spec.form is not None and not spec.needs_form(command))
         return replace(reply, ephemeral=not public)
+
+    def _confirm_first(self, command: Command, actor: str) -> Reply:
+        """A destructive command typed: what it will do, and its button (behind Slack's
+        confirm dialog) to do it. Nothing has run; the press goes through the gate again."""
+        spec = command.spec
+        what = spec.preflight(Call(command, actor, self)) if spec.preflight else spec.summary
+        what = what.rstrip(". ")
+        line = command.line
+        return Reply(
+            text=f"/db {line}: {what}. Press {spec.button} to go ahead.",
+            blocks=[
+                blocks.section(
+                    f":warning: `/db {blocks.escape(line)}`: {blocks.escape(what)}.\n"
+                    f"Press *{blocks.escape(spec.button)}* to go ahead (Slack asks once more)."
+                ),
+                blocks.actions([self.registry.button(line)]),
+            ],
+        )
 
     def run(self, inv: Invocation) -> Reply | None:
         command = self.begin(inv)

@@ -120,22 +120,18 @@ class Restarts:
         found.sort(key=lambda i: i.kind != "server_down")  # stable: keeps severity order
         return found[0] if found else None
 
-    def restart(self, name: str, actor: str) -> Restarted:
-        """Restart NAME's server when its PostgreSQL does not answer, then re-check it.
-
-        A DbopsError, and nothing run on the server, when the cluster answers (or cannot be
-        reached, or its disk is full), or when a restart of it is already running.
-        """
+    def check(self, name: str, actor: str) -> tuple[Target, str]:
+        """The look before a restart of NAME's server: its target and why a restart is
+        allowed, or a DbopsError (recorded as ``restart.refused``) saying why not: the cluster
+        answers (or cannot be reached, or its disk is full), or a restart of it is running."""
         target = self.target(name)
-        server = target.server
-        refuse_while_restarting(server)
-        customers = self._customers(target)
+        refuse_while_restarting(target.server)
         (health,) = check_fleet(
             self.fleet,
-            customers,
+            self._customers(target),
             self.runners,
             deadline_s=self.check_deadline_s,
-            servers=[server],
+            servers=[target.server],
             log_window=timedelta(minutes=5),
         )
         pre = restart_precondition(server_json(health))
@@ -143,6 +139,15 @@ class Restarts:
             offline = [d.customer for d in health.databases if not d.online]
             answers = health.postgres == "up"
             raise self._refuse(target, pre.reason, actor, answers=answers, offline=offline)
+        return target, pre.reason
+
+    def restart(self, name: str, actor: str) -> Restarted:
+        """Restart NAME's server when its PostgreSQL does not answer (``check``, again: a
+        confirmation may be minutes old), then re-check it. Nothing runs on the server when
+        the check refuses."""
+        target, reason = self.check(name, actor)
+        server = target.server
+        customers = self._customers(target)
         incident = self.open_incident(server)
         if incident is not None and self.incidents is not None:
             result = self.incidents.restart(
@@ -159,7 +164,7 @@ class Restarts:
                 events=self.events,
                 recheck_s=self.recheck_s,
             )
-        return Restarted(target, pre.reason, incident, result)
+        return Restarted(target, reason, incident, result)
 
     def _customers(self, target: Target) -> list[Customer]:
         return [c for c in list_customers(self.engine, target.server) if c.name in target.customers]

@@ -98,6 +98,27 @@ def press(router: Router, user: str, line: str) -> Reply:
     return contract(reply)
 
 
+def confirmed(router: Router, user: str, line: str) -> Reply:
+    """Type a restart, as an operator does; it answers with what it will do and its button
+    (nothing has run yet); press that, as Slack sends it after its confirm dialog."""
+    before = mark(router)
+    asked = say(router, user, line)
+    (button,) = asked.buttons()
+    assert button.value == parse(line, router.registry).line and button.confirm is not None
+    assert "Restarting" in asked.text and not since(router, before, kind="server.restart")
+    reply = router.run(
+        Invocation(
+            actor=user,
+            surface="slack",
+            action_id=button.action_id,
+            value=button.value,
+            channel=OPS,
+        )
+    )
+    assert reply is not None
+    return contract(reply)
+
+
 def since(router: Router, mark: int, **filters: Any) -> list[StoredEvent]:
     return router.events.query(after_id=mark, limit=1000, **filters)
 
@@ -167,7 +188,7 @@ def test_restart_by_customer_restarts_its_server_and_says_so(
     sandbox_break("server-down", "vps3")
     before = mark(router)
 
-    reply = say(router, ALICE, "restart initech")
+    reply = confirmed(router, ALICE, "restart initech")
 
     shown = str(reply.message()["blocks"])
     assert "answers again" in reply.text, reply.text
@@ -289,7 +310,7 @@ def test_with_an_open_incident_the_restart_is_recorded_on_it(
     assert inc.card_ref is not None and inc.status == "open"
     ts = inc.card_ref.ts
 
-    reply = say(router, ALICE, "restart hooli")
+    reply = confirmed(router, ALICE, "restart hooli")
 
     assert "answers again" in reply.text, reply.text
     assert f"Recorded on *{inc.ref}* (now acknowledged)" in str(reply.message()["blocks"])

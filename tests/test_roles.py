@@ -91,8 +91,14 @@ def test_bob_the_viewer_may_read_but_not_restart(router: Router) -> None:
 
 
 def test_alice_the_operator_and_carol_the_admin_may_restart(router: Router) -> None:
-    router.run(Invocation(ALICE, "shell", text="restart vps1"))
-    router.run(Invocation(CAROL, "shell", text="restart vps2"))
+    for user, server in ((ALICE, "vps1"), (CAROL, "vps2")):
+        # Typed, a destructive command runs nothing: it answers with its red button.
+        asked = router.run(Invocation(user, "shell", text=f"restart {server}"))
+        assert asked is not None and server not in restarted
+        (button,) = asked.buttons()
+        assert button.value == f"restart {server}" and button.confirm is not None
+        assert "Press Restart to go ahead" in asked.text and asked.ephemeral
+        router.run(Invocation(user, "shell", action_id=button.action_id, value=button.value))
     assert restarted == ["vps1", "vps2"]
     assert router.events.query(kind="auth.denied") == []
 
