@@ -130,8 +130,14 @@ def error_reply(exc: DbopsError, *, usage: str | None = None, icon: str = ":warn
         hint=exc.hint,
         usage=usage,
     )
+    # Core names people as <@U123> ("already acknowledged by <@U123>"): shown as the person.
+    # Only user mentions come back; an error is seen by its user alone, so nobody is pinged.
+    body = _ESCAPED_MENTION.sub(r"<@\1>", body)
     text = " ".join(p for p in (exc.message, exc.hint, f"Usage: {usage}" if usage else "") if p)
     return Reply(text=text, blocks=list(blocks.text_sections(body)))
+
+
+_ESCAPED_MENTION = re.compile(r"&lt;@(" + SLACK_USER_ID.strip("^$") + r")&gt;")
 
 
 def internal_error_reply(correlation_id: str) -> Reply:

@@ -239,3 +239,13 @@ def test_a_real_broken_database(ops: Ops, sandbox_break: Any, sandbox: dict[str,
     reply = render.status_reply(ops.status("acme"), TZ)
     check_contract("db-down", reply)
     assert "OFFLINE" in reply.text
+
+
+def test_an_error_names_people_but_never_pings_a_channel() -> None:
+    named = reply_for(DbopsError("inc-3 is already acknowledged by <@U0ALICE>."))
+    section = named.message()["blocks"][0]["text"]["text"]
+    assert "<@U0ALICE>" in section  # shown as the person
+    evil = reply_for(DbopsError("no customer '<!channel> <@U0X|x> <https://evil|y>'."))
+    check_contract("evil-error", evil)
+    body = evil.message()["blocks"][0]["text"]["text"]
+    assert "<!channel>" not in body and "<@U0X|x>" not in body and "<https://evil" not in body
