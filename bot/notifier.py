@@ -162,7 +162,10 @@ class SlackNotifier:
         return ref
 
     def update(self, ref: MessageRef, message: Message) -> None:
-        self._call("chat.update", channel=ref.channel, ts=ref.ts, **self._message(message))
+        body = self._message(message)
+        # chat.update keeps the old blocks when none are sent: a page's Ack button would stay.
+        body.setdefault("blocks", [blocks.section(message.text).to_dict()])
+        self._call("chat.update", channel=ref.channel, ts=ref.ts, **body)
         self._record("update", ref.channel, message, ref.ts)
 
 

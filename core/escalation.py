@@ -45,7 +45,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from core.fleet import Escalation, Fleet
-from core.notify import Message, Notifier, NotifyError
+from core.notify import Message, MessageRef, Notifier, NotifyError
 from core.oncall import OnCallNow, current
 from storage.db import is_sqlite
 from storage.events import EventLog, NewEvent
@@ -282,6 +282,13 @@ def _ago(seconds: float) -> str:
 
 def _who(user: str | None) -> str:
     return f"<@{user}>" if user else "nobody"
+
+
+def _where(ref: MessageRef | None) -> dict[str, Any]:
+    """Where a page landed, for the event: settle_pages rewrites it once someone has it."""
+    if ref is None or not ref.ts:
+        return {}
+    return {"message": {"channel": ref.channel, "ts": ref.ts}}
 
 
 _ANGLES = str.maketrans({"<": "\u2039", ">": "\u203a"})  # single angle quotation marks
@@ -530,16 +537,15 @@ class Escalator:
             if t.target == "channel" and t.kind == PAGE:
                 if channel is None:
                     return self._nobody(t, inc, None, now, "no escalation channel is configured")
-                self.notifier.post(channel, message)
-                kind = "escalation.post"
-                return self._decide(
-                    t, "done", "post", channel, now, event=self._event(t, kind, channel)
-                )
+                ref = self.notifier.post(channel, message)
+                event = self._event(t, "escalation.post", channel, _where(ref))
+                return self._decide(t, "done", "post", channel, now, event=event)
             if user is None:
                 return self._nobody(t, inc, channel, now, f"nobody is on call as {t.target}")
-            self.notifier.dm(user, message)
+            ref = self.notifier.dm(user, message)
             kind = "escalation.reminder" if t.kind == REMINDER else "escalation.dm"
-            return self._decide(t, "done", "dm", user, now, event=self._event(t, kind, user))
+            event = self._event(t, kind, user, _where(ref) if t.kind == PAGE else None)
+            return self._decide(t, "done", "dm", user, now, event=event)
         except NotifyError as exc:
             return self._failed(t, exc, now)
         except Exception as exc:
@@ -559,10 +565,13 @@ class Escalator:
                 f"Ack with `/db incident ack {inc.id}`; set someone with "
                 f"`/db oncall set {role} @user`."
             )
-            self.notifier.post(
+            ref = self.notifier.post(
                 channel, Message(text, meta={"incident": inc.id, "actions": ["ack"]})
             )
-        event = self._event(t, "escalation.nobody_oncall", channel, {"reason": why})
+            where = _where(ref)
+        else:
+            where = {}
+        event = self._event(t, "escalation.nobody_oncall", channel, {"reason": why, **where})
         return self._decide(t, "done", "nobody", channel, now, why, event)
 
     def _failed(self, t: Timer, exc: NotifyError, now: datetime) -> _Decision:
@@ -616,6 +625,35 @@ class Escalator:
                             "attempts": 0,
                         },
                     )
+
+    # -- once someone has it ------------------------------------------------------------------
+
+    def settle_pages(self, inc: Any, done: str, actor: str, now: datetime) -> int:
+        """Rewrite the pages already sent for ``inc`` (DMs, the escalation channel): who took
+        it, and no Ack button any more, so nobody woken later acts on a page that is over.
+        Best effort: a page that cannot be updated is logged. Returns how many were updated."""
+        refs = []
+        for e in self.events.query(subject=f"inc-{inc.id}", kind_prefix="escalation.", limit=500):
+            where = e.payload.get("message")
+            if isinstance(where, dict) and where.get("channel") and where.get("ts"):
+                refs.append(MessageRef(str(where["channel"]), str(where["ts"])))
+        if not refs:
+            return 0
+        title = str(inc.title).translate(_ANGLES)
+        opened = aware(inc.opened_at) or now
+        text = (
+            f":white_check_mark: {inc.severity} inc-{inc.id}: {title} was {done} by "
+            f"{_who(actor)}, {_ago((now - opened).total_seconds())} after it opened. "
+            "Nothing more to do here."
+        )
+        updated = 0
+        for ref in dict.fromkeys(refs):
+            try:
+                self.notifier.update(ref, Message(text, meta={"incident": inc.id, "actions": []}))
+                updated += 1
+            except Exception as exc:
+                log.warning("could not settle a page of inc-%s: %s", inc.id, exc)
+        return updated
 
     # -- reading -----------------------------------------------------------------------------
 

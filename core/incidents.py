@@ -809,7 +809,17 @@ class Incidents:
             actor=actor,
             ts=now,
         )
+        self._settle_pages(inc, "acknowledged", actor, now)
         return inc
+
+    def _settle_pages(self, inc: Incident, done: str, actor: str, now: datetime) -> None:
+        """The pages already sent say who took it (and lose their Ack button)."""
+        if self.escalator is None:
+            return
+        try:
+            self.escalator.settle_pages(inc, done, actor, now)
+        except Exception:  # the ack stands whatever happens to the old pages
+            log.exception("could not update the pages of %s", inc.ref)
 
     @staticmethod
     def _age(inc: Incident, now: datetime) -> int:
@@ -820,9 +830,12 @@ class Incidents:
     ) -> Incident:
         """Service restored, cause still open: paging stops, the P0 reminders go on."""
         now = self._now(now)
+        was_open = False
 
         def change(session: Session, row: IncidentRow) -> None:
+            nonlocal was_open
             assert row.id is not None
+            was_open = row.status == "open"
             row.status, row.mitigated_at, row.updated_at = "mitigated", now, now
             row.owner = row.owner or actor
             row.acknowledged_at = row.acknowledged_at or now
@@ -841,6 +854,8 @@ class Incidents:
         self.events.append(
             "incident.mitigated", inc.ref, {"note": note[:2000]}, actor=actor, ts=now
         )
+        if was_open:
+            self._settle_pages(inc, "mitigated", actor, now)
         return inc
 
     def note(self, incident_id: int | str, text: str, *, actor: str) -> StoredEvent:
@@ -902,9 +917,12 @@ class Incidents:
             )
         now = self._now(now)
         children: list[int] = []
+        was_open = False
 
         def change(session: Session, row: IncidentRow) -> None:
+            nonlocal was_open
             assert row.id is not None
+            was_open = row.status == "open"
             row.status, row.resolved_at, row.updated_at = "resolved", now, now
             row.cause, row.owner, row.token = cause[:4000], row.owner or actor, new_token()
             cancel_pending(session, row.id, now, (PAGE, REMINDER))
@@ -948,6 +966,8 @@ class Incidents:
                     for c in credits
                 ]
             )
+        if was_open:  # nobody acknowledged it: its pages are still asking
+            self._settle_pages(inc, "resolved", actor, now)
         return Resolution(inc, downtime, credits, children)
 
     # -- SLA ---------------------------------------------------------------------------------

@@ -75,8 +75,12 @@ class Desk:
         return [(s.how, s.to) for s in self.notifier.sent]
 
     def paged(self) -> list[tuple[str, str]]:
-        """What was sent, less the P0's update reminders."""
-        return [(s.how, s.to) for s in self.notifier.sent if "update" not in s.message.text]
+        """What was sent, less the P0's update reminders and the pages rewritten on an ack."""
+        return [
+            (s.how, s.to)
+            for s in self.notifier.sent
+            if "update" not in s.message.text and s.how != "update"
+        ]
 
 
 def pages(steps: list[StepResult]) -> list[StepResult]:
@@ -462,3 +466,42 @@ def test_a_hostile_title_cannot_ping_or_link_from_a_page(
         assert "<!channel>" not in text and "<https://evil" not in text
         assert "\u2039!channel\u203a acme down" in text  # look-alike angle quotes
     assert f"not acknowledged by <@{ALICE}>" in texts[1]  # our mention is still a mention
+
+
+def test_an_ack_rewrites_the_pages_already_sent(
+    engine: Engine, traveller: time_machine.Traveller
+) -> None:
+    """Bob, paged second, wakes later: his page says Alice has it, with no Ack button left."""
+    desk = Desk(engine, fleet_with())
+    number = desk.open_p0()
+    traveller.shift(timedelta(minutes=5))
+    desk.pager.tick()
+    pages_sent = [s for s in desk.notifier.sent if s.how == "dm"]
+    assert [s.to for s in pages_sent] == [ALICE, BOB]
+    traveller.shift(timedelta(minutes=2))
+    desk.incidents.ack(number, actor=ALICE)
+
+    updates = [s for s in desk.notifier.sent if s.how == "update"]
+    assert {u.ref for u in updates} == {p.ref for p in pages_sent} and len(updates) == 2
+    for u in updates:
+        assert f"was acknowledged by <@{ALICE}>, 7m after it opened" in u.message.text
+        assert u.message.meta == {"incident": number, "actions": []}  # no Ack button
+    # A failed rewrite never fails the ack; a second look changes nothing.
+    assert desk.incidents.get(number).status == "acknowledged"
+
+
+def test_a_resolve_without_an_ack_rewrites_the_pages_and_a_broken_transport_is_harmless(
+    engine: Engine, traveller: time_machine.Traveller
+) -> None:
+    desk = Desk(engine, fleet_with())
+    number = desk.open_p0()
+    desk.notifier.fail_with = NotifyError("Slack is down")
+    desk.incidents.resolve(number, "a false alarm", actor=BOB)  # the update fails: logged only
+    assert desk.incidents.get(number).status == "resolved"
+    desk.notifier.fail_with = None
+    assert [s.how for s in desk.notifier.sent] == ["dm"]
+
+    other = desk.open_p0("umbrella's database down")
+    desk.incidents.resolve(other, "it came back", actor=BOB)
+    (update,) = [s for s in desk.notifier.sent if s.how == "update"]
+    assert f"was resolved by <@{BOB}>" in update.message.text
