@@ -18,20 +18,37 @@ $(BIN)/dbops: pyproject.toml
 	touch $(BIN)/dbops
 
 # Debian packages the sandbox and the tests need. Installed only when missing, and only as root.
+# pgbouncer goes in on its own: the sandbox runs one per server, so the package's system service
+# must not run. A policy-rc.d (when the machine has none) keeps the install from starting it,
+# and it is disabled for boot, with systemd or without.
 system-deps:
 	@missing=""; \
 	[ -x $(PG_BIN)/initdb ] || missing="$$missing postgresql-15"; \
 	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
 	[ -x /usr/bin/check_postgres ] || missing="$$missing check-postgres"; \
 	[ -x /usr/bin/prometheus-alertmanager ] || missing="$$missing prometheus-alertmanager"; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing:$$missing"; \
-	    (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) >/dev/null; \
-	  else \
-	    echo "missing Debian packages:$$missing (run as root: apt-get install$$missing)"; exit 1; \
+	[ -x /usr/sbin/pgbouncer ] || missing="$$missing pgbouncer"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "missing Debian packages:$$missing (run as root: apt-get install$$missing)"; exit 1; \
+	fi; \
+	echo "installing:$$missing"; \
+	apt_install() { (apt-get install -y -q "$$@" || (apt-get update -q && apt-get install -y -q "$$@")) >/dev/null; }; \
+	others="$$(echo $$missing | tr ' ' '\n' | grep -vx pgbouncer | tr '\n' ' ')"; \
+	if [ -n "$${others// }" ]; then apt_install $$others || exit 1; fi; \
+	case " $$missing " in *" pgbouncer "*) \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    trap 'rm -f /usr/sbin/policy-rc.d' EXIT; \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d; \
 	  fi; \
-	fi
+	  apt_install pgbouncer || exit 1; \
+	  if [ -d /run/systemd/system ]; then \
+	    systemctl disable --now -q pgbouncer; \
+	  else \
+	    service pgbouncer stop >/dev/null 2>&1; update-rc.d pgbouncer disable >/dev/null; \
+	  fi && echo "pgbouncer: its system service is stopped and disabled (the sandbox runs its own)" \
+	  || echo "pgbouncer: could not disable its system service; stop and disable it by hand";; \
+	esac
 
 demo: install
 	$(BIN)/dbops demo

@@ -60,6 +60,7 @@ _LABEL_SEVERITY: dict[str, Severity] = {
 # A health check going crit: how urgent that is. Unlisted checks are P2.
 HEALTH_SEVERITY: dict[str, Severity] = {
     "disk_space": "P1",
+    "pgbouncer": "P1",  # down, it cuts every customer on the server off
     "txn_wraparound": "P1",
     "backends": "P1",
     "locks": "P1",

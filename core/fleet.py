@@ -11,6 +11,16 @@ A minimal file::
 
 Everything else has the Debian defaults below. A bad file raises a DbopsError naming the field
 (``servers[1].ssh_port``) and what is wrong with it.
+
+A server with pgBouncer in front of its cluster says where its pgbouncer.ini is::
+
+    pgbouncer_ini = "/etc/pgbouncer/pgbouncer.ini"
+
+Provisioning then registers each new database there and reloads pgBouncer, and the health sweep
+checks it (the ``pgbouncer`` check) on the server's monitoring host at ``pgbouncer_port``, in
+its admin console, as the monitoring role: that role must be in pgbouncer.ini's
+``stats_users`` (and able to log in there, e.g. its secret in the auth_file). A server without
+``pgbouncer_ini`` has no pgbouncer check.
 """
 
 from __future__ import annotations
@@ -67,6 +77,8 @@ class Server(_Strict):
     reload_command: str = "pg_ctlcluster 15 main reload"
     pgbouncer_ini: str | None = None
     pgbouncer_reload_command: str = "systemctl reload pgbouncer"
+    # Where pgBouncer listens (Debian's listen_port), on the host of ``dsn``.
+    pgbouncer_port: int = Field(6432, ge=1, le=65535)
     # Run commands as this user with runuser (e.g. postgres), when the SSH user is root.
     run_as: str | None = None
 
@@ -111,7 +123,8 @@ class Threshold(_Strict):
     crit: str | int | float | None = None
 
 
-# check_postgres's defaults where it has them; ours (backup_age) where it does not.
+# check_postgres's defaults where it has them; ours (backup_age, the pgbouncer ones) where it
+# does not.
 DEFAULT_THRESHOLDS: dict[str, dict[str, Any]] = {
     "backends": {"warn": "90%", "crit": "95%"},
     "txn_wraparound": {"warn": 1_300_000_000, "crit": 1_400_000_000},
@@ -129,6 +142,12 @@ DEFAULT_THRESHOLDS: dict[str, dict[str, Any]] = {
     "last_vacuum": {"warn": "1d", "crit": "2d"},
     "logfile": {"warn": 1, "crit": 10},
     "backup_age": {"warn": "26h", "crit": "50h"},
+    # The pgbouncer check's, under the names of check_postgres's actions with the same meaning
+    # (which take no defaults): clients of one database waiting for a server connection, and
+    # how long the oldest of them has waited. A waiting client is a customer's request stalled;
+    # pgBouncer drops it at query_wait_timeout (120s), so crit comes well before that.
+    "pgb_pool_cl_waiting": {"warn": 5, "crit": 20},
+    "pgb_pool_maxwait": {"warn": "5s", "crit": "30s"},
 }
 
 

@@ -721,7 +721,9 @@ class Provisioner(FleetAccess):
     ) -> ProvisionResult:
         server = self.fleet.server(job.server)
         if host is None or port is None:
-            host, port = self.public_host(server), _pg_port(server)
+            # Where customers connect: pgBouncer where the server has it (the email said so).
+            port = server.pgbouncer_port if server.pgbouncer_ini else _pg_port(server)
+            host = self.public_host(server)
         return ProvisionResult(
             customer=job.customer,
             server=job.server,

@@ -1,13 +1,17 @@
 """A sandbox fleet on this machine: real PostgreSQL clusters, optional real sshds, and faults.
 
 ``up`` builds N clusters (initdb + pg_ctl, each on its own loopback port) with customer
-databases, a first backup of each, and a fleet.toml that points at them; with ``ssh=True`` every
-server also gets its own OpenSSH sshd so the SSH transport is exercised for real.
+databases, a first backup of each, a pgBouncer in front of each cluster (Debian's
+/usr/sbin/pgbouncer, on a port of its own, every customer database registered) and a
+fleet.toml that points at them; with ``ssh=True`` every server also gets its own OpenSSH sshd so
+the SSH transport is exercised for real.
 ``break_fault`` puts a server or database into one of the states the health checks look for
 and ``heal`` undoes exactly what was broken. Everything lives in one directory, described by
 its ``sandbox.json``.
 
-This is for demos and tests only: the clusters trust every loopback connection.
+This is for demos and tests only: the clusters trust every loopback connection, and so does
+each pgBouncer for the customers ``up`` seeds and for its console. Customers that provisioning
+adds log in to pgBouncer with their password, as on a real server.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import getpass
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -43,6 +48,10 @@ from core.remote import CommandResult, LocalRunner, quote_argv
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SSHD = Path("/usr/sbin/sshd")
+PGBOUNCER = Path("/usr/sbin/pgbouncer")
+# Server connections per database and user: the clusters are small (MAX_CONNECTIONS) and
+# shared by several customers.
+PGBOUNCER_POOL_SIZE = 5
 STATE_FILE = "sandbox.json"
 FLEET_FILE = "fleet.toml"
 MONITOR_ROLE = "dbops_monitor"
@@ -61,6 +70,7 @@ FAULTS: dict[str, str] = {
     "lock": "customer",
     "log-errors": "server",
     "backup-missing": "customer",
+    "pgbouncer-down": "server",
 }
 
 CUSTOMER_NAMES = (
@@ -210,11 +220,17 @@ def _admin_conninfo(spec: dict[str, Any], dbname: str = "postgres", user: str = 
     return make_conninfo(host="127.0.0.1", port=str(spec["port"]), user=user, dbname=dbname)
 
 
-def customer_conninfo(state: dict[str, Any], customer: str) -> str:
-    """How the customer's application would connect (their role, their database)."""
+def customer_conninfo(state: dict[str, Any], customer: str, pgbouncer: bool = False) -> str:
+    """How the customer's application would connect (their role, their database): straight to
+    the cluster, or through the server's pgBouncer."""
     entry = _customer(state, customer)
     spec = _server(state, entry["server"])
-    return _admin_conninfo(spec, dbname=entry["database"], user=entry["role"])
+    conninfo = _admin_conninfo(spec, dbname=entry["database"], user=entry["role"])
+    if pgbouncer:
+        if not spec.get("pgbouncer_port"):
+            raise DbopsError(f"{spec['name']} has no pgBouncer in this sandbox.")
+        conninfo = make_conninfo(conninfo, port=str(spec["pgbouncer_port"]))
+    return conninfo
 
 
 @contextlib.contextmanager
@@ -373,6 +389,140 @@ def _build_server(
     for index, customer in customers:
         _seed_customer(spec, customer, index)
         write_backup(runner, server, customer["name"], customer["database"])
+    _write_pgbouncer_files(spec, [c for _, c in customers])
+    _start_pgbouncer(spec, taken)
+
+
+# --- pgBouncer ---------------------------------------------------------------------------------
+
+
+def _pgbouncer_paths(spec: dict[str, Any]) -> dict[str, Path]:
+    base = Path(spec["pgbouncer_dir"])
+    return {
+        "ini": base / "pgbouncer.ini",
+        "hba": base / "pgbouncer_hba.conf",
+        "users": base / "userlist.txt",
+        "pid": base / "pgbouncer.pid",
+        "log": base / "pgbouncer.log",
+    }
+
+
+def _write_pgbouncer_files(spec: dict[str, Any], customers: list[dict[str, Any]]) -> None:
+    """pgbouncer.ini with every customer database in [databases] (as provisioning writes an
+    entry), its auth_file and an HBA file. Written once: provisioning edits them afterwards."""
+    paths = _pgbouncer_paths(spec)
+    Path(spec["pgbouncer_dir"]).mkdir(mode=0o700)
+    entries = "".join(
+        f"{c['database']} = host=127.0.0.1 port={spec['port']} dbname={c['database']}\n"
+        for c in customers
+    )
+    settings = {
+        "listen_addr": "127.0.0.1",
+        "listen_port": spec["pgbouncer_port"],
+        "unix_socket_dir": "",  # TCP only: no socket left in /tmp
+        "auth_type": "hba",
+        "auth_hba_file": paths["hba"],
+        "auth_file": paths["users"],
+        "admin_users": ADMIN_ROLE,
+        "stats_users": MONITOR_ROLE,
+        "pool_mode": "session",
+        "default_pool_size": PGBOUNCER_POOL_SIZE,
+        "pidfile": paths["pid"],
+        "logfile": paths["log"],
+    }
+    paths["ini"].write_text(
+        ";; Written by dbops sandbox; sandbox only, never for production.\n"
+        f"[databases]\n{entries}\n[pgbouncer]\n"
+        + "".join(f"{key} = {value}\n" for key, value in settings.items()),
+        encoding="utf-8",
+    )
+    # The console for the monitoring and admin roles, and the customers seeded here, without a
+    # password, as the clusters trust loopback; everyone else (the customers provisioning adds)
+    # with the SCRAM secret provisioning writes to the auth_file. "trust" still wants the user
+    # listed in the auth_file.
+    seeded = [c["role"] for c in customers]
+    hba = f"host pgbouncer {MONITOR_ROLE},{ADMIN_ROLE} 127.0.0.1/32 trust\n"
+    if seeded:
+        hba += f"host all {','.join(seeded)} 127.0.0.1/32 trust\n"
+    hba += "host all all 127.0.0.1/32 scram-sha-256\n"
+    paths["hba"].write_text(hba, encoding="utf-8")
+    paths["users"].write_text(
+        "".join(f'"{user}" ""\n' for user in (MONITOR_ROLE, ADMIN_ROLE, *seeded)),
+        encoding="utf-8",
+    )
+    for path in (paths["ini"], paths["hba"], paths["users"]):
+        path.chmod(0o600)
+    _chown_postgres(Path(spec["pgbouncer_dir"]))
+
+
+def _pgbouncer_pid(spec: dict[str, Any]) -> int | None:
+    try:
+        pid = int(_pgbouncer_paths(spec)["pid"].read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) and _cmdline_has(pid, spec["pgbouncer_dir"]) else None
+
+
+def _pgbouncer_up(spec: dict[str, Any]) -> bool:
+    return _pgbouncer_pid(spec) is not None and _port_open(spec["pgbouncer_port"])
+
+
+def _log_since(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as log:
+            log.seek(offset)
+            return log.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _start_pgbouncer(spec: dict[str, Any], taken: set[int] | None) -> None:
+    """Start the server's pgBouncer as the cluster's user; with ``taken``, a port another
+    process grabbed since we picked it gets a fresh one (and the ini says so)."""
+    if not spec.get("pgbouncer_dir") or _pgbouncer_pid(spec) is not None:
+        return
+    if not PGBOUNCER.exists():
+        raise DbopsError(
+            f"sandbox: {PGBOUNCER} is missing.", hint="Install it: apt-get install pgbouncer."
+        )
+    paths = _pgbouncer_paths(spec)
+    # A pid file whose process is gone (killed, or not ours): pgBouncer refuses to start over a
+    # live one, and ours was checked above.
+    paths["pid"].unlink(missing_ok=True)
+    detail = ""
+    for _attempt in range(3):
+        offset = paths["log"].stat().st_size if paths["log"].exists() else 0
+        result = _pg_runner(spec["name"]).run([str(PGBOUNCER), "-d", str(paths["ini"])])
+        if result.ok:
+            # -d forks before it listens: wait until it listens, or says why it cannot.
+            def settled(at: int = offset) -> bool:
+                return _pgbouncer_up(spec) or "FATAL" in _log_since(paths["log"], at)
+
+            with contextlib.suppress(DbopsError):
+                _wait_for(f"pgbouncer of {spec['name']}", settled, 10)
+            if _pgbouncer_up(spec):
+                return
+        detail = (_log_since(paths["log"], offset) or result.stderr).strip()
+        if taken is None or "Address already in use" not in detail:
+            break
+        spec["pgbouncer_port"] = _free_port(taken)
+        text = paths["ini"].read_text(encoding="utf-8")
+        paths["ini"].write_text(
+            re.sub(r"(?m)^listen_port\s*=.*$", f"listen_port = {spec['pgbouncer_port']}", text),
+            encoding="utf-8",
+        )
+    last = detail.splitlines()[-2:] if detail else ["no answer"]
+    raise DbopsError(f"sandbox: pgbouncer for {spec['name']} did not start: {' '.join(last)}")
+
+
+def _stop_pgbouncer(spec: dict[str, Any]) -> None:
+    pid = _pgbouncer_pid(spec)
+    if pid is None:
+        return
+    _signal(pid, signal.SIGTERM)  # pgBouncer's immediate shutdown
+    with contextlib.suppress(DbopsError):
+        _wait_for("pgbouncer to exit", lambda: not _alive(pid), 5)
+    _signal(pid, signal.SIGKILL)
 
 
 # --- sshd --------------------------------------------------------------------------------------
@@ -512,6 +662,16 @@ def _server_config(spec: dict[str, Any], ssh: bool, client_key: Path | None = No
         ),
         "run_as": run_as,
     }
+    if spec.get("pgbouncer_dir"):
+        paths = _pgbouncer_paths(spec)
+        fields.update(
+            pgbouncer_ini=str(paths["ini"]),
+            pgbouncer_port=spec["pgbouncer_port"],
+            # SIGHUP, as Debian's `systemctl reload pgbouncer` sends it; no sudo needed here.
+            pgbouncer_reload_command=quote_argv(
+                ["sh", "-c", 'kill -HUP "$(cat -- "$1")"', "pgbouncer-reload", str(paths["pid"])]
+            ),
+        )
     if ssh:
         fields.update(
             ssh_user=getpass.getuser(), ssh_port=spec["ssh_port"], ssh_key=str(client_key)
@@ -553,12 +713,17 @@ def _fleet_toml(servers: list[Server], known_hosts: Path | None) -> str:
         "restart_command",
         "start_command",
         "reload_command",
+        "pgbouncer_ini",
+        "pgbouncer_port",
+        "pgbouncer_reload_command",
         "run_as",
     ]
     for server in servers:
         dumped = server.model_dump()
         if server.transport == "local":
             dumped = {k: v for k, v in dumped.items() if not k.startswith("ssh_")}
+        if not server.pgbouncer_ini:
+            dumped = {k: v for k, v in dumped.items() if not k.startswith("pgbouncer_")}
         out += _toml_table("[[servers]]", {k: dumped.get(k) for k in keys})
     for plan, values in PLANS.items():
         out += _toml_table(f"[plans.{plan}]", values)
@@ -629,6 +794,8 @@ def _create(
             "data_path": str(base / "data"),
             "backup_path": str(base / "backups"),
             "log_path": str(base / "postgresql.log"),
+            "pgbouncer_port": _free_port(taken),
+            "pgbouncer_dir": str(base / "pgbouncer"),
         }
         if ssh:
             spec["ssh_port"] = _free_port(taken)
@@ -708,10 +875,14 @@ def _restart(directory: Path, servers: int, customers: int, ssh: bool) -> dict[s
             f" and ssh={'on' if shape[2] else 'off'}.",
             hint="Reuse it as it is, or run `dbops sandbox down --dir` on it and use another dir.",
         )
-    taken = {s["port"] for s in state["servers"]} | {s.get("ssh_port", 0) for s in state["servers"]}
+    taken = {
+        s.get(key, 0) for s in state["servers"] for key in ("port", "ssh_port", "pgbouncer_port")
+    }
     for spec in state["servers"]:
         if not _cluster_running(spec) and not _broken(state, "server-down", spec["name"]):
             _start_cluster(spec, taken, directory / "run")
+        if not _broken(state, "pgbouncer-down", spec["name"]):
+            _start_pgbouncer(spec, taken)
         if state["ssh"]:
             _start_sshd(spec, taken, directory / "ssh" / "authorized_keys")
     _write_fleet(directory, state)
@@ -746,6 +917,8 @@ def _teardown(directory: Path, remove_contents: bool) -> None:
     def stop(spec: dict[str, Any]) -> None:
         if spec.get("sshd_dir"):
             _stop_sshd(spec)
+        if spec.get("pgbouncer_dir"):
+            _stop_pgbouncer(spec)
         if Path(spec["data_path"], "postmaster.pid").exists():
             stopped = _pg_runner(spec["name"]).run(_pg_ctl(spec, "stop", "-m", "fast"))
             if not stopped.ok:
@@ -802,6 +975,10 @@ def _validate_fault(state: dict[str, Any], fault: str, target: str) -> str:
     return str(_customer(state, target)["server"]) if kind == "customer" else target
 
 
+# Faults that can be broken while the server's cluster is down.
+_WITHOUT_CLUSTER = ("server-down", "backup-missing", "pgbouncer-down")
+
+
 def break_fault(dir: Path, fault: str, target: str) -> dict[str, Any]:
     """Break ``target`` (a customer or a server, as the fault needs) in the way ``fault`` names.
 
@@ -815,7 +992,7 @@ def break_fault(dir: Path, fault: str, target: str) -> dict[str, Any]:
             if existing["fault"] == fault and existing["target"] == target:
                 return dict(existing)
         spec = _server(state, server)
-        if fault != "server-down" and fault != "backup-missing" and not _cluster_running(spec):
+        if fault not in _WITHOUT_CLUSTER and not _cluster_running(spec):
             raise DbopsError(
                 f"{server} is down in the sandbox; heal it before breaking {target} again."
             )
@@ -959,6 +1136,30 @@ def _heal_backup_missing(
             path.rename(path.with_name("status"))
 
 
+def _break_pgbouncer_down(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], target: str
+) -> dict[str, Any]:
+    if not spec.get("pgbouncer_dir"):
+        raise DbopsError(
+            f"{spec['name']} has no pgBouncer in this sandbox (made before sandboxes had one).",
+            hint="Run `dbops sandbox down` and `up` in a new directory.",
+        )
+    _stop_pgbouncer(spec)
+    _wait_for(
+        f"{spec['name']}'s pgbouncer port {spec['pgbouncer_port']} to close",
+        lambda: not _port_open(spec["pgbouncer_port"]),
+        timeout=10,
+    )
+    return {}
+
+
+def _heal_pgbouncer_down(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], fault: dict[str, Any]
+) -> None:
+    # On its own port again: the fleet file (and whoever loaded it) points there.
+    _start_pgbouncer(spec, None)
+
+
 def _helper_breaker(mode: str) -> _Breaker:
     def breaker(
         directory: Path, state: dict[str, Any], spec: dict[str, Any], target: str
@@ -1076,6 +1277,7 @@ _BREAKERS: dict[str, _Breaker] = {
     "lock": _helper_breaker("lock"),
     "log-errors": _break_log_errors,
     "backup-missing": _break_backup_missing,
+    "pgbouncer-down": _break_pgbouncer_down,
 }
 _HEALERS: dict[str, _Healer] = {
     "db-down": _heal_db_down,
@@ -1085,6 +1287,7 @@ _HEALERS: dict[str, _Healer] = {
     "lock": _heal_helper,
     "log-errors": _heal_nothing,
     "backup-missing": _heal_backup_missing,
+    "pgbouncer-down": _heal_pgbouncer_down,
 }
 
 

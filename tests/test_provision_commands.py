@@ -58,6 +58,7 @@ from tests.test_backups import (  # noqa: F401  (restore_server_logs: autouse)
 from tests.test_billing import API_KEY, checkout_session, event
 from tests.test_billing import SECRET as WEBHOOK_SECRET
 from tests.test_billing import sign as stripe_sign
+from tests.test_pgbouncer import forget
 from tests.test_provisioning import Inbox, body_of, emailed_password, server_state
 
 ALICE, BOB, CAROL = "U_ALICE", "U_BOB", "U_CAROL"  # operator, viewer, admin
@@ -121,6 +122,7 @@ def env(
             incident_commands.reset_desks()
             for name in made:  # leave the session sandbox as it was
                 for spec in sandbox["servers"]:
+                    forget(sandbox_fleet.server(spec["name"]), name)  # its pgBouncer entry
                     drop_everything(admin(sandbox, spec["name"]), name)
                     shutil.rmtree(Path(spec["backup_path"]) / name, ignore_errors=True)
             ctx.engine.dispose()

@@ -51,6 +51,7 @@ from tests.test_backups import (  # noqa: F401  (restore_server_logs: autouse)
     query,
     restore_server_logs,
 )
+from tests.test_pgbouncer import forget, registrations
 
 CAROL = "U0CAROL"  # the admin who presses Provision
 OPS = "#db-ops"
@@ -97,13 +98,21 @@ def sandbox_customers(sandbox: dict[str, Any], sqlite_engine: Engine) -> None:
 
 
 @pytest.fixture
-def newcomer(sandbox: dict[str, Any]) -> Iterator[str]:
-    """A name for a new customer; whatever provisioning made of it is dropped afterwards."""
+def newcomer(sandbox: dict[str, Any], sandbox_fleet: Fleet) -> Iterator[str]:
+    """A name for a new customer; whatever provisioning made of it is dropped afterwards
+    (its pgBouncer entry and auth_file line too)."""
     name = f"newco_{secrets.token_hex(3)}"
     yield name
     for spec in sandbox["servers"]:
+        forget(sandbox_fleet.server(spec["name"]), name)
         drop_everything(admin(sandbox, spec["name"]), name)
         shutil.rmtree(Path(spec["backup_path"]) / name, ignore_errors=True)
+
+
+def through_pgbouncer(fleet: Fleet, server: str, name: str, password: str) -> str:
+    """The customer's connection as the welcome email gives it: pgBouncer's port."""
+    port = fleet.server(server).pgbouncer_port
+    return f"host=127.0.0.1 port={port} dbname={name} user={name} password={password}"
 
 
 def provisioner(
@@ -234,6 +243,7 @@ def test_provision_twice_after_a_failure_makes_one_of_each_and_leaks_no_password
     again = p.provision(newcomer, "small", "vps2", email="ops@newco.example.com", actor=CAROL)
 
     assert result.resumed and not result.already_done and again.already_done
+    assert result.port == again.port == sandbox_fleet.server("vps2").pgbouncer_port
     assert result.steps[-1] == "welcome" and set(result.steps) >= {"role", "database", "pgbouncer"}
     # One role (SCRAM, the plan's connection limit), one database owned by it, closed to PUBLIC.
     state = server_state(sandbox, "vps2", newcomer)
@@ -248,7 +258,18 @@ def test_provision_twice_after_a_failure_makes_one_of_each_and_leaks_no_password
     assert mail["Subject"] == "Welcome to CostPlusDB - Your database is ready!"
     password = emailed_password(mail)
     assert scram_matches(secret, password) and not scram_matches(first_secret, password)
-    assert f"postgresql://{newcomer}:{password}@127.0.0.1:" in body_of(mail)
+    # SOP-103 step 6: the customer connects through pgBouncer (the port the email gives), with
+    # the emailed password, after provisioning registered the database and reloaded it.
+    bouncer = sandbox_fleet.server("vps2").pgbouncer_port
+    assert f"postgresql://{newcomer}:{password}@127.0.0.1:{bouncer}/" in body_of(mail)
+    with psycopg.connect(through_pgbouncer(sandbox_fleet, "vps2", newcomer, password)) as conn:
+        assert conn.execute("SELECT current_user, current_database()").fetchone() == (
+            newcomer,
+            newcomer,
+        )
+    with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+        psycopg.connect(through_pgbouncer(sandbox_fleet, "vps2", newcomer, password + "x"))
+    assert registrations(sandbox_fleet.server("vps2"), newcomer) == (1, 1)
     port = next(s for s in sandbox["servers"] if s["name"] == "vps2")["port"]
     with psycopg.connect(
         f"host=127.0.0.1 port={port} dbname={newcomer} user={newcomer} password={password}"
@@ -286,6 +307,36 @@ def test_provision_twice_after_a_failure_makes_one_of_each_and_leaks_no_password
             assert secret.split("$", 1)[1] not in text, f"SCRAM secret found in the {where}"
     assert [e.kind for e in events.query(kind="email.sent", limit=5)] == ["email.sent"]
     assert events.query(kind="provision.failed", limit=5)[0].payload["step"] == "role"
+
+
+def test_a_rerun_after_pgbouncer_registration_keeps_one_entry_with_the_new_password(
+    sqlite_engine: Engine,
+    sandbox_fleet: Fleet,
+    pool: RunnerPool,
+    smtp: tuple[Inbox, str],
+    newcomer: str,
+) -> None:
+    inbox, url = smtp
+    vps1 = sandbox_fleet.server("vps1")
+    p = provisioner(sqlite_engine, sandbox_fleet, pool, url)
+    p.failpoints.add("after:connection_test")  # registered, reloaded, logged in through it
+    with pytest.raises(DbopsError, match="stopped at connection_test"):
+        p.provision(newcomer, "small", "vps1", email="x@newco.example.com", actor=CAROL)
+    assert registrations(vps1, newcomer) == (1, 1)
+    ini_before = Path(vps1.pgbouncer_ini or "").read_text()
+
+    p.failpoints.clear()
+    result = p.provision(newcomer, "small", "vps1", email="x@newco.example.com", actor=CAROL)
+
+    # The entry is there once, as it was; the auth_file line now holds the new password's
+    # secret, and pgBouncer took it on reload: the emailed password gets in through it.
+    assert result.port == vps1.pgbouncer_port
+    assert registrations(vps1, newcomer) == (1, 1)
+    assert Path(vps1.pgbouncer_ini or "").read_text() == ini_before
+    (mail,) = inbox.messages
+    password = emailed_password(mail)
+    with psycopg.connect(through_pgbouncer(sandbox_fleet, "vps1", newcomer, password)) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (newcomer,)
 
 
 def test_smtp_down_then_up_sends_one_email_with_a_fresh_password(

@@ -9,6 +9,7 @@ connections, its data untouched.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from core.backups import Backups, RestoreFailed
 from core.customers import Customer, upsert_customers
 from core.errors import DbopsError
 from core.fleet import Fleet
+from core.provisioning import scram_sha256_secret
 from core.remote import RunnerPool
 from storage.events import EventLog
 from storage.models_billing import acquire_lock
@@ -32,6 +34,7 @@ from tests.test_backups import (  # noqa: F401  (restore_server_logs: autouse)
     restore_server_logs,
     seeded_customer,
 )
+from tests.test_pgbouncer import registered
 
 CAROL = "U0CAROL"  # the admin who confirms the restore
 
@@ -106,8 +109,9 @@ def test_restore_end_to_end_as_the_modal_submits_it(backups: Backups, customer: 
     assert result.backup == taken.stamp and result.rows == sum(EXPECTED_ROWS.values())
     assert result.steps == [
         "checked", "created", "restored", "verified", "analyzed", "settings_copied",
-        "connections_ended", "swapped",
+        "connections_ended", "swapped", "pgbouncer_reloaded",
     ]  # fmt: skip
+    assert result.pgbouncer_reloaded
     # The customer's database is the backup's again, under its own name, for its own role.
     assert live_counts(customer.conninfo) == EXPECTED_ROWS
     # ...vacuumed and analyzed: the planner has statistics from the first query on.
@@ -141,6 +145,29 @@ def test_restore_end_to_end_as_the_modal_submits_it(backups: Backups, customer: 
         ("restore.done", None),
     ]
     assert {e.actor for e in backups.events.query(kind="restore.step", limit=20)} == {CAROL}
+
+
+def test_the_customer_connects_through_pgbouncer_after_the_swap(
+    backups: Backups, customer: Seeded, sandbox_fleet: Fleet
+) -> None:
+    """The application's way in (pgBouncer, with its password) leads to the restored data."""
+    password = secrets.token_urlsafe(16)
+    query(
+        customer.admin,
+        sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+            sql.Identifier(customer.name), sql.Literal(scram_sha256_secret(password))
+        ),
+    )
+    with registered(sandbox_fleet.server("vps3"), customer.name, password) as through:
+        taken = backups.take_backup(customer.name, CAROL)
+        bad_deploy(customer)
+        # The bad deploy, seen through pgBouncer (which keeps that server connection pooled).
+        assert query(through, "SELECT count(*) FROM accounts") == [(121,)]
+
+        result = backups.restore(customer.name, taken.stamp, customer.name, CAROL)
+
+        assert result.pgbouncer_reloaded and result.steps[-1] == "pgbouncer_reloaded"
+        assert live_counts(through) == EXPECTED_ROWS
 
 
 def test_typed_name_must_match(backups: Backups, customer: Seeded) -> None:

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,8 @@ OK, WARNING, CRITICAL = 0, 1, 2
 
 def test_up_describes_servers_and_customers(sandbox: dict[str, Any]) -> None:
     assert [s["name"] for s in sandbox["servers"]] == ["vps1", "vps2", "vps3"]
-    ports = [p for s in sandbox["servers"] for p in (s["port"], s["ssh_port"])]
-    assert len(set(ports)) == 6
+    ports = [p for s in sandbox["servers"] for p in (s["port"], s["ssh_port"], s["pgbouncer_port"])]
+    assert len(set(ports)) == 9
     customers = sandbox["customers"]
     assert len(customers) == 6 and customers[0]["name"] == "acme"
     assert [c["server"] for c in customers] == ["vps1", "vps2", "vps3"] * 2
@@ -168,6 +169,59 @@ def test_write_backup_works_through_ssh(sandbox: dict[str, Any], sandbox_fleet: 
     )  # fmt: skip
     assert "TABLE DATA public accounts" in listed.stdout
     shutil.rmtree(path)  # the other tests expect one backup per customer
+
+
+def _pgbouncer_console(state: dict[str, Any], server: str, command: str) -> list[tuple[Any, ...]]:
+    port = _server(state, server)["pgbouncer_port"]
+    return _query(f"host=127.0.0.1 port={port} user=dbops_monitor dbname=pgbouncer", command)
+
+
+def test_each_server_has_a_pgbouncer_in_front_of_its_customers(
+    sandbox: dict[str, Any], sandbox_fleet: Fleet
+) -> None:
+    for spec in sandbox["servers"]:
+        server = sandbox_fleet.server(spec["name"])
+        assert server.pgbouncer_port == spec["pgbouncer_port"]
+        assert server.pgbouncer_ini == f"{spec['pgbouncer_dir']}/pgbouncer.ini"
+        mine = sorted(c["database"] for c in sandbox["customers"] if c["server"] == spec["name"])
+        listed = _pgbouncer_console(sandbox, spec["name"], "SHOW DATABASES")
+        # name, host, port, database: as provisioning registers a database.
+        assert sorted(row[:4] for row in listed if row[0] != "pgbouncer") == [
+            (db, "127.0.0.1", spec["port"], db) for db in mine
+        ]
+    # Seeded customers get in as they do on the cluster (loopback is trusted), through it.
+    acme = customer_conninfo(sandbox, "acme", pgbouncer=True)
+    assert f"port={_server(sandbox, 'vps1')['pgbouncer_port']}" in acme
+    assert _query(acme, "SELECT current_user, count(*) FROM accounts")[0][0] == "acme"
+    # Everyone else needs a password (provisioning puts its SCRAM secret in the auth_file).
+    stranger = acme.replace("user=acme", "user=dbops_monitor")
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        _query(stranger, "SELECT 1")
+
+
+@pytest.mark.parametrize("transport", ["ssh", "local"])
+def test_pgbouncer_reload_command_works_without_sudo(
+    sandbox: dict[str, Any], sandbox_fleet: Fleet, transport: str
+) -> None:
+    server = sandbox_fleet.server("vps3").model_copy(update={"transport": transport})
+    log = Path(_server(sandbox, "vps3")["pgbouncer_dir"]) / "pgbouncer.log"
+    before = log.read_text().count("got SIGHUP")
+    runner = runner_for(server, sandbox_fleet)
+    try:
+        runner.run(server.argv(server.pgbouncer_reload_command)).check()
+    finally:
+        runner.close()
+    assert _wait(lambda: log.read_text().count("got SIGHUP") == before + 1)
+    assert _pgbouncer_console(sandbox, "vps3", "SHOW VERSION")
+
+
+def _wait(done: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _postmaster_start(state: dict[str, Any], server: str) -> Any:
@@ -322,6 +376,21 @@ def test_backup_missing_hides_the_status_file_until_healed(
     assert len(list(root.glob("*/status"))) == 1
 
 
+def test_pgbouncer_down_refuses_connections_through_it_until_healed(
+    sandbox: dict[str, Any], sandbox_break: Break
+) -> None:
+    through = customer_conninfo(sandbox, "globex", pgbouncer=True)
+    sandbox_break("pgbouncer-down", "vps2")
+
+    with pytest.raises(psycopg.OperationalError, match="refused"):
+        _query(through, "SELECT 1")
+    # Straight to the cluster still works: only pgBouncer is down.
+    assert _query(customer_conninfo(sandbox, "globex"), "SELECT 1") == [(1,)]
+
+    heal(Path(sandbox["dir"]))
+    assert _query(through, "SELECT 1") == [(1,)]
+
+
 def test_breaking_twice_and_healing_twice_are_harmless(
     sandbox: dict[str, Any], sandbox_break: Break
 ) -> None:
@@ -385,13 +454,17 @@ def test_a_local_sandbox_goes_up_down_and_up_again(scratch: Path) -> None:
         assert runner.run(["ls", vps1.data_path]).ok
 
         break_fault(scratch, "db-down", "globex")
+        break_fault(scratch, "pgbouncer-down", "vps1")
         down(scratch)  # heals first, then stops
         with pytest.raises(psycopg.OperationalError):
             _query(_monitor(state, "vps1"), "SELECT 1")
+        with pytest.raises(psycopg.OperationalError):
+            _query(customer_conninfo(state, "globex", pgbouncer=True), "SELECT 1")
 
         again = up(scratch, servers=1, customers=2, ssh=False)
         assert again["servers"] == state["servers"] and again["faults"] == []
         assert _query(customer_conninfo(state, "globex"), "SELECT 1") == [(1,)]
+        assert _query(customer_conninfo(state, "globex", pgbouncer=True), "SELECT 1") == [(1,)]
     finally:
         down(scratch, remove=True)
     assert not scratch.exists()
