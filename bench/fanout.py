@@ -5,15 +5,18 @@ dir, then, locally and over SSH:
 
 * report       build_report for the whole fleet (median of --runs, runners kept between runs);
 * floor        a plain psycopg script: the same connections and the same queries in parallel
-               threads, no logic (and "floor+cmds": plus the same df/tail/grep per server);
+               threads, no logic (the cluster pipeline; per database the probe's SELECT
+               version() and last_vacuum query on one connection; per server with pgBouncer its
+               admin console's SHOW DATABASES and SHOW POOLS), and "floor+cmds": plus the same
+               df/tail/grep per server;
 * sequential   the same checks, one server after another;
 * check_postgres  one call per check per database (6 x 10 x 7); measured on --oracle-sample
                databases and scaled up, since the full loop takes minutes.
 
-Then again with 25 ms added each way to every PostgreSQL and SSH port by bench/delayproxy.py:
-the whole report against the slowest single server's. Prints figures and ratios; aims: report
-within 1.5x the floor, >= 30x faster than the check_postgres loop, delayed report within 1.5x
-of the slowest single server.
+Then again with 25 ms added each way to every PostgreSQL, pgBouncer and SSH port by
+bench/delayproxy.py: the whole report against the slowest single server's. Prints figures and
+ratios; aims: report within 1.5x the floor, >= 30x faster than the check_postgres loop, delayed
+report within 1.5x of the slowest single server.
 
     .venv/bin/python bench/fanout.py [--runs 5] [--oracle-sample 10] [--delay-ms 25]
 """
@@ -41,6 +44,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import health, sandbox
+from core.backups import backup_files_argv
 from core.customers import Customer, customer_from_mapping
 from core.fleet import Fleet, load_fleet, parse_fleet
 from core.remote import RunnerPool
@@ -71,7 +75,13 @@ def with_transport(fleet: Fleet, transport: str) -> Fleet:
 
 
 def floor(fleet: Fleet, customers: list[Customer], pool: RunnerPool | None) -> None:
-    """The same connections and queries (and commands, given runners) in threads, no logic."""
+    """The same connections and queries (and commands, given runners) in threads, no logic.
+
+    Per server: the cluster connection and its pipeline; per database a connection running
+    SELECT version() then the last_vacuum query (as ``probe_database``); where the server has
+    pgBouncer, one admin-console connection running SHOW DATABASES and SHOW POOLS (as
+    ``fetch_pgbouncer``).
+    """
     limits = health.Limits.for_deadline(DEADLINE)
     threads = []
 
@@ -90,17 +100,26 @@ def floor(fleet: Fleet, customers: list[Customer], pool: RunnerPool | None) -> N
         info = health.health_conninfo(dsn, limits, dbname=db)
         with psycopg.connect(info, autocommit=True) as conn:
             conn.execute("SELECT version()").fetchone()
+            conn.execute(health.LAST_VACUUM_SQL).fetchone()
+
+    def bouncer(info: str) -> None:
+        with psycopg.connect(info, autocommit=True) as conn:
+            conn.execute("SHOW DATABASES").fetchall()
+            conn.execute("SHOW POOLS").fetchall()
 
     for server in fleet.servers:
         threads.append(threading.Thread(target=cluster, args=(server.dsn,)))
         for c in customers:
             if c.server == server.name:
                 threads.append(threading.Thread(target=probe, args=(server.dsn, c.database)))
+        if server.pgbouncer_ini:
+            info = health.pgbouncer_conninfo(server, limits)
+            threads.append(threading.Thread(target=bouncer, args=(info,)))
         if pool is not None:
             runner = pool.get(server.name)
             names = [c.name for c in customers if c.server == server.name]
             for argv in (health.df_argv(server), health.log_argv(server),
-                         health.backup_status_argv(server, names)):  # fmt: skip
+                         backup_files_argv(server, names)):  # fmt: skip
                 threads.append(threading.Thread(target=runner.run, args=(argv,)))
     for t in threads:
         t.start()
@@ -133,12 +152,15 @@ def peak_memory(fn: Callable[[], Any]) -> int:
 
 
 def delayed_fleet(fleet: Fleet, ports: dict[str, int], workdir: Path) -> Fleet:
-    """The fleet with every PostgreSQL and SSH port behind the proxy, host keys re-labelled."""
+    """The fleet with every PostgreSQL, pgBouncer and SSH port behind the proxy, host keys
+    re-labelled."""
     data = fleet.model_dump(exclude={"base_dir"})
     known = fleet.known_hosts_path.read_text(encoding="utf-8") if fleet.known_hosts else ""
     for server in data["servers"]:
         pg = int(conninfo_to_dict(server["dsn"])["port"] or 5432)
         server["dsn"] = make_conninfo(server["dsn"], port=ports[f"127.0.0.1:{pg}"])
+        if server["pgbouncer_ini"]:
+            server["pgbouncer_port"] = ports[f"127.0.0.1:{server['pgbouncer_port']}"]
         old = server["ssh_port"]
         server["ssh_port"] = ports[f"127.0.0.1:{old}"]
         known = known.replace(f"[127.0.0.1]:{old} ", f"[127.0.0.1]:{server['ssh_port']} ")
@@ -257,6 +279,8 @@ def main() -> int:
         ports: dict[str, int] = {}
         for s in base.servers:
             targets = [f"127.0.0.1:{conninfo_to_dict(s.dsn)['port']}", f"127.0.0.1:{s.ssh_port}"]
+            if s.pgbouncer_ini:
+                targets.append(f"127.0.0.1:{s.pgbouncer_port}")
             proc = subprocess.Popen(
                 [sys.executable, str(Path(__file__).with_name("delayproxy.py")),
                  "--delay-ms", str(args.delay_ms), *targets],
