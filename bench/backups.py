@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,11 @@ def main() -> int:
         upgrade(engine)
         upsert_customers(engine, [customer_from_mapping(c) for c in state["customers"]])
         events = EventLog(engine)
-        with RunnerPool(
-            fleet, record=lambda k, s, p: events.append(k, s, p, actor="dbops")
-        ) as pool:
+
+        def record(kind: str, subject: str, payload: dict[str, Any]) -> None:
+            events.append(kind, subject, payload, actor="dbops")
+
+        with RunnerPool(fleet, record=record) as pool:
             for server in fleet.servers:  # SSH connections opened before anything is timed
                 pool.get(server.name).run(["true"]).check()
             backups = Backups(engine, events, fleet, pool)
@@ -76,14 +79,14 @@ def main() -> int:
                 order = [False, True] if n % 2 == 0 else [True, False]
                 for parallel in order:
                     mode = "parallel" if parallel else "sequential"
-                    wall, run = timed(lambda p=parallel: backups.backup_all(parallel=p))
+                    wall, run = timed(partial(backups.backup_all, parallel=parallel))
                     if run.failed:
                         raise SystemExit(f"{len(run.failed)} backups failed: {run.failed[0]}")
                     runs[mode].append(wall)
                     per_db[mode] += [o.duration_s for o in run.outcomes]
                     sizes = sum(o.size_bytes or 0 for o in run.outcomes)
                     if not args.no_verify:
-                        vwall, results = timed(lambda p=parallel: backups.verify_all(parallel=p))
+                        vwall, results = timed(partial(backups.verify_all, parallel=parallel))
                         bad = [r for r in results if r.verification.verdict != "ok"]
                         if bad:
                             raise SystemExit(f"restore test failed: {bad[0].as_json()}")

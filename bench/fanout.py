@@ -35,6 +35,7 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +225,7 @@ def bench_delay(name: str, fleet: Fleet, customers: list[Customer], runs: int) -
                 base_dir=fleet.base_dir,
             )
             singles[server.name] = median_time(
-                lambda one=one, mine=mine: build_report(one, mine, pool, deadline_s=DEADLINE),
+                partial(build_report, one, mine, pool, deadline_s=DEADLINE),
                 runs,
             )
         slowest = max(singles, key=lambda k: singles[k])
