@@ -25,6 +25,7 @@ You are {user}, an admin. Try:
   /db report
   /db servers
   /db log {first}
+  /db restore {first}   /db provision newco --plan small --email you@example.com
   press 1            (presses button [1] of the last reply)
 Sandbox: {dir} (stop it with `dbops sandbox down --dir {dir}`); event log: {db}.
 """
@@ -121,6 +122,7 @@ def _demo_context(directory: Path) -> tuple[Context, dict[str, Any]]:
         # Welcome emails and customer notices go somewhere you can read them. Set in the
         # environment: the desks that send email read their settings from it.
         os.environ["SMTP_URL"] = _demo_outbox(base / "outbox")
+        typer.echo(f"Emails the demo sends are saved in {base / 'outbox'} (no SMTP_URL set).")
     ctx = Context.load(
         database_url=f"sqlite:///{base / 'dbops.db'}",
         dbops_fleet=state["fleet"],
