@@ -65,35 +65,27 @@ class Forms:
 
     async def open(self, trigger: str, title: str, doing: str) -> str | None:
         """A placeholder modal, opened while the trigger is fresh; its view id, or None."""
-        try:
-            result = await self.client.views_open(
-                trigger_id=trigger, view=_modal(title, f":hourglass_flowing_sand: {doing}")
-            )
-        except SlackApiError as exc:
-            log.warning("could not open a form: %s", exc.response.get("error"))
-            return None
-        except Exception as exc:
-            log.warning("could not open a form: %s", type(exc).__name__)
-            return None
-        view = result.get("view") or {}
-        view_id = view.get("id") if isinstance(view, dict) else None
-        return str(view_id) if view_id else None
+        return await self._open(trigger, _modal(title, f":hourglass_flowing_sand: {doing}"))
 
     async def open_form(self, trigger: str, reply: Reply, to: Destination) -> bool:
         """The form (``reply.view``) itself, opened while the trigger is fresh."""
         if reply.view is None:
             return False
+        return await self._open(trigger, with_destination(reply.view, to)) is not None
+
+    async def _open(self, trigger: str, view: dict[str, Any]) -> str | None:
+        """views.open; the new view's id, or None when Slack refused (an expired trigger)."""
         try:
-            result = await self.client.views_open(
-                trigger_id=trigger, view=with_destination(reply.view, to)
-            )
+            result = await self.client.views_open(trigger_id=trigger, view=view)
         except SlackApiError as exc:
             log.warning("could not open a form: %s", exc.response.get("error"))
-            return False
+            return None
         except Exception as exc:
             log.warning("could not open a form: %s", type(exc).__name__)
-            return False
-        return bool(result.get("ok"))
+            return None
+        opened = result.get("view") or {}
+        view_id = opened.get("id") if isinstance(opened, dict) else None
+        return str(view_id) if view_id else None
 
     async def show(self, view_id: str, reply: Reply, to: Destination, title: str) -> bool:
         """The form (``reply.view``) in place of the placeholder, or the reply itself (an error,

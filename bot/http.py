@@ -129,11 +129,10 @@ def webhook_routes(ctx: Context) -> list[BaseRoute]:
     POST /stripe/webhook (a paid checkout proposes onboarding in the ops channel)."""
     from bot.incident_cards import as_message
     from bot.notifier import ConsoleNotifier, SlackNotifier, web_client
-    from bot.provision_commands import onboarding_reply
+    from bot.provision_commands import onboarding_for, onboarding_reply
     from bot.stripe_webhook import stripe_routes
     from bot.webhooks import alert_desk, alertmanager_routes, built_once
     from core.billing import Billing, OnboardingProposal
-    from core.provisioning import Provisioner
 
     settings = ctx.settings
     notifier = (
@@ -146,12 +145,8 @@ def webhook_routes(ctx: Context) -> list[BaseRoute]:
     ops = built_once(lambda: Ops(ctx.fleet, ctx.engine, ctx.events))
 
     def billing() -> Billing:
-        provisioner = Provisioner(
-            ctx.engine, ctx.events, ctx.fleet, ops().runners, smtp_url=settings.smtp_url
-        )
-        return Billing.from_settings(
-            settings, ctx.engine, ctx.events, lambda: ctx.fleet, propose=provisioner.propose_server
-        )
+        # The onboarding desk the Provision button's command uses too (one per engine).
+        return onboarding_for(ops(), settings).billing
 
     def onboarding(proposal: OnboardingProposal) -> None:
         # The card (customer, email, plan, server and its capacity, warnings) with a Provision

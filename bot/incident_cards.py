@@ -21,7 +21,7 @@ from bot.blocks import Reply, escape
 from bot.router import REGISTRY, Registry
 from core.health import pretty_age
 from core.incidents import Incident, Resolution
-from core.notify import Message
+from core.notify import Message, inert
 from core.oncall import OnCallNow
 from core.settings import SLACK_USER_ID
 
@@ -35,16 +35,13 @@ STATUS_ICON = {
 }
 
 
-_ANGLES = str.maketrans({"<": "\u2039", ">": "\u203a"})  # single angle quotation marks
-
-
 def as_message(reply: Reply) -> Message:
     """A Reply as core's Message, for a Notifier (chat.postMessage / chat.update)."""
     message = reply.message()
     return Message(text=message["text"], blocks=message["blocks"])
 
 
-def _who(user: str | None) -> str:
+def mention(user: str | None) -> str:
     """A Slack user as a mention; anything else (an alert source) as text."""
     return f"<@{user}>" if user and re.fullmatch(SLACK_USER_ID, user) else escape(user or "-")
 
@@ -70,10 +67,10 @@ def card_reply(
     """
     sev, status = str(card["severity"]), str(card["status"])
     # Plain text renders no mentions, but a "<!channel>" in a header still reads like one.
-    title = f"{sev} {card['ref']}: {card['title']}".translate(_ANGLES)
+    title = inert(f"{sev} {card['ref']}: {card['title']}")
     state = f"{STATUS_ICON.get(status, '')} *{escape(status)}*"
     if card.get("owner"):
-        state += f" by {_who(card['owner'])}"
+        state += f" by {mention(card['owner'])}"
     if card.get("overdue"):
         state += " · :alarm_clock: no ack within the response target"
     fields = [
@@ -82,7 +79,7 @@ def card_reply(
         ("Since", f"{escape(card['since_local'])} ({escape(card['age'])} ago)"),
         ("Severity", f"{SEVERITY_ICON.get(sev, '')} {sev}, {TARGET.get(sev, '')}".strip()),
         ("Status", state),
-        ("Opened by", _who(card.get("opened_by"))),
+        ("Opened by", mention(card.get("opened_by"))),
     ]
     out: list[Block] = [blocks.header(title), blocks.fields(fields)]
     if status == "resolved" and card.get("cause"):
@@ -139,7 +136,7 @@ def restart_reply(ref: str, result: Mapping[str, Any], actor: str) -> Reply:
     ok = bool(result.get("answering"))
     icon = ":white_check_mark:" if ok else ":warning:"
     body = (
-        f"{icon} {_who(actor)} restarted PostgreSQL on `{escape(result.get('server'))}` "
+        f"{icon} {mention(actor)} restarted PostgreSQL on `{escape(result.get('server'))}` "
         f"for {escape(ref)}: {escape(result.get('message') or '')}"
     )
     detail = f"`{escape(result.get('command') or '')}` exit {result.get('exit_code')}"
@@ -155,7 +152,7 @@ def restart_reply(ref: str, result: Mapping[str, Any], actor: str) -> Reply:
 def acked_note(actor: str) -> Reply:
     return Reply(
         text=f"Acknowledged by {actor}; paging stopped.",
-        blocks=[blocks.section(f":eyes: Acknowledged by {_who(actor)}; paging stopped.")],
+        blocks=[blocks.section(f":eyes: Acknowledged by {mention(actor)}; paging stopped.")],
         ephemeral=False,
     )
 
@@ -208,7 +205,7 @@ def resolution_reply(
     inc = res.incident
     buttons = credit_buttons(res) if buttons is None else buttons
     lines = [
-        f":white_check_mark: {_who(actor)} resolved *{escape(inc.ref)}* "
+        f":white_check_mark: {mention(actor)} resolved *{escape(inc.ref)}* "
         f"after {pretty_age(_age(inc))}. Cause: {escape(inc.cause or '')}"
     ]
     if res.children:
@@ -252,7 +249,7 @@ def list_reply(
     lines = [f"*{len(incidents)} open incident{'' if len(incidents) == 1 else 's'}*"]
     for inc in incidents:
         where = ", ".join([*([inc.server] if inc.server else []), *inc.customers[:5]])
-        owner = f", owner {_who(inc.owner)}" if inc.owner else ""
+        owner = f", owner {mention(inc.owner)}" if inc.owner else ""
         age = pretty_age(int((now - inc.opened_at).total_seconds()))
         lines.append(
             f"{SEVERITY_ICON.get(inc.severity, '•')} *{inc.severity}* `{inc.ref}` "
@@ -266,7 +263,7 @@ def list_reply(
 
 def oncall_reply(now: OnCallNow, tz: ZoneInfo) -> Reply:
     def who(user: str | None, source: str) -> str:
-        return f"{_who(user)} _({escape(source)})_" if user else ":warning: *nobody*"
+        return f"{mention(user)} _({escape(source)})_" if user else ":warning: *nobody*"
 
     pairs = [
         ("Primary", who(now.primary, now.primary_from)),

@@ -24,16 +24,15 @@ Registered on the router on import (bot/surfaces.py imports this module).
 from __future__ import annotations
 
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from slack_sdk.models.blocks import Block, ButtonElement
-from sqlalchemy import Engine
 
 from bot import blocks
 from bot.blocks import Reply, escape
+from bot.desks import PerEngine
 from bot.roles import Role
 from bot.router import KINDS, REGISTRY, Arg, Call, Registry, Spec, UsageError, shown
 from core.billing import Billing, CreditResult, OnboardingProposal
@@ -91,24 +90,18 @@ class Onboarding:
     billing: Billing
 
 
-_desks: dict[Engine, Onboarding] = {}
-_desks_lock = threading.Lock()
+_desks: PerEngine[Onboarding] = PerEngine()
 
 
 def onboarding_for(ops: Ops, settings: Settings | None = None) -> Onboarding:
     """The process's Provisioner (its failpoints are the tests' seam) and Billing for
     ``ops.engine``, built on first use from ``settings`` (SMTP_URL, STRIPE_*)."""
-    with _desks_lock:
-        desk = _desks.get(ops.engine)
-        if desk is None:
-            desk = _desks[ops.engine] = _build(ops, settings or load_settings())
-        return desk
+    return _desks.get(ops.engine, lambda: _build(ops, settings or load_settings()))
 
 
 def reset_onboarding() -> None:
     """Forget the desks (tests that change the settings between cases)."""
-    with _desks_lock:
-        _desks.clear()
+    _desks.clear()
 
 
 def _build(ops: Ops, settings: Settings) -> Onboarding:

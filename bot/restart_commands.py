@@ -11,21 +11,15 @@ Registered on the router on import (bot/surfaces.py).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from bot import blocks
 from bot.blocks import Reply, escape
-from bot.incident_cards import restart_reply
+from bot.incident_cards import mention, restart_reply
 from bot.incident_commands import desk_for, refresh_card
 from bot.roles import Role
 from bot.router import REGISTRY, Arg, Call, Spec
 from core.restarts import Restarted, Restarts
-from core.settings import SLACK_USER_ID
-
-
-def _who(user: str) -> str:
-    return f"<@{user}>" if re.fullmatch(SLACK_USER_ID, user) else escape(user)
 
 
 def _took(result: dict[str, Any]) -> str:
@@ -39,7 +33,7 @@ def restarted_reply(done: Restarted, actor: str, *, in_thread: bool) -> Reply:
     server = escape(target.server)
     ok = bool(r.get("answering"))
     icon = ":white_check_mark:" if ok else ":warning:"
-    lines = [f"{icon} {_who(actor)} restarted PostgreSQL on `{server}`: {escape(r['message'])}"]
+    lines = [f"{icon} {mention(actor)} restarted PostgreSQL on `{server}`: {escape(r['message'])}"]
     if target.customer is not None:
         lines.append(
             f"{escape(target.customer)} is on {server}; restarting {server}'s PostgreSQL "

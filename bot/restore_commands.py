@@ -38,6 +38,7 @@ from slack_sdk.models.views import View
 from bot import blocks
 from bot.backup_commands import backups_for
 from bot.blocks import Reply, escape
+from bot.incident_cards import mention
 from bot.listeners.delivery import Destination
 from bot.roles import Role
 from bot.router import KINDS, REGISTRY, Arg, Call, Invocation, Spec, shown
@@ -167,7 +168,7 @@ def _preview_reply(p: RestorePreview) -> Reply:
 
 
 def _done_reply(r: RestoreResult, actor: str) -> Reply:
-    who = f"<@{actor}>" if actor.startswith("U") and actor.isalnum() else escape(actor)
+    who = mention(actor)
     reload = "; pgBouncer reloaded" if r.pgbouncer_reloaded else ""
     return Reply(
         text=f"Restored {r.customer} from {r.backup}: {r.tables} tables, {r.rows:,} rows.",

@@ -45,7 +45,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from core.fleet import Escalation, Fleet
-from core.notify import Message, MessageRef, Notifier, NotifyError
+from core.notify import Message, MessageRef, Notifier, NotifyError, inert
 from core.oncall import OnCallNow, current
 from storage.db import is_sqlite
 from storage.events import EventLog, NewEvent
@@ -291,9 +291,6 @@ def _where(ref: MessageRef | None) -> dict[str, Any]:
     return {"message": {"channel": ref.channel, "ts": ref.ts}}
 
 
-_ANGLES = str.maketrans({"<": "\u2039", ">": "\u203a"})  # single angle quotation marks
-
-
 def page_text(inc: Any, timer: Timer, now: datetime, oncall: OnCallNow | None = None) -> str:
     """The words of a page. ``inc`` is an IncidentRow-like object."""
     opened = aware(inc.opened_at) or now
@@ -301,10 +298,8 @@ def page_text(inc: Any, timer: Timer, now: datetime, oncall: OnCallNow | None = 
     where = ", ".join(inc.customers) if inc.customers else (inc.server or "")
     # The title comes from whoever opened the incident (an alert's summary): its angle brackets
     # become look-alikes so `<!channel>` or a link in it is shown as text, never acted on.
-    title = str(inc.title).translate(_ANGLES)
-    head = f"{inc.severity} inc-{inc.id}: {title}" + (
-        f" ({where.translate(_ANGLES)})" if where else ""
-    )
+    title = inert(inc.title)
+    head = f"{inc.severity} inc-{inc.id}: {title}" + (f" ({inert(where)})" if where else "")
     ack = f"Ack with `/db incident ack {inc.id}`."
     again = f" Page {timer.round + 1}." if timer.round else ""
     if timer.kind == REMINDER:
@@ -639,7 +634,7 @@ class Escalator:
                 refs.append(MessageRef(str(where["channel"]), str(where["ts"])))
         if not refs:
             return 0
-        title = str(inc.title).translate(_ANGLES)
+        title = inert(inc.title)
         opened = aware(inc.opened_at) or now
         text = (
             f":white_check_mark: {inc.severity} inc-{inc.id}: {title} was {done} by "

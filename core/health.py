@@ -166,6 +166,11 @@ def parse_seconds(value: object, check: str = "threshold") -> float:
     return float(match.group(1)) * _TIME_UNITS[unit]
 
 
+def optional_seconds(value: object, check: str) -> float | None:
+    """A threshold in seconds, or None where the fleet file leaves it out (or empty)."""
+    return None if value in (None, "") else parse_seconds(value, check)
+
+
 def parse_bytes(value: object, check: str = "threshold") -> int:
     """check_postgres's size: '10G', '500 MB', '1024' (bytes)."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -634,8 +639,7 @@ def check_prepared_txns(stats: ClusterStats, warn: object, crit: object) -> Chec
     """check_prepared_txns: age in seconds of the oldest prepared transaction."""
     name = "prepared_txns"
     try:
-        w = parse_seconds(warn, name) if warn not in (None, "") else None
-        c = parse_seconds(crit, name) if crit not in (None, "") else None
+        w, c = optional_seconds(warn, name), optional_seconds(crit, name)
     except BadThreshold as exc:
         return _unknown(name, exc)
     sw = _plain(w) if w is not None else None
@@ -773,8 +777,7 @@ def check_last_vacuum(
     """
     name = "last_vacuum"
     try:
-        w = parse_seconds(warn, name) if warn not in (None, "") else None
-        c = parse_seconds(crit, name) if crit not in (None, "") else None
+        w, c = optional_seconds(warn, name), optional_seconds(crit, name)
     except BadThreshold as exc:
         return _unknown(name, exc)
     sw = int(w) if w is not None else None
@@ -1037,8 +1040,7 @@ def check_backup_age(
     """Age of the newest complete, successful backup; a newer failed one is at least a warning."""
     name = "backup_age"
     try:
-        w = parse_seconds(warn, name) if warn not in (None, "") else None
-        c = parse_seconds(crit, name) if crit not in (None, "") else None
+        w, c = optional_seconds(warn, name), optional_seconds(crit, name)
     except BadThreshold as exc:
         return _unknown(name, exc), None
     sw = int(w) if w is not None else None
@@ -1152,10 +1154,7 @@ def check_pgbouncer(
     name = "pgbouncer"
     try:
         ww, wc = (_count(v, "pgb_pool_cl_waiting") for v in waiting_limits)
-        mw, mc = (
-            parse_seconds(v, "pgb_pool_maxwait") if v not in (None, "") else None
-            for v in maxwait_limits
-        )
+        mw, mc = (optional_seconds(v, "pgb_pool_maxwait") for v in maxwait_limits)
     except BadThreshold as exc:
         return _unknown(name, exc)
     if stats is None:

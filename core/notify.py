@@ -16,6 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+_ANGLES = str.maketrans({"<": "\u2039", ">": "\u203a"})  # single angle quotation marks
+
+
+def inert(text: object) -> str:
+    """Someone else's words (an alert's summary, an incident title) for a message: angle
+    brackets become look-alikes, so `<!channel>` or a link in them is shown, never acted on."""
+    return str(text).translate(_ANGLES)
+
 
 @dataclass(frozen=True)
 class Message:

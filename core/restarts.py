@@ -31,7 +31,7 @@ from core.incidents import (
     restart_server,
 )
 from core.names import not_found, validate_server_name
-from core.remote import RunnerPool
+from core.remote import FleetAccess, RunnerPool
 from core.report import server_json
 from storage.events import EventLog
 
@@ -64,7 +64,9 @@ class Restarted:
     result: dict[str, Any]  # restart_server's result: command, exit_code, answering, ...
 
 
-class Restarts:
+class Restarts(FleetAccess):
+    events: EventLog
+
     def __init__(
         self,
         engine: Engine,
@@ -78,15 +80,10 @@ class Restarts:
     ) -> None:
         self.engine = engine
         self.events = events
-        self._fleet = fleet
-        self.runners = runners
+        self._init_fleet_access(fleet, runners)
         self.incidents = incidents
         self.check_deadline_s = check_deadline_s
         self.recheck_s = recheck_s
-
-    @property
-    def fleet(self) -> Fleet:
-        return self._fleet() if callable(self._fleet) else self._fleet
 
     def target(self, name: str) -> Target:
         """A server by its name, or the server a customer is on; else a NotFound with the

@@ -12,8 +12,8 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 def delivery_key(kind: str, body: dict[str, Any], request: AsyncBoltRequest) -> str:
     """``trigger_id`` is unique per slash command and per button press, and a retry repeats the
     same body; without one, the body's hash is the identity."""
-    trigger = body.get("trigger_id")
-    if isinstance(trigger, str) and 0 < len(trigger) <= 150:
+    trigger = trigger_of(body)
+    if trigger is not None:
         return f"{kind}:{trigger}"
     raw = request.raw_body.encode("utf-8")
     return f"{kind}:sha256:{hashlib.sha256(raw).hexdigest()}"
