@@ -17,19 +17,17 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from slack_bolt.request.async_request import AsyncBoltRequest
 from sqlalchemy import Engine
 
 import bot.app
-from bot.app import build_services, create_app
 from bot.blocks import Reply
-from bot.context import Context
 from bot.roles import Roles
 from bot.router import REGISTRY, Arg, Call, Registry, Router, Spec
 from core.errors import DbopsError
 from core.ops import Ops
 from storage.events import EventLog
-from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, SlackStub, sign, slash_body
+from tests.slack_app import SlackApp
+from tests.slack_stub import SlackStub, slash_body
 
 VIEW = {
     "type": "modal",
@@ -103,27 +101,18 @@ def router(gate: Gate, sqlite_engine: Engine) -> Router:
 
 def typed(router: Router, stub: SlackStub, text: str, *, during: Any = None) -> tuple[str, str]:
     """`/db <text>` through the Bolt app; returns the trigger and the response_url's token."""
-    ctx = Context.load(
-        database_url="sqlite://",
-        slack_bot_token=BOT_TOKEN,
-        slack_signing_secret=SIGNING_SECRET,
-        slack_api_url=stub.base_url,
-    )
-    services = build_services(ctx, router=router)
-    app = create_app(services)
+    slack = SlackApp(router, stub)
     trigger, token = f"{uuid.uuid4().int % 10**13}.t", uuid.uuid4().hex
     body = slash_body(text, trigger_id=trigger, response_url=stub.response_url(token))
 
     async def scenario() -> None:
         try:
-            resp = await app.async_dispatch(AsyncBoltRequest(body=body, headers=sign(body)))
-            assert resp.status == 200
+            assert (await slack.dispatch(body))[0] == 200
             if during is not None:
                 await asyncio.to_thread(during)
-            await services.background.drain(timeout=30)
+            await slack.drain(timeout=30)
         finally:
-            services.background.close()
-            await services.replier.close()
+            await slack.close()
 
     asyncio.run(scenario())
     return trigger, token

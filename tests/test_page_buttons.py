@@ -10,7 +10,6 @@ the press a signed block_actions through Bolt; time is moved with time-machine.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import json
 import sys
@@ -23,12 +22,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import time_machine
-from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk import WebClient
 from slack_sdk.models.blocks import Block
 
-from bot.app import build_services, create_app
-from bot.context import Context
 from bot.notifier import SlackNotifier
 from bot.roles import Roles
 from bot.router import REGISTRY, Invocation, Registry, Router, parse
@@ -39,7 +35,8 @@ from core.settings import load_settings
 from storage.db import make_engine
 from storage.events import EventLog
 from storage.migrate import upgrade
-from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, Call, SlackStub, action_body, sign
+from tests.slack_app import send_once
+from tests.slack_stub import BOT_TOKEN, Call, SlackStub, action_body
 from tests.test_slack_incidents import posted_contract
 
 ALICE, BOB, CAROL, DAVE = "U_ALICE", "U_BOB", "U_CAROL", "U_DAVE"  # op, viewer, admin, op
@@ -173,14 +170,6 @@ def bolt_press(
 ) -> Call:
     """Press ``button`` as Slack does, in channel ``where`` (a DM is D...): a signed
     block_actions through Bolt; the reply is what lands on the press's response_url."""
-    ctx = Context.load(
-        database_url="sqlite://",
-        slack_bot_token=BOT_TOKEN,
-        slack_signing_secret=SIGNING_SECRET,
-        slack_api_url=stub.base_url,
-    )
-    services = build_services(ctx, router=router)
-    app = create_app(services)
     token = uuid.uuid4().hex
     body = action_body(
         button["action_id"],
@@ -189,17 +178,7 @@ def bolt_press(
         response_url=stub.response_url(token),
         channel=where,
     )
-
-    async def scenario() -> int:
-        try:
-            resp = await app.async_dispatch(AsyncBoltRequest(body=body, headers=sign(body)))
-            await services.background.drain(timeout=60)
-            return resp.status
-        finally:
-            services.background.close()
-            await services.replier.close()
-
-    assert asyncio.run(scenario()) == 200
+    assert send_once(router, stub, body) == 200
     return stub.wait_for(lambda c: c.path == f"/response/{token}")
 
 

@@ -20,12 +20,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from slack_bolt.request.async_request import AsyncBoltRequest
 
 import bot.surfaces  # noqa: F401  (registers the commands)
-from bot.app import Services, build_services, create_app
 from bot.backup_commands import backups_for
-from bot.context import Context
 from bot.roles import Denied, Roles
 from bot.router import REGISTRY, Invocation, Router, UsageError
 from core.customers import Customer, customer_from_mapping, upsert_customers
@@ -35,13 +32,12 @@ from core.settings import load_settings
 from storage.db import make_engine
 from storage.events import EventLog
 from storage.migrate import upgrade
+from tests.slack_app import SlackApp
 from tests.slack_stub import (
     BOT_TOKEN,
-    SIGNING_SECRET,
     Call,
     SlackStub,
     action_body,
-    sign,
     slash_body,
     view_submission_body,
 )
@@ -106,30 +102,6 @@ def live_counts_or_none(c: Seeded) -> dict[str, int] | None:
         return None
 
 
-class Slack:
-    """The Bolt app over our router, driven with signed requests as Slack sends them."""
-
-    def __init__(self, router: Router, stub: SlackStub) -> None:
-        ctx = Context.load(
-            database_url="sqlite://",
-            slack_bot_token=BOT_TOKEN,
-            slack_signing_secret=SIGNING_SECRET,
-            slack_api_url=stub.base_url,
-        )
-        self.stub = stub
-        self.services: Services = build_services(ctx, router=router)
-        self.app = create_app(self.services)
-
-    async def send(self, body: str) -> tuple[int, dict[str, Any]]:
-        resp = await self.app.async_dispatch(AsyncBoltRequest(body=body, headers=sign(body)))
-        await self.services.background.drain(timeout=120)
-        return resp.status, json.loads(resp.body) if resp.body else {}
-
-    async def close(self) -> None:
-        self.services.background.close()
-        await self.services.replier.close()
-
-
 def form_of(stub: SlackStub, trigger: str) -> Call:
     """The form opened on ``trigger``: directly (the backups were read in time), or in place of
     a placeholder opened first (tests/test_forms.py holds each path on purpose)."""
@@ -165,7 +137,7 @@ def restores_started(router: Router, name: str) -> int:
 def test_restore_end_to_end_from_the_modal(
     router: Router, stub: SlackStub, customer: Seeded, tested_backup: str
 ) -> None:
-    slack = Slack(router, stub)
+    slack = SlackApp(router, stub)
     trigger = f"{uuid.uuid4().int % 10**13}.restore"
     token = uuid.uuid4().hex
     before = database(customer)
@@ -260,7 +232,7 @@ def test_the_restore_button_on_an_incident_card_opens_the_form(
         assert tested_backup in button["text"]["text"] and "old" in button["text"]["text"]
         assert button["style"] == "danger" and "confirm" not in button  # the form confirms
 
-        slack = Slack(router, stub)
+        slack = SlackApp(router, stub)
 
         async def press(user: str) -> tuple[str, str]:
             token = uuid.uuid4().hex

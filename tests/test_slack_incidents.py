@@ -9,7 +9,6 @@ someone on call. Slack is our stub; the router runs every line as a slash comman
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import json
 import sys
@@ -23,12 +22,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import time_machine
-from slack_bolt.request.async_request import AsyncBoltRequest
 
-from bot.app import build_services, create_app
 from bot.backup_commands import backups_for
 from bot.blocks import Reply
-from bot.context import Context
 from bot.incident_cards import resolution_reply
 from bot.listeners.errors import reply_for
 from bot.roles import Denied, Roles
@@ -42,7 +38,8 @@ from core.settings import load_settings
 from storage.db import make_engine
 from storage.events import EventLog
 from storage.migrate import upgrade
-from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, Call, SlackStub, action_body, sign
+from tests.slack_app import send_once
+from tests.slack_stub import BOT_TOKEN, Call, SlackStub, action_body
 from tests.test_blocks_contract import check_contract
 
 ALICE, BOB, CAROL = "U_ALICE", "U_BOB", "U_CAROL"  # operator, viewer, admin
@@ -128,14 +125,6 @@ def press(router: Router, user: str, line: str) -> Reply:
 def bolt_press(router: Router, stub: SlackStub, user: str, line: str) -> Call:
     """Press a card button as Slack does: a signed block_actions request through Bolt, the
     router in the background, the reply on the press's response_url (which is returned)."""
-    ctx = Context.load(
-        database_url="sqlite://",
-        slack_bot_token=BOT_TOKEN,
-        slack_signing_secret=SIGNING_SECRET,
-        slack_api_url=stub.base_url,
-    )
-    services = build_services(ctx, router=router)
-    app = create_app(services)
     command = parse(line, router.registry)
     token = uuid.uuid4().hex
     body = action_body(
@@ -145,17 +134,7 @@ def bolt_press(router: Router, stub: SlackStub, user: str, line: str) -> Call:
         response_url=stub.response_url(token),
         channel=OPS,
     )
-
-    async def scenario() -> int:
-        try:
-            resp = await app.async_dispatch(AsyncBoltRequest(body=body, headers=sign(body)))
-            await services.background.drain(timeout=60)
-            return resp.status
-        finally:
-            services.background.close()
-            await services.replier.close()
-
-    assert asyncio.run(scenario()) == 200
+    assert send_once(router, stub, body) == 200
     reply = stub.wait_for(lambda c: c.path == f"/response/{token}")
     posted_contract(reply)
     return reply
