@@ -11,11 +11,13 @@ PG_BIN ?= /usr/lib/postgresql/15/bin
 
 install: $(BIN)/dbops system-deps
 
+# Quiet: `make demo`'s first screen is the demo. pip still prints its errors.
 $(BIN)/dbops: pyproject.toml
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
-	touch $(BIN)/dbops
+	@echo "Installing dbops and its tools into $(VENV) (the first time takes a minute) ..."
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -qq --upgrade pip
+	@$(BIN)/pip install -qq -e '.[dev]'
+	@touch $(BIN)/dbops
 
 # Debian packages the sandbox and the tests need. Installed only when missing, and only as root.
 # pgbouncer goes in on its own: the sandbox runs one per server, so the package's system service
@@ -51,7 +53,7 @@ system-deps:
 	esac
 
 demo: install
-	$(BIN)/dbops demo
+	@$(BIN)/dbops demo
 
 lint: install
 	$(BIN)/ruff check .

@@ -27,7 +27,7 @@ You are {user}, an admin. Try:
   /db log {first}
   /db restore {first}   /db provision newco --plan small --email you@example.com
   press 1            (presses button [1] of the last reply)
-Sandbox: {dir} (stop it with `dbops sandbox down --dir {dir}`); event log: {db}.
+Sandbox: {dir} (stop it with `dbops sandbox down --dir {dir}`); event log: {db}.{moved}
 """
 
 
@@ -47,9 +47,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The Slack app: POST /slack/events, GET /healthz (Socket Mode with SLACK_APP_TOKEN)."""
         from bot import http
+        from bot.provision_commands import require_email_branding
 
         _logging()
         ctx = Context.load().ready()
+        require_email_branding(ctx.settings, lambda: ctx.fleet)
         http.serve(ctx, host, port)
 
     @app.command("shell")
@@ -59,7 +61,10 @@ def register(app: typer.Typer) -> None:
         ] = "U_SHELL",
     ) -> None:
         """The bot in a terminal: type `/db ...` lines, `press N` to press a button."""
+        from bot.provision_commands import require_email_branding
+
         ctx = Context.load().ready()
+        require_email_branding(ctx.settings, lambda: ctx.fleet)
         _run_shell(ctx, user)
 
     @app.command("demo")
@@ -77,6 +82,7 @@ def register(app: typer.Typer) -> None:
                 first=first,
                 dir=state["dir"],
                 db=ctx.settings.database_url,
+                moved=_moved_note(directory, state),
             )
         )
         if ctx.settings.slack_bot_token and (
@@ -84,6 +90,16 @@ def register(app: typer.Typer) -> None:
         ):
             _serve_in_background(ctx)
         _run_shell(ctx, DEMO_USER, extra_admins=[DEMO_USER])
+
+
+def _moved_note(directory: Path, state: dict[str, Any]) -> str:
+    link = directory.expanduser().resolve() / "sandbox"
+    if not link.is_symlink():
+        return ""
+    return (
+        f"\nThe clusters run as the postgres user, who cannot enter {directory.resolve()}: their"
+        f" data is in {state['dir']} ({link} links to it)."
+    )
 
 
 def _run_shell(ctx: Context, user: str, extra_admins: list[str] | None = None) -> None:
@@ -108,7 +124,9 @@ def _demo_context(directory: Path) -> tuple[Context, dict[str, Any]]:
     from storage.migrate import upgrade
 
     base = directory.expanduser().resolve()
-    box = base / "sandbox"
+    base.mkdir(parents=True, exist_ok=True)
+    # Under a home closed to others (root's on Debian), the clusters live under /var/tmp.
+    box = sandbox.reachable_dir(base / "sandbox")
     box.mkdir(parents=True, exist_ok=True)
     # Real sshds when the machine has OpenSSH, so the demo goes over SSH as production does.
     servers, customers, ssh = DEMO_SERVERS, DEMO_CUSTOMERS, Path(sandbox.SSHD).exists()

@@ -15,7 +15,7 @@ from core.fleet import Fleet, load_fleet
 from core.settings import Settings, load_settings
 from storage.db import make_engine
 from storage.events import EventLog
-from storage.migrate import SchemaError, check_schema
+from storage.migrate import SchemaError, check_schema, ensure_schema
 
 log = logging.getLogger("dbops")
 
@@ -38,7 +38,13 @@ class Context:
         return EventLog(self.engine)
 
     def ready(self) -> Context:
-        """Refuse to go on against a database whose schema is not this version's."""
+        """Create the schema on a brand-new database; refuse to go on against an older one."""
+        made = ensure_schema(self.engine)
+        if made is not None:
+            log.info("created the dbops schema (revision %s) in a new database", made)
+            self.events.append(
+                "db.upgrade", "schema", {"from": None, "to": made, "first_use": True}, actor="dbops"
+            )
         try:
             check_schema(self.engine)
         except SchemaError as exc:

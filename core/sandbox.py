@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +55,14 @@ PGBOUNCER = Path("/usr/sbin/pgbouncer")
 PGBOUNCER_POOL_SIZE = 5
 STATE_FILE = "sandbox.json"
 FLEET_FILE = "fleet.toml"
+# Whose emails the sandbox's (and the demo's) are: a made-up business, so they read as a real
+# operator's would and SMTP_URL set with the sandbox fleet is production-shaped.
+DEMO_BUSINESS = {
+    "name": "Sandbox Hosting",
+    "support_email": "support@sandbox-hosting.example",
+    "support_hours": "Mon-Fri 9:00-18:00 ET",
+    "signature": "The Sandbox Hosting team",
+}
 MONITOR_ROLE = "dbops_monitor"
 ADMIN_ROLE = "postgres"
 # Every session a fault helper opens carries this name, so heal can find and wait for them.
@@ -191,15 +200,53 @@ def _customer_names(count: int) -> list[str]:
     return names
 
 
-def _check_reachable_by_postgres(directory: Path) -> None:
+def _closed_parent(directory: Path) -> Path | None:
+    """The first parent of ``directory`` the postgres user cannot enter (root only: otherwise
+    the clusters run as the caller, who can reach it)."""
     if not _is_root():
-        return
+        return None
     for parent in directory.parents:
         if not parent.stat().st_mode & 0o001:
+            return parent
+    return None
+
+
+def _check_reachable_by_postgres(directory: Path) -> None:
+    parent = _closed_parent(directory)
+    if parent is not None:
+        raise DbopsError(
+            f"the postgres user cannot reach {directory}: {parent} is closed to others.",
+            hint="Use a directory under /tmp or /srv, or chmod o+x that parent.",
+        )
+
+
+# Where a sandbox lives when the directory asked for is under one closed to others (root's
+# 0700 home on Debian): the clusters run as postgres and must reach their data.
+OPEN_ROOT = Path("/var/tmp")  # noqa: S108 (a fresh mkdtemp name, never a fixed one)
+
+
+def reachable_dir(directory: Path) -> Path:
+    """``directory`` itself when the postgres user can reach it; else a directory of its own
+    under /var/tmp, linked from ``directory`` so that every later command may name either.
+    No one's home directory is opened to do it."""
+    directory = Path(directory).expanduser().absolute()
+    if directory.is_symlink():
+        return directory.resolve()
+    if _closed_parent(directory) is None or (directory / STATE_FILE).exists():
+        return directory
+    if directory.exists():
+        if any(directory.iterdir()):
             raise DbopsError(
-                f"the postgres user cannot reach {directory}: {parent} is closed to others.",
-                hint="Use a directory under /tmp or /srv, or chmod o+x that parent.",
+                f"the postgres user cannot reach {directory}, and it is not empty.",
+                hint="Remove it, or name a directory under /tmp or /srv with --dir.",
             )
+        directory.rmdir()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # A new name no one else can have made first (mkdtemp), opened to postgres only then.
+    target = Path(tempfile.mkdtemp(prefix="dbops-sandbox-", dir=OPEN_ROOT))
+    target.chmod(0o755)
+    directory.symlink_to(target, target_is_directory=True)
+    return target
 
 
 def _pg_ctl(spec: dict[str, Any], *args: str) -> list[str]:
@@ -733,6 +780,7 @@ def _fleet_toml(servers: list[Server], known_hosts: Path | None) -> str:
     )
     out += _toml_table("[escalation]", {"ack_timeout": "5m", "channel_after": "15m", "repeat": 3})
     out += _toml_table("[backups]", {"keep_daily": 7, "keep_weekly": 4})
+    out += _toml_table("[business]", DEMO_BUSINESS)
     return out
 
 

@@ -27,8 +27,14 @@ def _user_ids(value: Any) -> Any:
 
 
 class Settings(BaseSettings):
+    # A variable set to the empty string counts as unset: a copied .env.example leaves many
+    # empty (`SLACK_APP_TOKEN=` must not turn on Socket Mode with an empty token).
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        case_sensitive=False,
     )
 
     database_url: str = Field(
