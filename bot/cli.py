@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 from rich.console import Console
@@ -18,7 +19,7 @@ from bot.tables import report_table
 from core import sandbox
 from core.customers import customer_from_mapping, list_customers, read_customers, upsert_customers
 from core.errors import DbopsError
-from core.names import not_found
+from core.names import closest, not_found
 from core.ops import Ops
 from core.remote import trust_host
 from core.report import render_status_text, render_text
@@ -33,12 +34,14 @@ app = typer.Typer(
 db_app = typer.Typer(help="The dbops database itself.", no_args_is_help=True)
 events_app = typer.Typer(help="The append-only event log.", no_args_is_help=True)
 fleet_app = typer.Typer(help="Servers and customers.", no_args_is_help=True)
+jobs_app = typer.Typer(help="The scheduled jobs: list them, or run one now.")
 sandbox_app = typer.Typer(
     help="A fleet of real PostgreSQL clusters on this machine.", no_args_is_help=True
 )
 app.add_typer(db_app, name="db")
 app.add_typer(events_app, name="events")
 app.add_typer(fleet_app, name="fleet")
+app.add_typer(jobs_app, name="jobs")
 app.add_typer(sandbox_app, name="sandbox")
 
 out = Console()
@@ -277,12 +280,12 @@ def sandbox_heal(directory: SandboxDir) -> None:
     _print_json(sandbox.heal(directory))
 
 
-def _worker_notifier(ctx: Context) -> Any:
+def _worker_notifier(ctx: Context, console: TextIO | None = None) -> Any:
     from bot.notifier import ConsoleNotifier, SlackNotifier, web_client
 
     if ctx.settings.slack_bot_token is not None:
         return SlackNotifier(web_client(ctx.settings), ctx.events)
-    return ConsoleNotifier(events=ctx.events)
+    return ConsoleNotifier(console, events=ctx.events)
 
 
 @app.command("scheduler")
@@ -296,9 +299,11 @@ def scheduler_cmd() -> None:
     run_forever(Worker(ctx, _worker_notifier(ctx)))
 
 
-@app.command("jobs")
-def jobs_cmd(as_json: JsonFlag = False) -> None:
+@jobs_app.callback(invoke_without_command=True)
+def jobs_cmd(typer_ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """Every scheduled job with its trigger and next run, in UTC and local time."""
+    if typer_ctx.invoked_subcommand is not None:
+        return
     from bot.scheduler import jobs_table
     from core.checklists import load_checklists
     from core.jobs import job_specs
@@ -317,6 +322,66 @@ def jobs_cmd(as_json: JsonFlag = False) -> None:
             r["description"],
         )
     out.print(table)
+
+
+def _login() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name in the environment nor in the passwd file
+        return None
+
+
+@jobs_app.command("run")
+def jobs_run(
+    name: Annotated[str, typer.Argument(help="The job, as `dbops jobs` lists it.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Run one job now, as a recorded manual run; exit 0 when it went well, 1 when it failed.
+    What it posts goes to OPS_CHANNEL as the scheduled run's would."""
+    from bot.scheduler import Worker
+    from core.checklists import load_checklists
+    from core.jobs import job_specs
+
+    ctx = _ctx()
+    names = sorted(s.id for s in job_specs(ctx.settings.tz, load_checklists()))
+    if name not in names:
+        near = closest(name, names)
+        raise DbopsError(
+            f"no job {name!r}. The jobs are: {', '.join(names)}.",
+            hint=f"Did you mean {', '.join(repr(n) for n in near)}?" if near else None,
+        )
+    ctx.ready()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    # With --json, stdout holds the outcome alone: the console notifier (no Slack token) and
+    # the log go to stderr.
+    worker = Worker(ctx, _worker_notifier(ctx, console=sys.stderr if as_json else None))
+    try:
+        result = worker.run_manual(name, actor="cli", user=_login())
+    finally:
+        worker.ops.close()
+    outcome = {
+        "job": result.job_id,
+        "manual": True,
+        "ok": result.ok,
+        "outcome": "ok" if result.ok else "failed",
+        "started_at": result.slot.astimezone(UTC).isoformat() if result.slot else None,
+        "duration_ms": result.duration_ms,
+        "result": result.outcome,
+        "error_id": result.error_id,
+        "error": result.error,
+    }
+    if as_json:
+        _print_json(outcome)
+    elif result.ok:
+        out.print(f"{name}: ok in {result.duration_ms} ms", highlight=False, markup=False)
+        if result.outcome is not None:
+            print(json.dumps(result.outcome, ensure_ascii=False, default=str))
+    else:
+        why = f"error id {result.error_id}: {result.error}" if result.error_id else "see its result"
+        err.print(f"{name}: failed ({why})", highlight=False, markup=False)
+        if result.outcome is not None:
+            print(json.dumps(result.outcome, ensure_ascii=False, default=str))
+    raise typer.Exit(0 if result.ok else 1)
 
 
 def _register_surfaces() -> None:

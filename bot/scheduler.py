@@ -8,6 +8,7 @@ running it died) runs it late, marked late.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import signal
 import threading
@@ -36,7 +37,16 @@ from core.alerts import alerts_from_report
 from core.backups import Backups
 from core.escalation import Escalator
 from core.incidents import Incidents
-from core.jobs import JobSpec, RunResult, execute, job_specs, missed_slots, next_runs, owner_id
+from core.jobs import (
+    JobSpec,
+    RunResult,
+    execute,
+    execute_manual,
+    job_specs,
+    missed_slots,
+    next_runs,
+    owner_id,
+)
 from core.notify import Message, Notifier
 from core.oncall import handoff
 from core.ops import Ops
@@ -173,8 +183,10 @@ class Worker:
             "opened": len(opened),
         }
 
-    def nightly_backups(self, slot: datetime, late_s: int) -> dict[str, Any]:
-        run = self.backups.backup_all(actor="scheduler")
+    def nightly_backups(
+        self, slot: datetime, late_s: int, *, actor: str = "scheduler"
+    ) -> dict[str, Any]:
+        run = self.backups.backup_all(actor=actor)
         if run.failed:
             names = ", ".join(sorted({o.customer for o in run.failed}))
             self.notifier.post(
@@ -183,8 +195,10 @@ class Worker:
             )
         return {"ok": run.ok, "failed": len(run.failed), "wall_s": round(run.wall_s)}
 
-    def restore_tests(self, slot: datetime, late_s: int) -> dict[str, Any]:
-        outcomes = self.backups.verify_all(actor="scheduler")
+    def restore_tests(
+        self, slot: datetime, late_s: int, *, actor: str = "scheduler"
+    ) -> dict[str, Any]:
+        outcomes = self.backups.verify_all(actor=actor)
         bad = [o.customer for o in outcomes if o.verification.verdict == "crit"]
         if bad:
             self.notifier.post(
@@ -241,19 +255,25 @@ class Worker:
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def function(self, spec: JobSpec) -> Callable[[datetime, int], Any]:
+    def function(self, spec: JobSpec, actor: str = "scheduler") -> Callable[[datetime, int], Any]:
+        """The body of ``spec``; bodies that record who acted (backups) act as ``actor``."""
         if spec.id.startswith("checklist:"):
             name = spec.args["checklist"]
-            return lambda slot, late: {"run": self.checklist(name).id}
-        fn: Callable[[datetime, int], Any] = getattr(self, spec.id)
+            return lambda slot, late: {"run": self.checklist(name, actor=actor).id}
+        fn: Callable[..., Any] = getattr(self, spec.id)
+        if actor != "scheduler" and "actor" in inspect.signature(fn).parameters:
+            return lambda slot, late: fn(slot, late, actor=actor)
         return fn
 
     def on_error(self, job_id: str, error_id: str, exc: BaseException) -> None:
+        self._post_failure(f"Scheduled job `{job_id}`", job_id, error_id)
+
+    def _post_failure(self, what: str, job_id: str, error_id: str) -> None:
         try:
             self.notifier.post(
                 self.channel,
                 Message(
-                    text=f":x: Scheduled job `{job_id}` failed. Error id `{error_id}` "
+                    text=f":x: {what} failed. Error id `{error_id}` "
                     "(the worker's log has the details)."
                 ),
             )
@@ -270,6 +290,23 @@ class Worker:
             clock=self.clock,
             owner=self.owner,
             on_error=self.on_error,
+        )
+
+    def run_manual(self, job_id: str, *, actor: str, user: str | None = None) -> RunResult:
+        """Run ``job_id`` now, on request (``dbops jobs run``): recorded as a manual run, it
+        claims no slot, so the scheduled runs happen as they would have (core.jobs)."""
+        spec = self.specs[job_id]
+        return execute_manual(
+            spec,
+            self.function(spec, actor=actor),
+            events=self.ctx.events,
+            actor=actor,
+            clock=self.clock,
+            owner=self.owner,
+            user=user,
+            on_error=lambda job, error_id, exc: self._post_failure(
+                f"Job `{job}` (run by hand)", job, error_id
+            ),
         )
 
     def catch_up(self) -> list[RunResult]:
