@@ -22,6 +22,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.blocks import Reply, clip, escape
 from bot.listeners.delivery import Destination
+from core.notify import inert_payload
 
 log = logging.getLogger("dbops.forms")
 TITLE_MAX = 24
@@ -76,7 +77,7 @@ class Forms:
     async def _open(self, trigger: str, view: dict[str, Any]) -> str | None:
         """views.open; the new view's id, or None when Slack refused (an expired trigger)."""
         try:
-            result = await self.client.views_open(trigger_id=trigger, view=view)
+            result = await self.client.views_open(trigger_id=trigger, view=inert_payload(view))
         except SlackApiError as exc:
             log.warning("could not open a form: %s", exc.response.get("error"))
             return None
@@ -95,7 +96,7 @@ class Forms:
         else:
             view = _modal(title, escape(reply.text), reply)
         try:
-            result = await self.client.views_update(view_id=view_id, view=view)
+            result = await self.client.views_update(view_id=view_id, view=inert_payload(view))
         except Exception as exc:
             log.warning("could not show a form: %s", type(exc).__name__)
             return False

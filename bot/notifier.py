@@ -19,7 +19,7 @@ from slack_sdk.models.blocks import ButtonElement
 
 from bot import blocks
 from core.errors import DbopsError
-from core.notify import Message, MessageRef, NotifyError
+from core.notify import Message, MessageRef, NotifyError, inert_payload
 from core.settings import Settings
 from storage.events import EventLog
 
@@ -86,7 +86,7 @@ class SlackNotifier:
 
     def _call(self, method: str, **kwargs: Any) -> dict[str, Any]:
         try:
-            response = self.client.api_call(method, json=kwargs)
+            response = self.client.api_call(method, json=inert_payload(kwargs))
         except SlackApiError as exc:
             error = str(exc.response.get("error", "unknown_error"))
             raise NotifyError(

@@ -20,6 +20,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot.blocks import Reply
+from core.notify import inert_payload
 from core.settings import Settings
 
 log = logging.getLogger("dbops.slack")
@@ -70,7 +71,10 @@ class Replier:
             timeout=TIMEOUT_S,
             retry_handlers=retry_handlers(),
         )
-        body: dict[str, Any] = {**reply.message(), "replace_original": replace_original}
+        body: dict[str, Any] = {
+            **inert_payload(reply.message()),
+            "replace_original": replace_original,
+        }
         response = await hook.send_dict(body)
         if response.status_code != 200:
             log.warning("response_url answered %s: %s", response.status_code, response.body[:200])
@@ -78,7 +82,7 @@ class Replier:
         return True
 
     async def post(self, channel: str, reply: Reply, *, user: str | None = None) -> bool:
-        message = reply.message()
+        message = inert_payload(reply.message())
         message.pop("response_type")
         if reply.ephemeral and user:
             result = await self.client.chat_postEphemeral(channel=channel, user=user, **message)

@@ -321,15 +321,24 @@ def alerts_from_report(report: Mapping[str, Any]) -> list[Alert]:
     return out
 
 
+# Checks whose detail quotes someone else's words (log lines, a customer's query text): an
+# incident title is pushed to pages, cards and emails, so it never carries them; the detail
+# stays in the incident, shown escaped.
+FOREIGN_DETAIL = frozenset({"logfile", "query_time", "txn_time", "txn_idle", "locks"})
+
+
 def _check_alert(check: str, c: Mapping[str, Any], *, server: str, customer: str | None) -> Alert:
     where = customer or server
     detail = str(c.get("detail", ""))
+    title = f"{check} critical on {where}"
+    if detail and check not in FOREIGN_DETAIL:
+        title += f": {detail}"
     return Alert(
         status="firing" if c.get("verdict") == "crit" else "resolved",
         kind="check",
         dedupe_key=dedupe_key("check", server=server, customer=customer, check=check),
         severity=HEALTH_SEVERITY.get(check, "P2"),
-        title=(f"{check} critical on {where}" + (f": {detail}" if detail else ""))[:200],
+        title=title[:200],
         source="health",
         alertname=check,
         server=server,

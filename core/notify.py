@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +24,41 @@ def inert(text: object) -> str:
     """Someone else's words (an alert's summary, an incident title) for a message: angle
     brackets become look-alikes, so `<!channel>` or a link in them is shown, never acted on."""
     return str(text).translate(_ANGLES)
+
+
+# The only control sequence dbops itself writes into a message: a user mention, <@U012ABC>.
+_OWN_MARKUP = re.compile(r"<@[UW][A-Z0-9_]{2,}>")
+
+
+def inert_markup(text: str) -> str:
+    """``text`` with every Slack control sequence but our own user mentions made inert: each
+    other ``<`` becomes ``&lt;``, so a ``<!channel>``, ``<!here>`` or ``<https://evil|x>`` that
+    reached a message unescaped is shown as text. Already escaped text is unchanged
+    (``&lt;`` stays ``&lt;``), so applying it at the transport costs callers nothing."""
+    if "<" not in text:
+        return text
+    out, last = [], 0
+    for own in _OWN_MARKUP.finditer(text):
+        out.append(text[last : own.start()].replace("<", "&lt;"))
+        out.append(own.group())
+        last = own.end()
+    out.append(text[last:].replace("<", "&lt;"))
+    return "".join(out)
+
+
+def inert_payload(payload: Any) -> Any:
+    """A copy of a Slack message or view payload whose top-level ``text`` and every mrkdwn text
+    object went through ``inert_markup``: the one place every Slack transport sends through,
+    so no caller can forget. plain_text objects render no markup and are left as they are."""
+    if isinstance(payload, list):
+        return [inert_payload(item) for item in payload]
+    if not isinstance(payload, dict):
+        return payload
+    out = {key: inert_payload(value) for key, value in payload.items()}
+    text = out.get("text")
+    if isinstance(text, str) and payload.get("type") in (None, "mrkdwn"):
+        out["text"] = inert_markup(text)
+    return out
 
 
 @dataclass(frozen=True)
