@@ -24,6 +24,7 @@ Registered on the router on import (bot/surfaces.py imports this module).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -35,6 +36,7 @@ from bot.blocks import Reply, escape
 from bot.desks import PerEngine
 from bot.roles import Role
 from bot.router import KINDS, REGISTRY, Arg, Call, Registry, Spec, UsageError, shown
+from core import email as mail
 from core.billing import Billing, CreditResult, OnboardingProposal
 from core.errors import DbopsError
 from core.fleet import Fleet
@@ -104,10 +106,19 @@ def reset_onboarding() -> None:
     _desks.clear()
 
 
+def require_email_branding(settings: Settings, fleet: Callable[[], Fleet]) -> None:
+    """The start-up check of `dbops serve` and `dbops shell`: with SMTP_URL set, customer
+    emails go out, and fleet.toml must say whose they are ([business] name, support_email)."""
+    if settings.smtp_url and settings.dbops_fleet is not None:
+        mail.require_branding(settings.smtp_url, fleet().business, str(settings.dbops_fleet))
+
+
 def _build(ops: Ops, settings: Settings) -> Onboarding:
     def fleet() -> Fleet:
         return ops.fleet
 
+    # Said here with the fleet file's path; the Provisioner refuses on its own as well.
+    mail.require_branding(settings.smtp_url, ops.fleet.business, str(settings.dbops_fleet or ""))
     provisioner = Provisioner(
         ops.engine, ops.events, fleet, ops.runners, smtp_url=settings.smtp_url
     )

@@ -11,10 +11,17 @@ offer STARTTLS.
 
 Every email sent is an event ``email.sent`` with who it went to, its subject and template, and
 never its body: a welcome email carries a password.
+
+Whose emails they are comes from fleet.toml's ``[business]`` (``branding``): the company name,
+support address and hours, the signature. Neutral words stand in when it is absent, which is
+fine for a preview and wrong for a customer's inbox, so wherever a sender is built from
+settings and the fleet, ``require_branding`` refuses SMTP_URL without a business name and
+support address.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import smtplib
 import socket
@@ -32,12 +39,15 @@ from jinja2 import FileSystemLoader, StrictUndefined, TemplateNotFound, Undefine
 from jinja2.sandbox import SandboxedEnvironment
 
 from core.errors import DbopsError
+from core.fleet import Business
 from storage.events import EventLog
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "email"
 INCIDENT_TEMPLATES = ("investigating", "update", "resolved")
 DEFAULT_ETA = "Restoring within 30 minutes"
-DEFAULT_SIGNATURE = "Jeremy"
+# What emails say for a fleet without [business]: neutral, no one's name, no marketing.
+DEFAULT_COMPANY = "Your database host"
+DEFAULT_SIGNATURE = "The database team"
 SMTP_TIMEOUT_S = 15.0
 # What a template left unrendered looks like: Jinja syntax, or the SOP's [Placeholder] style
 # ("[Customer]", "[secure_password]"; not a subject tag such as "[INCIDENT]").
@@ -58,6 +68,38 @@ class Email:
 
     def as_json(self) -> dict[str, Any]:
         return {"to": list(self.to), "subject": self.subject, "template": self.template}
+
+
+def branding(business: Business) -> dict[str, str]:
+    """The values every email template signs with (``[business]``, or neutral defaults)."""
+    return {
+        "company": business.name or DEFAULT_COMPANY,
+        "support_email": business.support_email or "",
+        "support_hours": business.support_hours or "",
+        "signature": business.signature or DEFAULT_SIGNATURE,
+    }
+
+
+def require_branding(smtp_url: str | None, business: Business, fleet_file: str = "") -> None:
+    """Refuse to build a sender that would mail customers in someone else's name: with
+    SMTP_URL set (production), fleet.toml's [business] needs a name and a support address."""
+    if not smtp_url or business.branded:
+        return
+    where = f"fleet.toml ({fleet_file})" if fleet_file else "fleet.toml"
+    missing = [f for f in ("name", "support_email") if getattr(business, f) is None]
+    table = "\n".join(
+        [
+            "[business]",
+            f"name = {json.dumps(business.name or 'Example Hosting')}",
+            f"support_email = {json.dumps(business.support_email or 'support@example.com')}",
+            '# optional: support_hours = "Mon-Fri 9:00-18:00 ET", signature = "The Example team"',
+        ]
+    )
+    raise DbopsError(
+        f"SMTP_URL is set, so customer emails go out, but {where} has no [business] "
+        f"{' and no '.join(missing)}: the emails would not say whose they are.",
+        hint=f"Add this to {where}, with your own values, and start again:\n{table}",
+    )
 
 
 @lru_cache(maxsize=4)

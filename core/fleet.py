@@ -21,6 +21,19 @@ checks it (the ``pgbouncer`` check) on the server's monitoring host at ``pgbounc
 its admin console, as the monitoring role: that role must be in pgbouncer.ini's
 ``stats_users`` (and able to log in there, e.g. its secret in the auth_file). A server without
 ``pgbouncer_ini`` has no pgbouncer check.
+
+Customer emails (the welcome email, incident notices) speak for the business in ``[business]``::
+
+    [business]
+    name = "Example Hosting"
+    support_email = "support@example-hosting.com"
+    support_hours = "Mon-Fri 9:00-18:00 ET"     # optional
+    signature = "The Example Hosting team"      # optional; "The database team" otherwise
+
+Without it they are neutral ("Your database host"); with SMTP_URL set, name and support_email
+are required (core.email.require_branding). A server's ``ssl`` says what it enforces for
+customers ("require", "prefer" or "off"); left out, provisioning reads it from the customer's
+own first connection.
 """
 
 from __future__ import annotations
@@ -81,6 +94,11 @@ class Server(_Strict):
     pgbouncer_port: int = Field(6432, ge=1, le=65535)
     # Run commands as this user with runuser (e.g. postgres), when the SSH user is root.
     run_as: str | None = None
+    # What customers' connections get, as the welcome email states it: "require" (hostssl-only
+    # rules, or pgBouncer's client_tls_sslmode = require: not readable without superuser, so
+    # only from here), "prefer" (offered, not enforced) or "off" (not offered). Unset: what
+    # the customer's first connection (through pgBouncer when there is one) negotiated.
+    ssl: Literal["require", "prefer", "off"] | None = None
 
     @field_validator("name")
     @classmethod
@@ -174,6 +192,42 @@ class Backups(_Strict):
     keep_weekly: int = Field(4, ge=0)
 
 
+_EMAIL_ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
+
+
+class Business(_Strict):
+    """Whose emails these are: ``[business]``. Every field is one line of plain text."""
+
+    name: str | None = Field(None, max_length=80)
+    support_email: str | None = Field(None, max_length=120)
+    support_hours: str | None = Field(None, max_length=80)  # e.g. "Mon-Fri 9:00-18:00 ET"
+    signature: str | None = Field(None, max_length=80)  # "The database team" when unset
+
+    @field_validator("name", "support_email", "support_hours", "signature")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if not value:
+            raise ValueError("cannot be empty (leave the field out instead)")
+        if any(ch in value for ch in "\r\n"):
+            raise ValueError("must be one line")
+        return value
+
+    @field_validator("support_email")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not _EMAIL_ADDRESS.fullmatch(value):
+            raise ValueError(f"{value[:60]!r} is not an email address")
+        return value
+
+    @property
+    def branded(self) -> bool:
+        """Enough to send customer email in production: a name and a support address."""
+        return self.name is not None and self.support_email is not None
+
+
 class Fleet(_Strict):
     servers: list[Server] = Field(min_length=1)
     plans: dict[str, Plan] = Field(default_factory=dict)
@@ -181,6 +235,7 @@ class Fleet(_Strict):
     oncall: OnCall = OnCall()
     escalation: Escalation = Escalation()
     backups: Backups = Backups()
+    business: Business = Business()
     known_hosts: str | None = None
     # Where the file was read from; relative paths in it are resolved against this directory.
     base_dir: Path = Path(".")

@@ -88,7 +88,11 @@ DATABASE_CHECKS = (
 HITRATIO_MIN_BLOCKS = 10_000
 # How much of the end of the PostgreSQL log a sweep reads.
 LOG_TAIL_BYTES = 2 * 1024 * 1024
-# Lines at LOG level that an operator must see, besides every ERROR, FATAL and PANIC.
+# What the logfile check counts as an error, as check_postgres and SOP-101 mean it; WARNING
+# lines are counted apart, and LOG and the rest never count.
+LOG_ERROR_LEVELS = ("ERROR", "FATAL", "PANIC")
+# Lines at LOG level an operator should read: quoted in the check's detail, never counted as
+# errors (a busy healthy server logs "checkpoints are occurring too frequently" all day).
 LOG_LINES_THAT_MATTER = (
     "checkpoints are occurring too frequently",
     "was terminated by signal",
@@ -940,16 +944,25 @@ def _line_time(line: str) -> datetime | None:
 
 @dataclass
 class LogFindings:
-    counts: dict[str, int] = field(default_factory=dict)
-    samples: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # ERROR, FATAL and PANIC lines
+    samples: list[str] = field(default_factory=list)  # the first few of those
+    warnings: int = 0  # WARNING lines: shown, not errors
+    notes: list[str] = field(default_factory=list)  # the first LOG lines that matter
 
     @property
     def total(self) -> int:
+        """Error lines: ERROR, FATAL and PANIC."""
         return sum(self.counts.values())
 
 
+# The detail of a log with nothing to show; the report leaves such a server out.
+LOG_CLEAN = "no errors in the PostgreSQL log"
+_LOG_WARNINGS_RE = re.compile(r"^\d+ errors?\b[^;]*\((\d+) warnings?\)")
+
+
 def scan_log(text: str, since: datetime | None, *, partial_first_line: bool = False) -> LogFindings:
-    """ERROR, FATAL and PANIC lines, and LOG lines that matter, newer than ``since``.
+    """ERROR, FATAL and PANIC lines (counted), WARNING lines (counted apart) and LOG lines that
+    matter (quoted), newer than ``since``.
 
     Lines our own probes caused (application_name dbops-health in the line) are left out; lines
     without a readable time stamp count, since the window is the end of the file anyway.
@@ -966,7 +979,7 @@ def scan_log(text: str, since: datetime | None, *, partial_first_line: bool = Fa
         if severity == "LOG":
             if not any(p in message for p in LOG_LINES_THAT_MATTER):
                 continue
-        elif severity not in ("ERROR", "FATAL", "PANIC"):
+        elif severity not in (*LOG_ERROR_LEVELS, "WARNING"):
             continue
         if APP_NAME in prefix:
             continue
@@ -974,13 +987,25 @@ def scan_log(text: str, since: datetime | None, *, partial_first_line: bool = Fa
             when = _line_time(line)
             if when is not None and when < since:
                 continue
-        found.counts[severity] = found.counts.get(severity, 0) + 1
-        if len(found.samples) < 3:
-            found.samples.append(f"{severity}: {' '.join(message.split())[:120]}")
+        quoted = f"{severity}: {' '.join(message.split())[:120]}"
+        if severity == "WARNING":
+            found.warnings += 1
+        elif severity == "LOG":
+            if len(found.notes) < 2 and quoted not in found.notes:
+                found.notes.append(quoted)
+        else:
+            found.counts[severity] = found.counts.get(severity, 0) + 1
+            if len(found.samples) < 3:
+                found.samples.append(quoted)
     return found
 
 
 def check_logfile(findings: LogFindings, warn: object, crit: object) -> Check:
+    """Error lines (ERROR, FATAL, PANIC) against the thresholds; a PANIC is crit however few.
+
+    The detail reads "2 errors: ERROR 1, FATAL 1 (3 warnings); ERROR: ..." or "0 errors
+    (3 warnings)": warnings are said apart and never move the verdict.
+    """
     name = "logfile"
     try:
         w = int(str(warn)) if warn not in (None, "") else None
@@ -995,10 +1020,21 @@ def check_logfile(findings: LogFindings, warn: object, crit: object) -> Check:
         if w is not None and n >= w
         else "ok"
     )
-    if not n:
-        return Check(name, verdict, 0, w, c, "no errors in the PostgreSQL log")
-    by = ", ".join(f"{k} {v}" for k, v in sorted(findings.counts.items()))
-    return Check(name, verdict, n, w, c, f"{by}; " + " | ".join(findings.samples))
+    if not n and not findings.warnings and not findings.notes:
+        return Check(name, verdict, 0, w, c, LOG_CLEAN)
+    head = f"{n} error{'' if n == 1 else 's'}"
+    if n:
+        head += ": " + ", ".join(f"{k} {v}" for k, v in sorted(findings.counts.items()))
+    if findings.warnings:
+        head += f" ({findings.warnings} warning{'' if findings.warnings == 1 else 's'})"
+    quoted = " | ".join([*findings.samples, *findings.notes])
+    return Check(name, verdict, n, w, c, f"{head}; {quoted}" if quoted else head)
+
+
+def log_warnings(detail: str) -> int:
+    """How many WARNING lines a logfile check's detail reports (0 when it names none)."""
+    found = _LOG_WARNINGS_RE.match(detail)
+    return int(found.group(1)) if found else 0
 
 
 def log_argv(server: Server, tail_bytes: int = LOG_TAIL_BYTES) -> list[str]:

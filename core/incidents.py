@@ -1138,10 +1138,11 @@ class Incidents:
         *,
         note: str = "",
         eta: str = mail.DEFAULT_ETA,
-        signature: str = mail.DEFAULT_SIGNATURE,
+        signature: str | None = None,
     ) -> list[mail.Email]:
         """The emails ``which`` (investigating, update, resolved) would send: one per affected
-        customer with an address on record. Rendering only; nothing is sent."""
+        customer with an address on record, signed as fleet.toml's [business] says (or by
+        ``signature``). Rendering only; nothing is sent."""
         if which not in mail.INCIDENT_TEMPLATES:
             raise DbopsError(
                 f"{which[:20]!r} is not an incident email.",
@@ -1151,6 +1152,9 @@ class Incidents:
         if which == "resolved" and inc.status != "resolved":
             raise DbopsError(f"{inc.ref} is not resolved yet; resolve it with its cause first.")
         downtime = self.downtime(inc.id) if which == "resolved" and inc.is_outage else {}
+        brand = mail.branding(self.fleet.business)
+        if signature:
+            brand["signature"] = signature
         out: list[mail.Email] = []
         for name in inc.customers:
             try:
@@ -1160,6 +1164,7 @@ class Incidents:
             if not customer.email:
                 continue
             context = {
+                **brand,
                 "customer": customer.name,
                 "incident": inc.ref,
                 "title": inc.title,
@@ -1170,7 +1175,6 @@ class Incidents:
                 "cause": inc.cause or "",
                 "resolved": self._local(inc.resolved_at) if inc.resolved_at else "",
                 "downtime": pretty_age(downtime[name]) if name in downtime else "",
-                "signature": signature,
             }
             out.append(mail.render(f"incident-{which}", context, to=[customer.email]))
         return out
@@ -1184,11 +1188,13 @@ class Incidents:
         actor: str,
         note: str = "",
         eta: str = mail.DEFAULT_ETA,
-        signature: str = mail.DEFAULT_SIGNATURE,
+        signature: str | None = None,
         sender: str | None = None,
     ) -> list[dict[str, Any]]:
         """Send what ``email_preview`` shows (the Send button); each is an ``email.sent`` event
-        on the incident's timeline."""
+        on the incident's timeline. Refused, before anything goes out, when fleet.toml has no
+        [business] to speak for (``mail.require_branding``)."""
+        mail.require_branding(smtp_url, self.fleet.business)
         inc = self.get(incident_id)
         emails = self.email_preview(inc.id, which, note=note, eta=eta, signature=signature)
         if not emails:

@@ -388,7 +388,6 @@ class Provisioner(FleetAccess):
         *,
         smtp_url: str | None,
         smtp_sender: str | None = None,
-        signature: str = mail.DEFAULT_SIGNATURE,
         public_host: Callable[[Server], str] | None = None,
         backups: Backups | None = None,
         clock: Callable[[], datetime] = utcnow,
@@ -397,9 +396,10 @@ class Provisioner(FleetAccess):
         self.engine = engine
         self.events = events
         self._init_fleet_access(fleet, runners)
+        # The welcome email speaks for the business in fleet.toml: none, no sender.
+        mail.require_branding(smtp_url, self.fleet.business)
         self.smtp_url = smtp_url
         self.smtp_sender = smtp_sender
-        self.signature = signature
         self.public_host = public_host or (lambda server: server.host)
         self._backups = backups
         self.clock = clock
@@ -566,7 +566,7 @@ class Provisioner(FleetAccess):
                     raise DbopsError(str(exc)) from None
             mark("customer", detail="backups and monitoring on")
             current = "connection_test"
-            host, port = self._connection_test(target, customer, password, port)
+            host, port, ssl = self._connection_test(target, customer, password, port)
             mark("connection_test", detail=f"logged in as {customer} at {host}:{port}")
             current = "first_backup"
             try:
@@ -579,8 +579,8 @@ class Provisioner(FleetAccess):
             mark("first_backup", detail=first_backup)
             current = "welcome"
             if job.welcome != "sent":
-                assert password is not None
-                self._welcome(job, target, customer, password, host, port, actor)
+                assert password is not None and ssl is not None
+                self._welcome(job, target, customer, password, host, port, ssl, actor)
             mark("welcome", detail=f"sent to {email}")
         except BaseException as exc:
             message = exc.message if isinstance(exc, DbopsError) else type(exc).__name__
@@ -864,14 +864,19 @@ class Provisioner(FleetAccess):
 
     def _connection_test(
         self, server: Server, customer: str, password: str | None, port: int
-    ) -> tuple[str, int]:
+    ) -> tuple[str, int, str | None]:
         """Log in as the customer, as their application will (the host the bot reaches the
-        server's PostgreSQL on, the customer-facing port); (host for the email, port)."""
+        server's PostgreSQL on, the customer-facing port); (host for the email, port, what the
+        email says of SSL: ``ssl_policy``; None when there was no password to log in with)."""
         params = conninfo_to_dict(server.dsn)
         host = str(params.get("host") or server.host)
         if password is None:
-            return self.public_host(server), port
+            return self.public_host(server), port, None
         keep = {k: str(v) for k, v in params.items() if k in ("sslmode", "sslrootcert", "hostaddr")}
+        # Ask for SSL the way libpq's default does, so the answer says whether it is offered
+        # on this path (pgBouncer's own TLS when it is in front); a stricter mode stays.
+        if keep.get("sslmode") not in ("require", "verify-ca", "verify-full"):
+            keep["sslmode"] = "prefer"
         conninfo = make_conninfo(
             host=host,
             port=str(port),
@@ -885,6 +890,7 @@ class Provisioner(FleetAccess):
         try:
             with psycopg.connect(conninfo) as conn:
                 row = conn.execute("SELECT current_user, current_database()").fetchone()
+                encrypted = bool(conn.pgconn.ssl_in_use)
         except psycopg.Error as exc:
             last = _scrub(str(exc).strip().splitlines()[-1] if str(exc).strip() else "", password)
             raise DbopsError(
@@ -892,7 +898,7 @@ class Provisioner(FleetAccess):
             ) from None
         if row != (customer, customer):
             raise DbopsError(f"the connection test as {customer} landed in {row!r}.")
-        return self.public_host(server), port
+        return self.public_host(server), port, ssl_policy(server, encrypted, port)
 
     def _welcome(
         self,
@@ -902,19 +908,21 @@ class Provisioner(FleetAccess):
         password: str,
         host: str,
         port: int,
+        ssl: str,
         actor: str,
     ) -> None:
+        # sslmode=require where SSL is there to ask for; libpq's default where it is not.
+        query = "?sslmode=require" if ssl in ("require", "prefer") else ""
         context = {
+            **mail.branding(self.fleet.business),
             "customer": customer,
             "host": host,
             "port": port,
             "database": customer,
             "user": customer,
             "password": password,
-            "connection_string": (
-                f"postgresql://{customer}:{password}@{host}:{port}/{customer}?sslmode=require"
-            ),
-            "signature": self.signature,
+            "ssl": ssl,
+            "connection_string": f"postgresql://{customer}:{password}@{host}:{port}/{customer}{query}",
         }
         message = mail.render(WELCOME, context, to=[job.email])
         self._update(customer, welcome="sending")
@@ -933,6 +941,28 @@ class Provisioner(FleetAccess):
             self._update(customer, welcome="failed")
             raise
         self._update(customer, welcome="sent", welcome_sent_at=self.clock())
+
+
+def ssl_policy(server: Server, encrypted: bool, port: int | None = None) -> str:
+    """What the welcome email states of SSL ("require", "prefer", "off"): the server's ``ssl`` in
+    fleet.toml, else what the customer's connection test negotiated asking as libpq's default
+    does ("prefer" when it was encrypted, "off" when not). "require" comes only from the file:
+    whether a hostssl-only rule applies cannot be read without superuser. A file that says
+    SSL is there when the connection found none, or the reverse, is an error: the email must
+    not promise what the server does not do."""
+    if server.ssl is None:
+        return "prefer" if encrypted else "off"
+    if (server.ssl != "off") != encrypted:
+        where = f" on port {port}" if port else ""
+        seen = "was encrypted" if encrypted else "was not encrypted (SSL not offered)"
+        raise DbopsError(
+            f"fleet.toml says ssl = {server.ssl!r} for {server.name}, but the customer's "
+            f"connection{where} {seen}.",
+            hint="Fix the server's SSL (ssl in postgresql.conf, client_tls_* in pgbouncer.ini) "
+            f"or the ssl field of {server.name} in fleet.toml (or leave it out), and run "
+            "provisioning again: it finishes the job.",
+        )
+    return server.ssl
 
 
 def _dsn_user(dsn: str) -> str | None:
@@ -958,5 +988,6 @@ __all__ = [
     "measure_capacity",
     "pgbouncer_with_database",
     "scram_sha256_secret",
+    "ssl_policy",
     "userlist_with",
 ]

@@ -24,11 +24,13 @@ from jinja2.sandbox import SandboxedEnvironment
 from core.customers import Customer
 from core.fleet import Fleet
 from core.health import (
+    LOG_CLEAN,
     Check,
     DatabaseHealth,
     RunnerSource,
     ServerHealth,
     check_fleet,
+    log_warnings,
     pretty_age,
     pretty_bytes,
     worst,
@@ -290,10 +292,19 @@ def text_view(report: Mapping[str, Any], tz: ZoneInfo | None = None) -> dict[str
     logs = []
     for s in servers:
         log = _check(s["checks"], "logfile")
-        if log is not None and (log["value"] or log["verdict"] not in ("ok", "unknown")):
-            logs.append({"server": s["name"], "count": log["value"] or 0, "detail": log["detail"]})
-        elif log is not None and log["verdict"] == "unknown":
-            logs.append({"server": s["name"], "count": None, "detail": log["detail"]})
+        if log is None or (log["verdict"] == "ok" and log["detail"] in (LOG_CLEAN, "")):
+            continue
+        # value: ERROR, FATAL and PANIC lines; WARNING lines are counted apart in the detail.
+        unknown = log["verdict"] == "unknown"
+        logs.append(
+            {
+                "server": s["name"],
+                "verdict": log["verdict"],
+                "count": None if unknown else (log["value"] or 0),
+                "warnings": log_warnings(log["detail"]),
+                "detail": log["detail"],
+            }
+        )
     shown = {"connection", "backup_age", "disk_space", "logfile"}
     others = [
         {"where": s["name"], "name": c["name"], "verdict": c["verdict"], "detail": c["detail"]}
@@ -321,6 +332,8 @@ def text_view(report: Mapping[str, Any], tz: ZoneInfo | None = None) -> dict[str
         "disk_alerts": [d for d in disks if d["verdict"] != "ok"],
         "logs": logs,
         "log_errors": sum(entry["count"] or 0 for entry in logs),
+        "log_warnings": sum(entry["warnings"] for entry in logs),
+        "logs_ok": all(entry["verdict"] == "ok" and not entry["count"] for entry in logs),
         "incidents": report.get("open_incidents", []),
         "others": others,
         "duration_ms": report.get("duration_ms"),

@@ -29,7 +29,7 @@ from sqlalchemy import Engine
 from core import email as mail
 from core.customers import Customer, upsert_customers
 from core.errors import DbopsError
-from core.fleet import parse_fleet
+from core.fleet import Business, parse_fleet
 from core.incidents import Incidents
 from storage.events import EventLog
 from tests.pgserver import free_port
@@ -38,6 +38,12 @@ ALICE = "U0ALICE"
 NY = ZoneInfo("America/New_York")
 T0 = datetime(2026, 3, 2, 14, 5, tzinfo=UTC)  # 09:05 in New York
 LEFTOVER = ("{{", "}}", "{%", "[Customer]", "[Time]", "Undefined")
+BUSINESS = {
+    "name": "Example Hosting",
+    "support_email": "help@example-hosting.com",
+    "support_hours": "Mon-Fri 9:00-18:00 ET",
+    "signature": "Dana at Example Hosting",
+}
 
 
 @dataclass
@@ -73,7 +79,9 @@ def desk(engine: Engine) -> Incidents:
             Customer("globex", "vps1", "globex", "globex", "small"),  # no address on record
         ],
     )
-    fleet = parse_fleet({"servers": [{"name": "vps1", "dsn": "host=127.0.0.1"}]})
+    fleet = parse_fleet(
+        {"servers": [{"name": "vps1", "dsn": "host=127.0.0.1"}], "business": BUSINESS}
+    )
     return Incidents(engine, EventLog(engine), fleet, tz=NY)
 
 
@@ -105,7 +113,9 @@ def test_the_investigating_email_reaches_the_customer(
         "Started: 2026-03-02 09:05 EST",
         "ETA: Restoring within 30 minutes",
         "every 15 minutes until resolved.",
-        "- Jeremy",
+        "Questions? Reply to this email or write to help@example-hosting.com"
+        " (Mon-Fri 9:00-18:00 ET).",
+        "- Dana at Example Hosting\nExample Hosting\n",
     ):
         assert line in body
     assert not any(left in body for left in LEFTOVER)
@@ -149,7 +159,8 @@ def test_update_and_resolved_emails(desk: Incidents, smtp: tuple[Inbox, str]) ->
 def test_no_template_leaves_a_placeholder(which: str) -> None:
     context = {
         "customer": "acme", "incident": "inc-1", "title": "t", "started": "s", "status": "Resolved",
-        "eta": "e", "note": "n", "cause": "c", "resolved": "r", "downtime": "d", "signature": "J",
+        "eta": "e", "note": "n", "cause": "c", "resolved": "r", "downtime": "d",
+        **mail.branding(Business()),
     }  # fmt: skip
     email = mail.render(f"incident-{which}", context, to=["ops@acme.example"])
     assert not any(left in email.subject + email.body for left in LEFTOVER)
@@ -230,7 +241,7 @@ def test_starttls_then_login(tmp_path: Path, engine: Engine) -> None:
     events = EventLog(engine)
     email = mail.render(
         "incident-investigating",
-        {"customer": "acme", "started": "now", "eta": "soon", "signature": "Jeremy"},
+        {"customer": "acme", "started": "now", "eta": "soon", **mail.branding(Business())},
         to=["ops@acme.example"],
     )
     try:
@@ -254,7 +265,7 @@ def test_an_unreachable_server_is_a_clear_error_and_an_event(engine: Engine) -> 
     events = EventLog(engine)
     email = mail.render(
         "incident-investigating",
-        {"customer": "acme", "started": "now", "eta": "soon", "signature": "Jeremy"},
+        {"customer": "acme", "started": "now", "eta": "soon", **mail.branding(Business())},
         to=["ops@acme.example"],
     )
     with pytest.raises(DbopsError, match="could not send 'incident-investigating'"):

@@ -7,12 +7,14 @@ syntax, log scanning, df, backup status) are checked on fixed input at the end.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from core import health, sandbox
@@ -201,6 +203,33 @@ def test_log_errors_warn_then_ok(
     all_ok(sweep(acme_server))
 
 
+def test_log_and_warning_lines_are_not_errors(
+    sweep: Callable[[str], ServerHealth],
+    fleet: Fleet,
+    acme_server: str,
+) -> None:
+    """A healthy server's log: LOG lines (even the ones worth reading) and WARNINGs, no error."""
+    server = fleet.server(acme_server)
+    marker = f"dbops_warn_{time.monotonic_ns()}"
+    try:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            conn.execute(
+                f"DO $$ BEGIN RAISE LOG 'checkpoints are occurring too frequently ({marker})';"
+                f" RAISE WARNING '{marker} one'; RAISE WARNING '{marker} two'; END $$"
+            )
+        log = Path(server.log_path)
+        deadline = time.monotonic() + 5
+        while log.read_text(errors="replace").count(marker) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        got = check(sweep(acme_server), "logfile")
+        assert (got.verdict, got.value) == ("ok", 0), got
+        assert got.detail.startswith("0 errors ("), got
+        assert health.log_warnings(got.detail) >= 2  # ours, and any the cluster logged itself
+        assert f"LOG: checkpoints are occurring too frequently ({marker})" in got.detail
+    finally:
+        os.truncate(server.log_path, 0)  # as heal rotates it: the next test reads a clean log
+
+
 def test_missing_backup_is_crit_then_ok(
     sweep: Callable[[str], ServerHealth],
     sandbox_break: Breaker,
@@ -287,9 +316,50 @@ LOG = """\
 
 def test_log_scan_counts_what_matters_in_the_window() -> None:
     found = health.scan_log(LOG, since=datetime(2026, 11, 22, 7, 0, tzinfo=UTC))
-    assert found.counts == {"ERROR": 1, "LOG": 1, "FATAL": 1}
+    assert found.counts == {"ERROR": 1, "FATAL": 1}, "a LOG line is never an error"
+    assert found.notes == ["LOG: checkpoints are occurring too frequently (9 seconds apart)"]
     got = health.check_logfile(found, 1, 3)
-    assert got.verdict == "crit" and got.value == 3
+    assert got.verdict == "warn" and got.value == 2
+    assert got.detail == (
+        "2 errors: ERROR 1, FATAL 1; ERROR: division by zero | FATAL: password authentication"
+        ' failed for user "x" | LOG: checkpoints are occurring too frequently (9 seconds apart)'
+    )
+    assert health.check_logfile(found, 1, 2).verdict == "crit"
+
+
+QUIET_LOG = """\
+2026-11-22 07:59:02.000 UTC [4] @ LOG:  checkpoints are occurring too frequently (9 seconds apart)
+2026-11-22 07:59:02.001 UTC [4] @ HINT:  Consider increasing "max_wal_size".
+2026-11-22 07:59:03.000 UTC [5] @ LOG:  checkpoint complete: wrote 3 buffers
+2026-11-22 07:59:04.000 UTC [6] a@acme app WARNING:  there is no transaction in progress
+2026-11-22 07:59:05.000 UTC [6] a@acme app WARNING:  nonstandard use of \\' in a string literal
+2026-11-22 07:59:06.000 UTC [7] a@acme app NOTICE:  relation "t" already exists, skipping
+2026-11-22 07:59:07.000 UTC [8] @ LOG:  database system is ready to accept connections
+"""
+
+
+def test_log_and_warning_lines_alone_are_ok_with_zero_errors() -> None:
+    found = health.scan_log(QUIET_LOG * 10, None)
+    assert found.counts == {} and found.total == 0 and found.warnings == 20
+    got = health.check_logfile(found, 1, 10)
+    assert (got.verdict, got.value) == ("ok", 0)
+    assert got.detail.startswith("0 errors (20 warnings); LOG: checkpoints are occurring")
+    assert health.log_warnings(got.detail) == 20
+    notices = QUIET_LOG.replace("WARNING", "NOTICE")
+    quiet = health.check_logfile(health.scan_log(notices, None), 1, 10)
+    assert (quiet.verdict, quiet.value, health.log_warnings(quiet.detail)) == ("ok", 0, 0)
+    assert quiet.detail.startswith("0 errors; LOG: checkpoints")
+
+
+@pytest.mark.parametrize("level", ["ERROR", "FATAL", "PANIC"])
+def test_each_error_level_counts(level: str) -> None:
+    line = f"2026-11-22 07:00:00 UTC [1] a@acme app {level}:  it broke\n"
+    found = health.scan_log(QUIET_LOG + line * 2, None)
+    assert found.counts == {level: 2} and found.warnings == 2
+    got = health.check_logfile(found, 1, 10)
+    assert got.value == 2 and got.verdict == ("crit" if level == "PANIC" else "warn")
+    assert got.detail.startswith(f"2 errors: {level} 2 (2 warnings); {level}: it broke")
+    assert health.log_warnings(got.detail) == 2
 
 
 def test_log_panic_is_crit_even_once() -> None:

@@ -255,7 +255,11 @@ def test_provision_twice_after_a_failure_makes_one_of_each_and_leaks_no_password
     # (not the first run's, which nobody ever saw).
     (mail,) = inbox.messages
     assert mail["To"] == "ops@newco.example.com"
-    assert mail["Subject"] == "Welcome to CostPlusDB - Your database is ready!"
+    assert mail["Subject"] == "Sandbox Hosting: your database is ready"  # fleet's [business]
+    # The sandbox's clusters and pgBouncers offer no SSL: the email says so, and its connection
+    # string does not ask for it (sslmode=require would fail there).
+    assert "\nSSL: not offered by this server\n" in body_of(mail).replace("\r\n", "\n")
+    assert "sslmode" not in body_of(mail)
     password = emailed_password(mail)
     assert scram_matches(secret, password) and not scram_matches(first_secret, password)
     # SOP-103 step 6: the customer connects through pgBouncer (the port the email gives), with

@@ -11,15 +11,24 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
-from core import sandbox
+from bot import render
+from core import health, sandbox
 from core.customers import Customer, customer_from_mapping
 from core.fleet import Fleet
 from core.remote import RunnerPool
-from core.report import build_report, customer_status, render_status_text, render_text
+from core.report import (
+    build_report,
+    customer_status,
+    render_status_text,
+    render_text,
+    text_view,
+)
 
+UTC_ZONE = ZoneInfo("UTC")
 REPORT_KEYS = {"generated_at", "duration_ms", "servers", "databases", "summary", "open_incidents"}
 SERVER_KEYS = {"name", "reachable", "postgres", "checks"}
 DATABASE_KEYS = {
@@ -221,3 +230,56 @@ def test_text_in_local_time() -> None:
 
     text = render_text(TROUBLE, tz=ZoneInfo("America/New_York"))
     assert text.startswith("Morning health check, 2026-11-23 08:00 EST: CRIT")
+
+
+CHATTY_LOG = """\
+2026-11-23 12:00:00.000 UTC [4] @ LOG:  checkpoints are occurring too frequently (9 seconds apart)
+2026-11-23 12:00:01.000 UTC [5] @ LOG:  checkpoint complete: wrote 3 buffers
+2026-11-23 12:00:02.000 UTC [6] a@acme app WARNING:  there is no transaction in progress
+2026-11-23 12:00:03.000 UTC [7] a@acme app NOTICE:  relation "t" already exists, skipping
+"""
+
+
+def log_report(vps1_log: str, vps2_log: str = "") -> dict[str, Any]:
+    """A healthy two-server report whose logfile checks read these logs."""
+    servers = []
+    for name, log in (("vps1", vps1_log), ("vps2", vps2_log)):
+        logfile = health.check_logfile(health.scan_log(log, None), 1, 10).as_json()
+        servers.append({"name": name, "reachable": True, "postgres": "up", "checks": [
+            check("connection", "ok", 5), check("disk_space", "ok", 41), logfile,
+        ]})  # fmt: skip
+    summary = {"servers_up": 2, "servers_total": 2, "databases_online": 0, "databases_total": 0,
+               "backups_ok": 0, "verdict": "ok"}  # fmt: skip
+    return {"generated_at": "2026-11-23T13:00:00Z", "duration_ms": 5, "servers": servers,
+            "databases": [], "summary": summary, "open_incidents": []}  # fmt: skip
+
+
+def test_log_and_warning_lines_are_zero_errors_in_the_report() -> None:
+    """`LOG:  checkpoints are occurring too frequently` all night is a healthy fleet."""
+    got = log_report(CHATTY_LOG * 10, CHATTY_LOG)
+    assert [c["verdict"] for s in got["servers"] for c in s["checks"]] == ["ok"] * 6
+    assert [s["checks"][-1]["value"] for s in got["servers"]] == [0, 0]
+    text = render_text(got)
+    assert "PostgreSQL logs: 0 errors (11 warnings)\n" in text
+    assert "  - vps1: 0 errors (10 warnings); LOG: checkpoints are occurring too" in text
+    assert "  - vps2: 0 errors (1 warning); LOG: checkpoints" in text
+    slack = render.template("report.md.j2", UTC_ZONE, **text_view(got))
+    assert ":white_check_mark: PostgreSQL logs: 0 errors (11 warnings)\n" in slack
+    assert "No errors in PostgreSQL logs" in render_text(log_report("", ""))
+
+
+def test_error_fatal_and_panic_lines_are_counted_in_the_report() -> None:
+    errors = "".join(
+        f"2026-11-23 12:30:0{i}.000 UTC [9] a@acme app {level}:  it broke\n"
+        for i, level in enumerate(["ERROR", "ERROR", "FATAL", "PANIC"])
+    )
+    got = log_report(CHATTY_LOG + errors, "2026-11-23 12:31:00 UTC [1] @ FATAL:  oops\n")
+    vps1, vps2 = (s["checks"][-1] for s in got["servers"])
+    assert (vps1["verdict"], vps1["value"]) == ("crit", 4)  # a PANIC is crit at once
+    assert (vps2["verdict"], vps2["value"]) == ("warn", 1)
+    text = render_text(got)
+    assert "PostgreSQL logs: 5 errors (1 warning)\n" in text
+    assert "  - vps1: 4 errors: ERROR 2, FATAL 1, PANIC 1 (1 warning); ERROR: it broke" in text
+    assert "  - vps2: 1 error: FATAL 1; FATAL: oops\n" in text
+    slack = render.template("report.md.j2", UTC_ZONE, **text_view(got))
+    assert ":warning: PostgreSQL logs: 5 errors (1 warning)\n" in slack
