@@ -7,7 +7,9 @@ a ``[Customer]`` left in a customer's inbox.
 ``SMTP_URL``: ``smtp://[user:password@]host[:port]`` (port 25; STARTTLS when the server offers
 it, then login when a user is given) or ``smtps://...`` (TLS from the start, port 465). Query
 parameters: ``from=`` the sender address; ``starttls=require`` refuses a server that does not
-offer STARTTLS.
+offer STARTTLS. Nothing secret crosses a network in clear: without TLS (smtps:// or STARTTLS)
+dbops neither logs in nor sends an email that carries a password (the welcome email), unless
+the server is on loopback (the demo's outbox, a local Postfix relay).
 
 Every email sent is an event ``email.sent`` with who it went to, its subject and template, and
 never its body: a welcome email carries a password.
@@ -21,6 +23,7 @@ support address.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import smtplib
@@ -61,6 +64,9 @@ class Email:
     subject: str
     body: str
     template: str
+    # The body carries a secret (the welcome email's password): it never crosses a network
+    # in clear (``send``).
+    secret: bool = False
 
     def preview(self) -> str:
         """The email as a person checks it before pressing Send."""
@@ -120,6 +126,7 @@ def render(
     *,
     to: Sequence[str] = (),
     directory: Path = TEMPLATES,
+    secret: bool = False,
 ) -> Email:
     """Render ``name`` (e.g. ``incident-investigating``) with ``context``.
 
@@ -141,7 +148,7 @@ def render(
     bad = [a for a in to if not _ADDRESS.fullmatch(a)]
     if bad:
         raise DbopsError(f"{bad[0][:60]!r} is not an email address.")
-    return Email(tuple(to), subject, body, name)
+    return Email(tuple(to), subject, body, name, secret=secret)
 
 
 def _render_pair(name: str, context: Mapping[str, Any], directory: Path) -> tuple[str, str]:
@@ -187,6 +194,27 @@ def parse_smtp_url(url: str) -> SmtpTarget:
         sender=query["from"][0] if query.get("from") else None,
         require_starttls=(query.get("starttls") or [""])[0] == "require",
     )
+
+
+def is_loopback(host: str) -> bool:
+    """A relay on this machine (the demo's outbox, a local Postfix): nothing leaves it in clear."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _cleartext_refusal(target: SmtpTarget, email: Email) -> str | None:
+    """Why this send must not go on without TLS, or None when plain SMTP is acceptable."""
+    if target.secure or is_loopback(target.host):
+        return None
+    if target.user:
+        return "it would log in without TLS"
+    if email.secret:
+        return f"the {email.template} email carries a password"
+    return None
 
 
 def _message(email: Email, sender: str) -> EmailMessage:
@@ -235,6 +263,12 @@ def send(
                     smtp.ehlo()
                 elif target.require_starttls:
                     raise DbopsError(f"{target.host} does not offer STARTTLS (starttls=require).")
+                elif (why := _cleartext_refusal(target, email)) is not None:
+                    raise DbopsError(
+                        f"{target.host} offers no STARTTLS and {why}: not sent in clear. "
+                        "Use smtps://, a server that offers STARTTLS, or a relay on this "
+                        "machine (smtp://127.0.0.1)."
+                    )
             if target.user:
                 smtp.login(target.user, target.password or "")
             refused = smtp.send_message(_message(email, from_addr))

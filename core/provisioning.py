@@ -924,7 +924,7 @@ class Provisioner(FleetAccess):
             "ssl": ssl,
             "connection_string": f"postgresql://{customer}:{password}@{host}:{port}/{customer}{query}",
         }
-        message = mail.render(WELCOME, context, to=[job.email])
+        message = mail.render(WELCOME, context, to=[job.email], secret=True)
         self._update(customer, welcome="sending")
         try:
             mail.send(
