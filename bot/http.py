@@ -4,6 +4,7 @@
 401 otherwise); ``GET /healthz`` answers JSON with the schema state. With SLACK_APP_TOKEN set,
 Slack is reached over Socket Mode instead and /slack/events is not served; /healthz still is,
 and later webhooks (Stripe, Alertmanager) mount beside it with ``extra_routes``.
+Every route sits behind the body cap and read deadlines of ``bot.http_limits``.
 """
 
 from __future__ import annotations
@@ -19,12 +20,20 @@ import uvicorn
 from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
 from slack_bolt.async_app import AsyncApp
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from bot.app import Services, build_services, create_app
+from bot.app import Services, build_services, create_app, withhold_bodies
 from bot.context import Context
+from bot.http_limits import (
+    KEEP_ALIVE_S,
+    LIMIT_CONCURRENCY,
+    MAX_HEADER_BYTES,
+    BodyLimits,
+    shedding_protocol,
+)
 from core.errors import DbopsError
 from core.ops import Ops
 from storage.migrate import current_revision, head_revision
@@ -90,7 +99,8 @@ def build_asgi(
     routes: list[BaseRoute] = [Route("/healthz", healthz, methods=["GET"]), *extra_routes]
     if not socket_mode:
         routes.append(Route("/slack/events", slack_events, methods=["POST"]))
-    return Starlette(routes=routes, lifespan=lifespan)
+    # Around every route, the 404s included: a body over 1 MB is refused before anything reads it.
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(BodyLimits)])
 
 
 def _start_socket_mode(bolt: AsyncApp, ctx: Context) -> tuple[Any, asyncio.Task[None]]:
@@ -118,8 +128,12 @@ def uvicorn_server(ctx: Context, host: str, port: int, **kwargs: Any) -> uvicorn
         log_level="warning",
         access_log=False,
         lifespan="on",
+        # Read deadlines and caps: bot/http_limits.py says why each figure is what it is.
+        http=shedding_protocol(),
+        limit_concurrency=LIMIT_CONCURRENCY,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         # Slack's requests are small; a long keep-alive lets its connections be reused.
-        timeout_keep_alive=30,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     return uvicorn.Server(config)
 
@@ -170,4 +184,9 @@ def webhook_routes(ctx: Context) -> list[BaseRoute]:
 
 def serve(ctx: Context, host: str = "127.0.0.1", port: int = 3000) -> None:
     """Run until interrupted (uvicorn handles SIGINT/SIGTERM and drains the lifespan)."""
-    uvicorn_server(ctx, host, port, extra_routes=webhook_routes(ctx)).run()
+    server = uvicorn_server(ctx, host, port, extra_routes=webhook_routes(ctx))
+    # Every line this process writes, uvicorn's included (its Config has made its handlers by
+    # now): no request body, no message over MAX_LOG_BYTES.
+    handlers = [logging.getLogger(name).handlers for name in ("", "uvicorn", "uvicorn.access")]
+    withhold_bodies(*(h for group in handlers for h in group))
+    server.run()

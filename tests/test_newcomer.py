@@ -98,9 +98,7 @@ def copied_env_example(directory: Path) -> Path:
     return env_file
 
 
-def test_env_example_copied_as_it_is_serves_a_signed_help(
-    tmp_path: Path, stub: SlackStub
-) -> None:
+def test_env_example_copied_as_it_is_serves_a_signed_help(tmp_path: Path, stub: SlackStub) -> None:
     copied_env_example(tmp_path)
     # .env.example names fleet.toml: a newcomer has not written one yet.
     assert not (tmp_path / "fleet.toml").exists()

@@ -7,6 +7,7 @@ retried delivery is acked and dropped; a 429 from Slack is waited out and retrie
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -64,24 +66,14 @@ def events(db_url: str) -> EventLog:
     return EventLog(make_engine(db_url))
 
 
-@pytest.fixture(scope="module")
-def server(
-    sandbox: dict[str, Any], stub: SlackStub, db_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """`dbops serve` in a subprocess; yields its base URL once /healthz answers."""
+@contextlib.contextmanager
+def serving(cwd: Path, **settings: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`dbops serve` in a subprocess, run in ``cwd`` (its log: cwd/serve.log) with these
+    settings over a clean environment; yields its base URL once /healthz answers, and the
+    process."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "DBOPS_"))}
-    env.update(
-        DATABASE_URL=db_url,
-        DBOPS_FLEET=sandbox["fleet"],
-        SLACK_BOT_TOKEN=BOT_TOKEN,
-        SLACK_SIGNING_SECRET=SIGNING_SECRET,
-        SLACK_API_URL=stub.base_url,
-        DBOPS_OPERATORS=ALICE,
-        DBOPS_ADMINS="U_CAROL",
-        DBOPS_LOG_LEVEL="WARNING",
-    )
-    cwd = tmp_path_factory.mktemp("serve")  # no stray .env
+    env.update(settings)
     log = open(cwd / "serve.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "bot", "serve", "--port", str(port)],
@@ -102,11 +94,30 @@ def server(
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError((cwd / "serve.log").read_text())
             time.sleep(0.05)
-        yield base
+        yield base, proc
     finally:
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(
+    sandbox: dict[str, Any], stub: SlackStub, db_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """`dbops serve` in a subprocess; yields its base URL once /healthz answers."""
+    with serving(
+        tmp_path_factory.mktemp("serve"),  # no stray .env
+        DATABASE_URL=db_url,
+        DBOPS_FLEET=sandbox["fleet"],
+        SLACK_BOT_TOKEN=BOT_TOKEN,
+        SLACK_SIGNING_SECRET=SIGNING_SECRET,
+        SLACK_API_URL=stub.base_url,
+        DBOPS_OPERATORS=ALICE,
+        DBOPS_ADMINS="U_CAROL",
+        DBOPS_LOG_LEVEL="WARNING",
+    ) as (base, _):
+        yield base
 
 
 def post(
