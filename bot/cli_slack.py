@@ -26,7 +26,7 @@ You are {user}, an admin. Try:
   /db servers
   /db log {first}
   /db restore {first}   /db provision newco --plan small --email you@example.com
-  press 1            (presses button [1] of the last reply)
+  press 1            (presses button [1] of the last reply; a red one asks yes first)
 Sandbox: {dir} (stop it with `dbops sandbox down --dir {dir}`); event log: {db}.{moved}
 """
 

@@ -6,12 +6,15 @@ role, database, pgBouncer entry, backups and monitoring, a connection test and t
 email, which is the only place the password goes. Running it again after a failure finishes the
 job. The welcome email goes to ``--email``, else to the address the job started with, else to
 the one the Stripe payment gave (its onboarding proposal, which also links the Stripe customer
-so SLA credits can reach them).
+so SLA credits can reach them). Provisioning is destructive: typed, it runs nothing and answers
+with what it will do (the server chosen, the address) and a red Provision button behind a
+confirm dialog that carries that server and address; a name that is reserved or taken on the
+server is refused at once, before anything is made.
 
 The onboarding card (``onboarding_reply``) is what a paid Stripe checkout or first invoice posts
-in OPS_CHANNEL (bot/http.py). Its Provision button carries
+in OPS_CHANNEL (bot/http.py). Its Provision button (behind a confirm dialog) carries
 `provision <customer> --plan <plan> --server <server>`, so a press is parsed and role-checked
-like typing it.
+like typing it; a reserved name gets no button.
 
 SLA credits: the resolution message's Apply button runs `credit apply <id> <customer>`. The
 amount is not on the button: it is the one core proposed when the incident was resolved (event
@@ -35,13 +38,14 @@ from bot import blocks
 from bot.blocks import Reply, escape
 from bot.desks import PerEngine
 from bot.roles import Role
-from bot.router import KINDS, REGISTRY, Arg, Call, Registry, Spec, UsageError, shown
+from bot.router import KINDS, REGISTRY, Arg, Call, Look, Registry, Spec, UsageError, shown
 from core import email as mail
 from core.billing import Billing, CreditResult, OnboardingProposal
 from core.errors import DbopsError
 from core.fleet import Fleet
 from core.health import pretty_bytes
 from core.incidents import parse_incident_id
+from core.names import validate_new_name
 from core.ops import Ops
 from core.provisioning import Provisioner, ProvisionResult, ServerCapacity
 from core.settings import Settings, load_settings
@@ -79,8 +83,15 @@ def _email(value: str) -> str:
     return address
 
 
+def _new_customer(value: str) -> str:
+    """A new customer's name: a safe identifier that is not reserved on any server (what a
+    server already has is checked by the preflight and again by core, before anything)."""
+    return validate_new_name(value.lower(), "customer")
+
+
 KINDS.setdefault("plan", _plan)
 KINDS.setdefault("email", _email)
+KINDS.setdefault("new_customer", _new_customer)
 
 
 # --- the desk: one Provisioner and one Billing per process and engine ----------------------------
@@ -146,9 +157,10 @@ def stripe_proposal(events: EventLog, customer: str) -> dict[str, Any] | None:
     return dict(found[0].payload) if found else None
 
 
-def _provision(call: Call) -> Reply:
+def _arguments(call: Call) -> tuple[Provisioner, dict[str, Any], str]:
+    """The provisioner, the Stripe payment's proposal (or {}), and the welcome email's
+    address: ``--email``, else the address the job started with, else Stripe's."""
     name, plan = call.arg("customer"), call.arg("plan")
-    args = call.command.args
     ops = call.ops
     if plan not in ops.fleet.plans:
         raise UsageError(
@@ -158,17 +170,48 @@ def _provision(call: Call) -> Reply:
     provisioner = onboarding_for(ops).provisioner
     paid = stripe_proposal(ops.events, name) or {}
     job = provisioner.job(name)
-    email = args.get("email") or (job.email if job else None) or paid.get("email")
+    email = call.command.args.get("email") or (job.email if job else None) or paid.get("email")
     if not email:
         raise DbopsError(
             f"I have no email address for {name}'s welcome email (it carries the password).",
             hint=f"Add one: `/db provision {name} --plan {plan} --email <address>`.",
         )
+    return provisioner, paid, str(email)
+
+
+def _provision_look(call: Call) -> Look:
+    """Typed `/db provision`: what it will do and where, refused at once when core would refuse
+    before making anything (a name taken on the server, no room). The button carries the
+    server and address shown, so the press provisions what was confirmed."""
+    provisioner, _, email = _arguments(call)
+    name, plan = call.arg("customer"), call.arg("plan")
+    p = provisioner.preview(name, plan, call.command.args.get("server"), email=email)
+    if p.resumed:
+        stopped = f" after {p.steps_done[-1]}" if p.steps_done else ""
+        error = f": {p.last_error[:150]}" if p.last_error else ""
+        what = (
+            f"finishes provisioning {name} on {p.server} (an earlier run stopped{stopped}"
+            f"{error}), keeping what it made; the password goes only in the welcome email to "
+            f"{email}"
+        )
+    else:
+        what = (
+            f"creates {name}'s role and database (plan {plan}) on {p.server}, registers it in "
+            "pgBouncer and turns on backups and monitoring; the password goes only in the "
+            f"welcome email to {email}" + (f". Chosen by capacity: {p.why}" if p.why else "")
+        )
+    return Look(what, line=f"provision {name} --plan {plan} --server {p.server} --email {email}")
+
+
+def _provision(call: Call) -> Reply:
+    name, plan = call.arg("customer"), call.arg("plan")
+    args = call.command.args
+    provisioner, paid, email = _arguments(call)
     result = provisioner.provision(
         name,
         plan,
         args.get("server"),
-        email=str(email),
+        email=email,
         actor=call.actor,
         stripe_customer=paid.get("stripe_customer"),
         stripe_subscription=paid.get("stripe_subscription"),
@@ -381,14 +424,16 @@ SPECS: list[Spec] = [
         "monitoring, welcome email",
         _provision,
         (
-            Arg("customer", "customer"),
+            Arg("customer", "new_customer", metavar="customer"),
             Arg("plan", "plan", flag=True),
             Arg("server", "server", optional=True, flag=True),
             Arg("email", "email", optional=True, flag=True, metavar="address"),
         ),
         role=Role.ADMIN,
         button="Provision",
+        destructive=True,
         public=True,
+        preflight=_provision_look,
     ),
     Spec(
         "credit apply",

@@ -83,6 +83,9 @@ def _word(value: str) -> str:
     return value
 
 
+# The kinds of argument an event's subject is taken from (a customer, server or incident).
+_SUBJECT_KINDS = ("customer", "new_customer", "server", "subject")
+
 # How each kind of argument is validated; later commands add kinds (plan, backup, user).
 KINDS: dict[str, Callable[[str], str]] = {
     "customer": _customer,
@@ -133,6 +136,16 @@ Handler = Callable[[Call], Reply]
 
 
 @dataclass(frozen=True)
+class Look:
+    """A preflight's answer: what the command will do, and the line its button runs when the
+    look settled what the typed line left open (provision's server, chosen by capacity), so
+    that the press does what was shown."""
+
+    what: str
+    line: str | None = None
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str  # one or two words: "status", "incident ack"
     summary: str
@@ -150,7 +163,7 @@ class Spec:
     # For a destructive command typed rather than pressed: the look before the confirmation
     # (a sentence on what will happen, or a DbopsError refusing at once, e.g. "nothing to
     # restart"). Typed, such a command answers with its button; the press runs it.
-    preflight: Callable[[Call], str] | None = None
+    preflight: Callable[[Call], str | Look] | None = None
 
     def needs_form(self, command: Command) -> bool:
         return self.form is not None and self.form not in command.args
@@ -185,9 +198,21 @@ class Command:
     def subject(self) -> str | None:
         """What the command is about, for the event log (a customer, server or incident)."""
         for arg in self.spec.args:
-            if arg.kind in ("customer", "server", "subject") and arg.name in self.args:
+            if arg.kind in _SUBJECT_KINDS and arg.name in self.args:
                 return self.args[arg.name]
         return None
+
+
+def base_action_id(action_id: str) -> str:
+    """The command's action_id of a button that may be a repeat in its block
+    (``db_incident_ack:3`` -> ``db_incident_ack``)."""
+    head, sep, tail = action_id.rpartition(blocks.REPEAT)
+    return head if sep and tail.isdigit() and tail.isascii() else action_id
+
+
+def action_pattern(action_id: str) -> re.Pattern[str]:
+    """What a listener matches for ``action_id``: it and its numbered repeats."""
+    return re.compile(f"^{re.escape(action_id)}(?:{re.escape(blocks.REPEAT)}[0-9]+)?$")
 
 
 class Registry:
@@ -219,6 +244,9 @@ class Registry:
         return [s for s in self._specs.values() if s.name == word or s.name.startswith(word + " ")]
 
     def by_action(self, action_id: str) -> Spec | None:
+        """The command a button runs, repeats included (``db_incident_ack:3``: see
+        bot.blocks.numbered)."""
+        action_id = base_action_id(action_id)
         found = [s for s in self._specs.values() if s.button and s.action_id == action_id]
         return found[0] if found else None
 
@@ -453,9 +481,10 @@ class Router:
         """A destructive command typed: what it will do, and its button (behind Slack's
         confirm dialog) to do it. Nothing has run; the press goes through the gate again."""
         spec = command.spec
-        what = spec.preflight(Call(command, actor, self)) if spec.preflight else spec.summary
-        what = what.rstrip(". ")
-        line = command.line
+        look = spec.preflight(Call(command, actor, self)) if spec.preflight else spec.summary
+        look = look if isinstance(look, Look) else Look(look)
+        what = look.what.rstrip(". ")
+        line = look.line or command.line
         return Reply(
             text=f"/db {line}: {what}. Press {spec.button} to go ahead.",
             blocks=[

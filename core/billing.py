@@ -36,8 +36,8 @@ from sqlmodel import Session, select
 from core.customers import get_customer, list_customers
 from core.errors import DbopsError, NotFound
 from core.fleet import Fleet
-from core.names import NAME_RE, validate_name
-from core.provisioning import ServerProposal
+from core.names import NAME_RE, reserved, validate_name
+from core.provisioning import ServerProposal, fleet_roles
 from storage.events import EventLog
 from storage.models_billing import (
     LockBusy,
@@ -512,11 +512,19 @@ class Billing:
         taken = {c.name for c in list_customers(self.engine)}
         with Session(self.engine) as session:
             taken |= set(session.exec(select(ProvisionJob.customer)))
+        roles = fleet_roles(self.fleet)
         for source, raw in hints:
             if not raw or not isinstance(raw, str):
                 continue
             name = normalise_name(raw)
             if name is None:
+                continue
+            why = reserved(name) or roles.get(name)
+            if why is not None:  # never proposed, not even with a suffix: the next hint
+                warnings.append(
+                    f"`{name}` (from the {source}) is reserved ({why}); not proposed as the "
+                    "customer name"
+                )
                 continue
             if name not in taken:
                 return name, source

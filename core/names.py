@@ -33,6 +33,59 @@ def validate_name(value: str, what: str = "customer") -> str:
     return value
 
 
+# Names a new customer (its role and database) may never take, on any server: PostgreSQL's and
+# pgBouncer's own, and words that mean something else where the names are written (pg_hba.conf).
+# Why each is reserved is said to the person who chose it.
+RESERVED: dict[str, str] = {
+    "pgbouncer": "pgBouncer's own admin user and console database",
+    "postgres": "PostgreSQL's superuser and maintenance database",
+    "public": "PostgreSQL's name for every role",
+    "none": "a role name PostgreSQL reserves",
+    "current_user": "a role name PostgreSQL reserves",
+    "current_role": "a role name PostgreSQL reserves",
+    "session_user": "a role name PostgreSQL reserves",
+    "all": "a keyword in pg_hba.conf and pgbouncer_hba.conf",
+    "replication": "a keyword in pg_hba.conf and pgbouncer_hba.conf",
+    "sameuser": "a keyword in pg_hba.conf",
+    "samerole": "a keyword in pg_hba.conf",
+    "samegroup": "a keyword in pg_hba.conf",
+}
+RESERVED_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("pg_", "PostgreSQL reserves role names that start with pg_"),
+    ("template", "PostgreSQL's template databases are named template*"),
+)
+CHOOSE_ANOTHER = "Provision under a name of your own: `/db provision <name> --plan <plan> ...`."
+
+
+def reserved(value: str) -> str | None:
+    """Why ``value`` can never be a customer's name (see RESERVED), or None."""
+    if value in RESERVED:
+        return RESERVED[value]
+    for prefix, why in RESERVED_PREFIXES:
+        if value.startswith(prefix):
+            return why
+    return None
+
+
+def refuse_name(
+    value: str, why: str, *, status: str = "reserved", hint: str = CHOOSE_ANOTHER
+) -> DbopsError:
+    """The error for a customer name that is someone else's: whose, and what to do instead.
+    ``status``: "reserved" (everywhere), or e.g. "taken on vps1"."""
+    return DbopsError(f"`{value}` is {status} ({why}); choose another customer name.", hint=hint)
+
+
+def validate_new_name(value: str, what: str = "customer") -> str:
+    """``value`` if it may name a new customer (its role and database): a safe identifier
+    (``validate_name``) that is not reserved on any server. What a given server already has
+    (its roles, databases, pgBouncer entries, the fleet's roles) is checked at provisioning."""
+    validate_name(value, what)
+    why = reserved(value)
+    if why is not None:
+        raise refuse_name(value, why)
+    return value
+
+
 def validate_server_name(value: str) -> str:
     if not isinstance(value, str) or not SERVER_RE.fullmatch(value):
         raise DbopsError(

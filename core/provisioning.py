@@ -2,15 +2,18 @@
 
 ``Provisioner.provision`` does what the SOP's script and checklist do, each step an event:
 
-1. ``names``: no role or database of the customer's name exists yet on the server (checked
-   once; from then on those names are this job's to finish).
+1. ``names``: the name is not reserved (``core.names``: PostgreSQL's and pgBouncer's own), not a
+   role of fleet.toml's DSNs, and the server has no role or database of that name nor a line
+   for it in its pgBouncer files that dbops did not write (checked before the job starts and
+   again here, once; from then on those names are this job's to finish).
 2. ``role``: LOGIN, a generated password stored as a SCRAM-SHA-256 secret computed here (so the
    password itself never reaches the server, its log or a command line), CONNECTION LIMIT
    from the plan.
 3. ``database``: owned by the role, from template0.
 4. ``privileges``: CONNECT revoked from PUBLIC on it and on ``postgres``, granted to the role,
    the monitoring role and the admin role.
-5. ``pgbouncer``: the [databases] entry (and the auth_file secret) and a reload, where configured.
+5. ``pgbouncer``: the [databases] entry (and the auth_file secret) and a reload, where configured;
+   dbops marks the lines it writes and never rewrites one it did not (``INI_MARK``).
 6. ``customer``: the customer row, which puts it in the nightly backups and the health sweep.
 7. ``connection_test``: a real login as the customer with the new password.
 8. ``first_backup``: so the morning report does not start with a missing backup (not fatal).
@@ -28,6 +31,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import posixpath
 import re
 import secrets
 import threading
@@ -49,7 +53,14 @@ from core.backups import Backups, run_sql, script_error, sql_json
 from core.customers import Customer, get_customer, list_customers, upsert_customers
 from core.errors import DbopsError, NotFound
 from core.fleet import Fleet, Plan, Server
-from core.names import NAME_RE, validate_name, validate_server_name
+from core.names import (
+    CHOOSE_ANOTHER,
+    NAME_RE,
+    refuse_name,
+    validate_name,
+    validate_new_name,
+    validate_server_name,
+)
 from core.remote import FleetAccess, Runner, RunnerPool
 from storage.events import EventLog
 from storage.models_billing import ProvisionJob, link_stripe_customer
@@ -229,67 +240,191 @@ def measure_capacity(
 
 # --- pgBouncer --------------------------------------------------------------------------------
 
+# How dbops marks the pgBouncer lines it wrote, the only ones it ever rewrites. pgbouncer.ini: the
+# comment line ``; dbops: <name>`` right above the [databases] entry (an ini line has no room
+# for a comment of its own). The auth_file: ``; dbops`` after the user's two fields, on its line
+# (pgBouncer ignores the rest of an auth_file line). Any other line with the customer's name stops
+# provisioning; every other byte of both files stays as it was.
+INI_MARK = "; dbops: {name}"
+USERLIST_MARK = "; dbops"
+_SECTION = re.compile(r"^\s*\[([^\]]+)\]\s*$")
+_USERLIST_LINE = re.compile(r'^\s*"((?:[^"]|"")*)"\s*(?:"(?:[^"]|"")*")?(.*)$')
+_INCLUDE = re.compile(r"^\s*%include\s+(\S.*?)\s*$")
+_MAX_INCLUDES = 8
 
-def _sections(text: str) -> list[tuple[str | None, list[str]]]:
-    out: list[tuple[str | None, list[str]]] = [(None, [])]
-    for line in text.splitlines():
-        m = re.match(r"^\s*\[([^\]]+)\]\s*$", line)
-        if m:
-            out.append((m.group(1).strip().lower(), [line]))
-        else:
-            out[-1][1].append(line)
+
+class ForeignEntry(DbopsError):
+    """The customer's name is on a line of a pgBouncer file that dbops did not write."""
+
+
+def _ini_lines(text: str) -> list[tuple[str | None, str | None, str]]:
+    """(section, key, the line with its end) for each line of a pgbouncer.ini; key None for
+    section headers, comments, ``%include`` and blank lines."""
+    out: list[tuple[str | None, str | None, str]] = []
+    section: str | None = None
+    for raw in text.splitlines(keepends=True):
+        line = raw.strip()
+        header = _SECTION.match(line)
+        if header:
+            section = header.group(1).strip().lower()
+            out.append((section, None, raw))
+            continue
+        key: str | None = None
+        if line and not line.startswith((";", "#", "%")):
+            name, sep, _ = line.partition("=")
+            key = name.strip().strip('"') if sep else None
+        out.append((section, key, raw))
     return out
 
 
 def _ini_value(text: str, section: str, key: str) -> str | None:
-    for name, lines in _sections(text):
-        if name != section:
-            continue
-        for line in lines[1:]:
-            k, sep, v = line.partition("=")
-            if sep and k.strip().lower() == key and not line.lstrip().startswith((";", "#")):
-                return v.strip()
-    return None
+    """The value of ``key`` in ``section`` (the last one, as pgBouncer reads them)."""
+    found = None
+    for name, k, raw in _ini_lines(text):
+        if name == section and k is not None and k.lower() == key:
+            found = raw.partition("=")[2].strip()
+    return found
+
+
+def _marked(raws: list[str], i: int, name: str) -> bool:
+    return i > 0 and raws[i - 1].strip() == INI_MARK.format(name=name)
+
+
+def _eol(text: str) -> str:
+    return "\r\n" if "\r\n" in text else "\n"
 
 
 def pgbouncer_with_database(text: str, database: str, entry: str) -> str | None:
-    """``text`` (a pgbouncer.ini) with ``database = entry`` under [databases]; None when it is
-    already there as given. Other lines, comments and order are kept."""
-    line = f"{database} = {entry}"
-    sections = _sections(text)
-    for name, lines in sections:
-        if name != "databases":
-            continue
-        for i, existing in enumerate(lines[1:], start=1):
-            key, sep, _ = existing.partition("=")
-            if sep and key.strip() == database and not existing.lstrip().startswith((";", "#")):
-                if existing.strip() == line:
-                    return None
-                lines[i] = line
+    """``text`` (a pgbouncer.ini) with ``database = entry`` under [databases], marked as dbops's
+    (``INI_MARK`` above it); None when it is already there as given. ForeignEntry when the
+    section has an entry of that name that dbops did not write: it is never repointed. Every
+    other line is kept byte for byte."""
+    want = f"{database} = {entry}"
+    lines = _ini_lines(text)
+    raws = [raw for _, _, raw in lines]
+    ours: list[int] = []
+    for i, (section, key, _) in enumerate(lines):
+        if section == "databases" and key is not None and key.lower() == database.lower():
+            if key != database or not _marked(raws, i, database):
+                raise ForeignEntry(f"a [databases] entry `{key}` that dbops did not make")
+            ours.append(i)
+    nl = _eol(text)
+    if ours:
+        first, out = ours[0], list(raws)
+        out[first] = want + (raws[first][len(raws[first].rstrip("\r\n")) :] or nl)
+        for i in reversed(ours[1:]):  # a second entry of ours: pgBouncer would take one only
+            del out[i - 1 : i + 1]
+        changed = "".join(out)
+        return None if changed == text else changed
+    block = [INI_MARK.format(name=database) + nl, want + nl]
+    headers = [(i, s) for i, (s, _, raw) in enumerate(lines) if _SECTION.match(raw.strip())]
+    starts = [i for i, section in headers if section == "databases"]
+    if starts:
+        # After the last entry (or comment) of the last [databases] section, before the blank
+        # lines that end it: an entry after a %include could land in another section.
+        at = starts[-1] + 1
+        for i in range(starts[-1] + 1, len(lines)):
+            if lines[i][0] != "databases" or _SECTION.match(raws[i].strip()):
                 break
-        else:
-            at = len(lines)
-            while at > 1 and not lines[at - 1].strip():
-                at -= 1
-            lines.insert(at, line)
-        break
+            if raws[i].strip() and not _INCLUDE.match(raws[i]):
+                at = i + 1
     else:
-        sections.insert(
-            1 if len(sections) > 1 else len(sections), ("databases", ["[databases]", line, ""])
-        )
-    out = "\n".join(ln for _, lines in sections for ln in lines)
-    return out if out.endswith("\n") else out + "\n"
+        at = next((i for i, raw in enumerate(raws) if _SECTION.match(raw.strip())), len(raws))
+        block = [f"[databases]{nl}", *block, nl]
+    if at > 0 and not raws[at - 1].endswith("\n"):
+        raws[at - 1] += nl
+    return "".join(raws[:at] + block + raws[at:])
+
+
+def _userlist_entry(line: str) -> tuple[str | None, str]:
+    """(user, what follows the two fields) of an auth_file line; user None for anything else."""
+    found = _USERLIST_LINE.match(line.rstrip("\r\n"))
+    if not found:
+        return None, ""
+    return found.group(1).replace('""', '"'), found.group(2).strip()
 
 
 def userlist_with(text: str, role: str, secret: str) -> str:
-    """A pgBouncer auth_file with ``"role" "secret"`` (replacing the role's old line)."""
-    kept = [
-        line
-        for line in text.splitlines()
-        if not line.strip().startswith(f'"{role}"') and line.strip()
-    ]
-    kept.append(f'"{role}" "{secret}"')
-    return "\n".join(kept) + "\n"
+    """A pgBouncer auth_file with ``"role" "secret"``, marked as dbops's (``USERLIST_MARK``),
+    in place of the role's own earlier line. ForeignEntry when a line for ``role`` is not
+    dbops's: it is never replaced. Every other line is kept byte for byte."""
+    want = f'"{role}" "{secret}" {USERLIST_MARK}'
+    raws = text.splitlines(keepends=True)
+    ours: list[int] = []
+    for i, raw in enumerate(raws):
+        user, rest = _userlist_entry(raw)
+        if user is None or user.lower() != role.lower():
+            continue
+        if user != role or rest != USERLIST_MARK:
+            raise ForeignEntry(f"a line for `{user}` in the auth_file that dbops did not make")
+        ours.append(i)
+    nl = _eol(text)
+    if ours:
+        raws[ours[0]] = want + (raws[ours[0]][len(raws[ours[0]].rstrip("\r\n")) :] or nl)
+        for i in reversed(ours[1:]):
+            del raws[i]
+        return "".join(raws)
+    if raws and not raws[-1].endswith("\n"):
+        raws[-1] += nl
+    return "".join([*raws, want + nl])
+
+
+def pgbouncer_names(
+    ini: str, users: str, *, ini_path: str = "pgbouncer.ini", auth_file: str = "the auth_file"
+) -> dict[str, str]:
+    """Every name in a server's pgBouncer files that dbops did not write, lowercased: [databases]
+    aliases and [users] entries, admin_users, stats_users, auth_user, auth_file users; name ->
+    what it is, for a refusal. ``ini`` with its ``%include`` files in place."""
+    found: dict[str, str] = {}
+    lines = _ini_lines(ini)
+    raws = [raw for _, _, raw in lines]
+    for i, (section, key, raw) in enumerate(lines):
+        if key is None:
+            continue
+        if section == "databases" and key != "*" and not _marked(raws, i, key):
+            found.setdefault(key.lower(), f"a [databases] entry in {ini_path}")
+        elif section == "users":
+            found.setdefault(key.lower(), f"a [users] entry in {ini_path}")
+        elif section == "pgbouncer" and key.lower() in ("admin_users", "stats_users", "auth_user"):
+            for listed in raw.partition("=")[2].split(","):
+                if listed.strip().strip('"'):
+                    found.setdefault(
+                        listed.strip().strip('"').lower(), f"one of {key.lower()} in {ini_path}"
+                    )
+    for raw in users.splitlines():
+        user, rest = _userlist_entry(raw)
+        if user is not None and rest != USERLIST_MARK:
+            found.setdefault(user.lower(), f"a user in {auth_file}")
+    return {name: f"{what}, not made by dbops" for name, what in found.items()}
+
+
+def read_pgbouncer_ini(runner: Runner, path: str, text: str | None = None) -> str:
+    """pgbouncer.ini (``text`` when it was read already) as pgBouncer reads it: each
+    ``%include`` line replaced by the file it names (a relative name taken from the ini's
+    directory), up to _MAX_INCLUDES deep."""
+
+    def expand(text: str, where: str, depth: int) -> str:
+        out: list[str] = []
+        for raw in text.splitlines(keepends=True):
+            include = _INCLUDE.match(raw)
+            if not include:
+                out.append(raw)
+                continue
+            name = include.group(1).strip('"')
+            target = posixpath.join(posixpath.dirname(where), name)
+            if depth >= _MAX_INCLUDES:
+                raise DbopsError(f"{path} nests %include deeper than {_MAX_INCLUDES} files.")
+            try:
+                included = read_remote_file(runner, target)
+            except DbopsError as exc:
+                raise DbopsError(
+                    f"cannot read {target}, which {where} includes: {exc.message[:150]}"
+                ) from None
+            body = expand(included, target, depth + 1)
+            out.append(body if body.endswith("\n") or not body else body + "\n")
+        return "".join(out)
+
+    return expand(read_remote_file(runner, path) if text is None else text, path, 0)
 
 
 _REWRITE_SCRIPT = r"""umask 077
@@ -365,6 +500,56 @@ class ProvisionResult:
 
 
 Progress = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class ProvisionPreview:
+    """What ``Provisioner.provision`` will do with these arguments, found before it does it."""
+
+    customer: str
+    plan: str
+    server: str
+    email: str
+    resumed: bool  # an earlier run stopped part-way: this one finishes it
+    why: str  # why this server: the capacity proposal's reason, "" when it was named
+    steps_done: tuple[str, ...] = ()
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class _PgBouncerFiles:
+    ini: str  # pgbouncer.ini as it is (what is rewritten)
+    full: str  # with its %include files in place (what is read)
+    auth_file: str | None
+    users: str
+    taken: dict[str, str]  # names dbops did not write -> what they are (pgbouncer_names)
+
+
+def fleet_roles(fleet: Fleet) -> dict[str, str]:
+    """The roles fleet.toml's DSNs log in as (each server's monitoring ``dsn`` and
+    ``admin_dsn``): name -> what it is, for a refusal."""
+    found: dict[str, str] = {}
+    for server in fleet.servers:
+        for key, what in (("dsn", "monitoring role"), ("admin_dsn", "admin role")):
+            dsn = getattr(server, key)
+            user = _dsn_user(dsn) if dsn else None
+            if user:
+                found.setdefault(user, f"the {what} in {server.name}'s {key} in fleet.toml")
+    return found
+
+
+def _check_resume(job: ProvisionJob, plan: str, server: str | None, email: str) -> None:
+    """Running provisioning again finishes the job it started: with the same arguments."""
+    if server is not None and server != job.server:
+        raise DbopsError(
+            f"{job.customer}'s provisioning started on {job.server}, not {server}.",
+            hint=f"Run it again on {job.server} to finish it.",
+        )
+    if plan != job.plan or email != job.email:
+        raise DbopsError(
+            f"{job.customer}'s provisioning started with plan {job.plan} for "
+            f"{job.email}; run it again with those to finish it.",
+        )
 
 
 def _aware(ts: datetime | None) -> datetime | None:
@@ -473,13 +658,11 @@ class Provisioner(FleetAccess):
         ``server`` None: the one ``propose_server`` picks (on a first run). A DbopsError says
         what failed and that running it again finishes the job; it never holds the password.
         """
-        validate_name(customer)
-        plan_cfg = self.fleet.plan(plan)
-        if not _ADDRESS.fullmatch(email or ""):
-            raise DbopsError(f"{(email or '')[:60]!r} is not an email address.")
-        if server is not None:
-            validate_server_name(server)
-            self.fleet.server(server)
+        plan_cfg = self._check_arguments(customer, plan, server, email)
+        if self.job(customer) is None:
+            # A new customer: its names are checked on the server before anything is made
+            # (the job's first step checks them again, and from then on they are the job's).
+            server, _ = self._place(customer, plan, server)
         job, resumed = self._open_job(customer, plan, server, email, actor, stripe_customer)
         if job.status == "done":
             return self._result(job, [], resumed=True, already_done=True)
@@ -615,6 +798,74 @@ class Provisioner(FleetAccess):
         self.events.append("provision.done", customer, result.as_json(), actor=actor)
         return result
 
+    def preview(
+        self, customer: str, plan: str, server: str | None = None, *, email: str
+    ) -> ProvisionPreview:
+        """What ``provision`` with these arguments would do, found without changing anything:
+        the server (chosen by capacity unless named, or where an earlier run started), and
+        every refusal ``provision`` would make before creating anything (names included)."""
+        self._check_arguments(customer, plan, server, email)
+        job = self.job(customer)
+        if job is not None:
+            _check_resume(job, plan, server, email)
+            if job.status == "done":
+                raise DbopsError(
+                    f"{customer} was already provisioned on {job.server}; nothing to do.",
+                    hint=f"`/db status {customer}` shows it.",
+                )
+            return ProvisionPreview(
+                customer, plan, job.server, email, resumed=True, why="where it started",
+                steps_done=tuple(job.steps), last_error=job.last_error,
+            )  # fmt: skip
+        chosen, why = self._place(customer, plan, server)
+        return ProvisionPreview(customer, plan, chosen, email, resumed=False, why=why)
+
+    def check_name(self, customer: str, server: str | None = None) -> None:
+        """Refuse ``customer`` as a new customer's name (its role and database): reserved on
+        every server (core.names), a role fleet.toml's DSNs log in as, and with ``server``
+        what that server has: a PostgreSQL role or database, a name in its pgBouncer files."""
+        validate_new_name(customer)
+        why = fleet_roles(self.fleet).get(customer)
+        if why is not None:
+            raise refuse_name(customer, why)
+        if server is not None:
+            target = self.fleet.server(server)
+            self._claim_names(self.runners.get(target.name), target, customer)
+
+    def _check_arguments(self, customer: str, plan: str, server: str | None, email: str) -> Plan:
+        validate_new_name(customer)
+        plan_cfg = self.fleet.plan(plan)
+        if not _ADDRESS.fullmatch(email or ""):
+            raise DbopsError(f"{(email or '')[:60]!r} is not an email address.")
+        if server is not None:
+            validate_server_name(server)
+            self.fleet.server(server)
+        return plan_cfg
+
+    def _place(self, customer: str, plan: str, server: str | None) -> tuple[str, str]:
+        """For a new customer: the server (``server``, else the one with the most room) and why,
+        once the name is known to be free there."""
+        self._refuse_known(customer)
+        self.check_name(customer)  # what needs no server first: no capacity measured for it
+        why = ""
+        if server is None:
+            proposal = self.propose_server(plan)
+            if proposal.server is None:
+                raise DbopsError(proposal.reason, hint="Add a server to the fleet (SOP-102).")
+            server, why = proposal.server, proposal.reason
+        self.check_name(customer, server)
+        return server, why
+
+    def _refuse_known(self, customer: str) -> None:
+        try:
+            known = get_customer(self.engine, customer)
+        except NotFound:
+            return
+        raise DbopsError(
+            f"{customer} is already a customer (on {known.server}).",
+            hint="Pick another name for a new customer.",
+        )
+
     def _open_job(
         self,
         customer: str,
@@ -626,26 +877,9 @@ class Provisioner(FleetAccess):
     ) -> tuple[ProvisionJob, bool]:
         existing = self.job(customer)
         if existing is not None:
-            if server is not None and server != existing.server:
-                raise DbopsError(
-                    f"{customer}'s provisioning started on {existing.server}, not {server}.",
-                    hint=f"Run it again on {existing.server} to finish it.",
-                )
-            if plan != existing.plan or email != existing.email:
-                raise DbopsError(
-                    f"{customer}'s provisioning started with plan {existing.plan} for "
-                    f"{existing.email}; run it again with those to finish it.",
-                )
+            _check_resume(existing, plan, server, email)
             return existing, True
-        try:
-            known = get_customer(self.engine, customer)
-        except NotFound:
-            known = None
-        if known is not None:
-            raise DbopsError(
-                f"{customer} is already a customer (on {known.server}).",
-                hint="Pick another name for a new customer.",
-            )
+        self._refuse_known(customer)
         chosen = server
         if chosen is None:
             proposal = self.propose_server(plan)
@@ -766,6 +1000,29 @@ class Provisioner(FleetAccess):
                 "nothing was changed.",
                 hint="Pick another customer name, or remove the old one by hand first.",
             )
+        why = self._pgbouncer_files(runner, server).taken.get(customer)
+        if why is not None:
+            raise refuse_name(
+                customer,
+                why,
+                status=f"taken on {server.name}",
+                hint=f"{CHOOSE_ANOTHER} Nothing was changed; dbops never rewrites a pgBouncer "
+                "entry it did not make.",
+            )
+
+    @staticmethod
+    def _pgbouncer_files(runner: Runner, server: Server) -> _PgBouncerFiles:
+        """The server's pgbouncer.ini (its includes in place, for reading) and auth_file."""
+        if not server.pgbouncer_ini:
+            return _PgBouncerFiles("", "", None, "", {})
+        ini = read_remote_file(runner, server.pgbouncer_ini)
+        full = read_pgbouncer_ini(runner, server.pgbouncer_ini, ini)
+        auth_file = _ini_value(full, "pgbouncer", "auth_file")
+        users = read_remote_file(runner, auth_file, missing_ok=True) if auth_file else ""
+        taken = pgbouncer_names(
+            full, users, ini_path=server.pgbouncer_ini, auth_file=f"the auth_file {auth_file}"
+        )
+        return _PgBouncerFiles(ini, full, auth_file, users, taken)
 
     def _role(
         self, runner: Runner, server: Server, customer: str, plan: Plan, password: str | None
@@ -842,24 +1099,38 @@ class Provisioner(FleetAccess):
         self, runner: Runner, server: Server, customer: str, password: str | None
     ) -> int:
         """Register the database in pgbouncer.ini (and the role's SCRAM secret in its auth_file
-        when it has one), reload; the port customers connect to."""
+        when it has one), reload; the port customers connect to. Only lines dbops wrote are
+        rewritten: a line for the customer that it did not write stops the step with both files
+        as they were (checked for both before either is written)."""
         if not server.pgbouncer_ini:
             return _pg_port(server)
-        ini = read_remote_file(runner, server.pgbouncer_ini)
+        files = self._pgbouncer_files(runner, server)
         params = conninfo_to_dict(server.admin_dsn or server.dsn)
         host = str(params.get("host") or "127.0.0.1")
         entry = f"host={host} port={params.get('port') or 5432} dbname={customer}"
-        changed = pgbouncer_with_database(ini, customer, entry)
+        try:
+            if customer in files.taken:
+                raise ForeignEntry(files.taken[customer])
+            changed = pgbouncer_with_database(files.ini, customer, entry)
+            users = (
+                userlist_with(files.users, customer, scram_sha256_secret(password))
+                if files.auth_file and password is not None
+                else None
+            )
+        except ForeignEntry as exc:
+            raise DbopsError(
+                f"`{customer}` is taken on {server.name} ({exc.message}); nothing in pgBouncer "
+                "was changed.",
+                hint="dbops rewrites only the pgBouncer entries it made (marked `; dbops`). Move "
+                "that line out of the way by hand if it may go, then run provisioning again: it "
+                "finishes the job.",
+            ) from None
         if changed is not None:
             rewrite_remote_file(runner, server.pgbouncer_ini, changed)
-        auth_file = _ini_value(ini, "pgbouncer", "auth_file")
-        if auth_file and password is not None:
-            users = read_remote_file(runner, auth_file, missing_ok=True)
-            rewrite_remote_file(
-                runner, auth_file, userlist_with(users, customer, scram_sha256_secret(password))
-            )
+        if files.auth_file and users is not None:
+            rewrite_remote_file(runner, files.auth_file, users)
         runner.run(server.argv(server.pgbouncer_reload_command)).check()
-        listen = _ini_value(ini, "pgbouncer", "listen_port")
+        listen = _ini_value(files.full, "pgbouncer", "listen_port")
         return int(listen) if listen and listen.isdigit() else 6432
 
     def _connection_test(
@@ -979,14 +1250,21 @@ def _pg_port(server: Server) -> int:
 
 
 __all__ = [
+    "INI_MARK",
     "STEPS",
+    "USERLIST_MARK",
+    "ForeignEntry",
+    "ProvisionPreview",
     "ProvisionResult",
     "Provisioner",
     "ServerCapacity",
     "ServerProposal",
+    "fleet_roles",
     "generate_password",
     "measure_capacity",
+    "pgbouncer_names",
     "pgbouncer_with_database",
+    "read_pgbouncer_ini",
     "scram_sha256_secret",
     "ssl_policy",
     "userlist_with",

@@ -32,10 +32,14 @@ def test_the_demo_status_restore_preview_and_provisioning_with_its_outbox() -> N
     # is closed to other users, which the demo refuses with a clear message).
     demo = Path(tempfile.mkdtemp(prefix="dbops-demo-"))
     demo.chmod(0o755)
+    # Provisioning typed runs nothing: it says what it will do, and its button (press 1) asks
+    # for a yes before it provisions.
     script = (
         "/db status acme\n"
         "/db restore acme\n"
         "/db provision newco --plan small --email ops@newco.example.com\n"
+        "press 1\n"
+        "yes\n"
     )
     try:
         done = subprocess.run(
@@ -53,7 +57,10 @@ def test_the_demo_status_restore_preview_and_provisioning_with_its_outbox() -> N
         assert "dbops demo: 3 sandbox servers, 15 customers" in out
         assert "acme is online on vps1" in out
         assert "--confirm acme`" in out  # the restore preview says how to go ahead
-        assert "Provisioned newco on" in out
+        preview, _, pressed = out.partition("Type yes to go ahead.")
+        assert "creates newco's role and database (plan small) on vps" in preview
+        assert "Press Provision to go ahead" in preview and "Provisioned newco" not in preview
+        assert "Provisioned newco on" in pressed
         (mail,) = (demo / "outbox").glob("*.eml")
         assert f"saved in {mail}" in out
         assert stat.S_IMODE(mail.stat().st_mode) == 0o600

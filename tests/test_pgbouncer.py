@@ -27,7 +27,12 @@ from core import health, sandbox
 from core.customers import Customer, customer_from_mapping
 from core.fleet import Fleet, Server, parse_fleet
 from core.health import Check, PgBouncerStats, ServerHealth
-from core.provisioning import pgbouncer_with_database, scram_sha256_secret, userlist_with
+from core.provisioning import (
+    INI_MARK,
+    pgbouncer_with_database,
+    scram_sha256_secret,
+    userlist_with,
+)
 from core.remote import LocalRunner, RunnerPool
 from core.sandbox import PGBOUNCER_POOL_SIZE, customer_conninfo
 from tests.test_backups import restore_server_logs  # noqa: F401  (autouse: ghost_db's FATALs)
@@ -57,13 +62,17 @@ def reload_pgbouncer(server: Server) -> None:
 
 
 def forget(server: Server, name: str) -> None:
-    """Take ``name`` (database and role) out of the server's pgBouncer files, reload, and wait
-    for pgBouncer to close its pooled server connections to that database: dropping it under
-    them would put FATAL lines in the server log that the health tests read."""
+    """Take ``name`` (database and role, dbops's marks too) out of the server's pgBouncer files,
+    reload, and wait for pgBouncer to close its pooled server connections to that database:
+    dropping it under them would put FATAL lines in the server log that the health tests read."""
     assert server.pgbouncer_ini
     ini, users = Path(server.pgbouncer_ini), _auth_file(server)
     ini_text, users_text = ini.read_text(), users.read_text()
-    kept_ini = [ln for ln in ini_text.splitlines() if ln.partition("=")[0].strip() != name]
+    kept_ini = [
+        ln
+        for ln in ini_text.splitlines()
+        if ln.partition("=")[0].strip() != name and ln.strip() != INI_MARK.format(name=name)
+    ]
     kept_users = [ln for ln in users_text.splitlines() if not ln.startswith(f'"{name}" ')]
     if len(kept_ini) == len(ini_text.splitlines()) and kept_users == users_text.splitlines():
         return

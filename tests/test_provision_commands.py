@@ -186,6 +186,17 @@ def buttons(call: Call) -> list[dict[str, Any]]:
     ]
 
 
+def typed_then_pressed(env: Env, user: str, text: str) -> tuple[Call, Call]:
+    """`/db <text>` typed, which runs nothing and answers with a Provision button behind a
+    confirm dialog; then ``user`` presses it. (the preview, what the press did)"""
+    preview = slash(env, user, text)
+    (button,) = buttons(preview)
+    assert button["action_id"] == "db_provision", preview.text
+    assert button["style"] == "danger" and button["confirm"]["style"] == "danger"
+    assert "Press Provision to go ahead" in preview.text, preview.text
+    return preview, press(env, user, button)
+
+
 def newcomer(env: Env, prefix: str = "newco") -> str:
     name = f"{prefix}_{secrets.token_hex(3)}"
     env.made.append(name)
@@ -211,24 +222,40 @@ def test_provision_from_slack_finishes_after_a_failure_and_the_password_goes_onl
     provisioner = provision_commands.onboarding_for(env.router.ops).provisioner
     provisioner.failpoints.add("after:role")
     try:
-        first = slash(env, CAROL, f"provision {name} --plan small --email ops@newco.example.com")
+        # Typed, it runs nothing yet: it says where it will go (no --server: the one with the
+        # most room) and to whom the password goes, and its button carries both.
+        shown = slash(env, CAROL, f"provision {name} --plan small --email ops@newco.example.com")
+        assert shown.body["response_type"] == "ephemeral"
+        (button,) = buttons(shown)
+        chosen = button["value"].split("--server ")[1].split()[0]
+        assert provisioner.job(name) is None and server_state(sandbox, chosen, name)["roles"] == []
+        assert button["value"] == (
+            f"provision {name} --plan small --server {chosen} --email ops@newco.example.com"
+        )
+        assert f"creates {name}'s role and database (plan small) on {chosen}," in shown.text
+        assert f"Chosen by capacity: {chosen} has the most room" in shown.text
+        assert "welcome email to ops@newco.example.com" in shown.text
+        assert button["style"] == "danger" and button["confirm"]["style"] == "danger"
+        first = press(env, CAROL, button)
     finally:
         provisioner.failpoints.discard("after:role")
     assert first.body["response_type"] == "ephemeral"
     assert "stopped at role" in first.text and "run it again" in first.text, first.text
     job = provisioner.job(name)
-    assert job is not None  # no --server: the one with the most room was chosen
+    assert job is not None and job.server == chosen
     server = job.server
     halfway = server_state(sandbox, server, name)
     assert len(halfway["roles"]) == 1 and halfway["dbs"] == [] and env.inbox.messages == []
 
     # Again, the address as Slack sends a typed one (should_escape): the job is finished.
-    again = slash(
+    shown, again = typed_then_pressed(
         env,
         CAROL,
         f"provision {name} --plan small "
         "--email <mailto:ops@newco.example.com|ops@newco.example.com>",
     )
+    assert f"finishes provisioning {name} on {server}" in shown.text, shown.text
+    assert "stopped after role" in shown.text
     assert again.body["response_type"] == "in_channel"
     assert f"Finished provisioning *{name}* on *{server}*" in again.text, again.text
     assert "welcome email sent to ops@newco.example.com" in again.text
@@ -287,6 +314,28 @@ def test_only_admins_provision_and_bad_input_says_what_to_do(env: Env) -> None:
     assert provisioner.job(name) is None  # none of it started anything
 
 
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("pgbouncer", "`pgbouncer` is reserved (pgBouncer's own admin user"),
+        ("postgres", "`postgres` is reserved (PostgreSQL's superuser"),
+        ("template1", "`template1` is reserved (PostgreSQL's template databases"),
+        ("pg_foo", "`pg_foo` is reserved (PostgreSQL reserves role names that start with pg_"),
+        ("dbops_monitor", "`dbops_monitor` is reserved (the monitoring role in vps1's dsn"),
+    ],
+)
+def test_a_reserved_name_typed_is_refused_at_once_and_says_what_to_do(
+    env: Env, name: str, why: str
+) -> None:
+    provisioner = provision_commands.onboarding_for(env.router.ops).provisioner
+    refused = slash(env, CAROL, f"provision {name} --plan small --email ops@n.example.com")
+    assert why in refused.text and "choose another customer name" in refused.text, refused.text
+    assert "/db provision &lt;name&gt; --plan" in refused.text or "/db provision <name>" in (
+        refused.text
+    )
+    assert buttons(refused) == [] and provisioner.job(name) is None
+
+
 # --- the Stripe onboarding card ------------------------------------------------------------------
 
 
@@ -327,6 +376,7 @@ def test_a_paid_checkout_posts_one_card_whose_button_provisions(
     (button,) = buttons(card)
     assert button["action_id"] == "db_provision"
     assert button["value"] == f"provision {name} --plan small --server {server}"
+    assert button["style"] == "danger" and button["confirm"]["style"] == "danger"  # Slack asks
 
     # Bob may look but not provision; Carol's press does it, with the address Stripe gave.
     assert "needs the admin role" in press(env, BOB, button).text

@@ -34,6 +34,7 @@ from core.errors import DbopsError
 from core.fleet import Fleet
 from core.notify import Message, RecordingNotifier
 from core.provisioning import (
+    ForeignEntry,
     Provisioner,
     pgbouncer_with_database,
     read_remote_file,
@@ -439,21 +440,33 @@ auth_file = /etc/pgbouncer/userlist.txt
 """
 
 
-def test_pgbouncer_entry_is_added_once_and_replaced_when_it_differs() -> None:
+def test_pgbouncer_entry_is_added_once_marked_and_only_ours_is_replaced() -> None:
     added = pgbouncer_with_database(INI, "newco", "host=127.0.0.1 port=5432 dbname=newco")
     assert added is not None
-    assert added.splitlines()[1:4] == [
+    assert added.splitlines()[1:5] == [
         "[databases]",
         "acme = host=127.0.0.1 port=5432 dbname=acme",
+        "; dbops: newco",  # the entry is dbops's: the only kind it ever rewrites
         "newco = host=127.0.0.1 port=5432 dbname=newco",
     ]
+    ours = "; dbops: newco\nnewco = host=127.0.0.1 port=5432 dbname=newco\n"
+    assert added.replace(ours, "") == INI  # every other byte as it was
     assert pgbouncer_with_database(added, "newco", "host=127.0.0.1 port=5432 dbname=newco") is None
     moved = pgbouncer_with_database(added, "newco", "host=127.0.0.1 port=5433 dbname=newco")
     assert moved is not None and moved.count("newco =") == 1 and "port=5433" in moved
+    assert moved.count("; dbops: newco") == 1
     bare = pgbouncer_with_database("[pgbouncer]\nlisten_port = 6432\n", "x1", "dbname=x1")
-    assert bare is not None and "[databases]\nx1 = dbname=x1" in bare
-    users = userlist_with('"acme" "SCRAM-SHA-256$a"\n"newco" "old"\n', "newco", "SCRAM-SHA-256$b")
-    assert users == '"acme" "SCRAM-SHA-256$a"\n"newco" "SCRAM-SHA-256$b"\n'
+    assert bare is not None and "[databases]\n; dbops: x1\nx1 = dbname=x1" in bare
+    # acme's entry was not made by dbops: never repointed.
+    with pytest.raises(ForeignEntry, match="did not make"):
+        pgbouncer_with_database(added, "acme", "host=127.0.0.1 port=5433 dbname=acme")
+
+    users = userlist_with('"acme" "SCRAM-SHA-256$a"\n\n', "newco", "SCRAM-SHA-256$b")
+    assert users == '"acme" "SCRAM-SHA-256$a"\n\n"newco" "SCRAM-SHA-256$b" ; dbops\n'
+    again = userlist_with(users, "newco", "SCRAM-SHA-256$c")
+    assert again == '"acme" "SCRAM-SHA-256$a"\n\n"newco" "SCRAM-SHA-256$c" ; dbops\n'
+    with pytest.raises(ForeignEntry, match="did not make"):
+        userlist_with(users, "acme", "SCRAM-SHA-256$d")
 
 
 def test_remote_rewrite_keeps_owner_and_mode(
