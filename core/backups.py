@@ -123,26 +123,59 @@ def pretty_age(seconds: float) -> str:
 # --- talking to PostgreSQL on the server ------------------------------------------------------
 
 
+# Every session dbops opens on a server pins its search_path (a startup option, so it outranks
+# whatever the database or the role sets): a customer owns its database and may put its own
+# schema first, where functions, operators, aggregates and types named like pg_catalog's would
+# otherwise run as whoever calls them (DESIGN.md, "Trust boundaries"). pg_temp last: no
+# temporary object shadows anything either. The queries themselves name pg_catalog too.
+PINNED_SEARCH_PATH = "-c search_path=pg_catalog,pg_temp"
+
+
+def pin_search_path(options: object = None) -> str:
+    """libpq ``options`` with the pinned search_path after whatever ``options`` already held
+    (the last ``-c`` of a setting wins)."""
+    return f"{options} {PINNED_SEARCH_PATH}" if options else PINNED_SEARCH_PATH
+
+
 def admin_conninfo(server: Server, dbname: str | None = None) -> str:
     """The server's admin connection (``admin_dsn``, else ``dsn``) as seen from the server itself,
-    without any password, optionally for another database."""
+    without any password, optionally for another database, its search_path pinned."""
     params = conninfo_to_dict(server.admin_dsn or server.dsn)
     params.pop("password", None)
     if dbname is not None:
         params["dbname"] = dbname
+    params["options"] = pin_search_path(params.get("options"))
     return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
+
+
+def tenant_conninfo(server: Server, role: str, dbname: str) -> str:
+    """A session as the customer's own role, into ``dbname``, the way the admin connection
+    reaches the server (search_path pinned). Whatever a customer's database evaluates while
+    dbops loads or counts it (CHECK constraints, triggers, defaults, index expressions, its
+    functions) runs in such a session: with the customer's privileges and no way back to
+    anyone else's, since the session never was anyone else's (a superuser session that SET
+    ROLE to the customer could be RESET by the customer's code). The server lets the admin's
+    OS user log in as customer roles from the server itself (README, "Tenants")."""
+    return make_conninfo(admin_conninfo(server, dbname), user=validate_name(role, "role"))
 
 
 def _bin(server: Server, program: str) -> str:
     return f"{server.pg_bin.rstrip('/')}/{program}"
 
 
-def psql_argv(server: Server, dbname: str | None = None) -> list[str]:
+def psql_argv(server: Server, dbname: str | None = None, role: str | None = None) -> list[str]:
+    """psql as the admin, or as the customer's ``role`` (into ``dbname``, which it then needs)."""
+    if role is not None:
+        if dbname is None:
+            raise ValueError("a session as a customer's role is into one of its databases")
+        conninfo = tenant_conninfo(server, role, dbname)
+    else:
+        conninfo = admin_conninfo(server, dbname)
     # Terse errors and no context: psql would otherwise echo the failing statement's text.
     return [
         _bin(server, "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
         "-v", "VERBOSITY=terse", "-v", "SHOW_CONTEXT=never",
-        "-d", admin_conninfo(server, dbname), "-f", "-",
+        "-d", conninfo, "-f", "-",
     ]  # fmt: skip
 
 
@@ -152,15 +185,21 @@ def run_sql(
     statements: str | sql.Composable | Sequence[str | sql.Composable],
     *,
     dbname: str | None = None,
+    role: str | None = None,
     timeout: float = SQL_TIMEOUT_S,
 ) -> str:
-    """Run SQL with psql on the server (on standard input); its output, or a DbopsError."""
+    """Run SQL with psql on the server (on standard input); its output, or a DbopsError.
+
+    As the admin, or as the customer's ``role`` in its database ``dbname``: anything that can
+    run a customer's code (reading its tables, ANALYZE) is run as the customer.
+    """
     items = [statements] if isinstance(statements, str | sql.Composable) else list(statements)
     text = "\n".join(
         (s.as_string(None) if isinstance(s, sql.Composable) else s).rstrip().rstrip(";") + ";"
         for s in items
     )
-    result = runner.run(psql_argv(server, dbname), stdin=text.encode("utf-8"), timeout=timeout)
+    argv = psql_argv(server, dbname, role)
+    result = runner.run(argv, stdin=text.encode("utf-8"), timeout=timeout)
     return result.check().stdout
 
 
@@ -179,7 +218,16 @@ def write_remote_file(runner: Runner, path: str, data: bytes) -> None:
 # quoted by the runner, never pasted into the script. Batching a step into one script matters
 # over SSH, where each command is a round trip and a process start on the server.
 
-_PUT_FILES_SCRIPT = 'tar -x -m --no-same-owner -f - -C "$1" && mv -f -- "$1/$2.tmp" "$1/$2"'
+# Backups hold the customers' data: readable by the server's OS user (``run_as``, else the SSH
+# user: who runs pg_dump and reads the dumps back for restore tests and restores) and nobody
+# else. Every script that writes under the backup path starts with this umask, so what it makes
+# is 0700/0600 whoever runs it; tar is told not to keep the modes in the archive (root would).
+_PRIVATE = "umask 077"
+
+_PUT_FILES_SCRIPT = (
+    _PRIVATE + ' && tar -x -m --no-same-owner --no-same-permissions -f - -C "$1"'
+    ' && mv -f -- "$1/$2.tmp" "$1/$2"'
+)
 
 
 def _tar(files: Mapping[str, bytes]) -> bytes:
@@ -187,7 +235,7 @@ def _tar(files: Mapping[str, bytes]) -> bytes:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+            info.size, info.mode, info.mtime = len(data), 0o600, int(time.time())
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
@@ -215,18 +263,27 @@ def _ident(name: str) -> sql.Identifier:
 
 # Counted in the restored database the way pg_dump writes tables: ordinary tables only (ONLY,
 # so a parent does not count its children), extension members left out (their data is not in
-# a dump), names as format('%I.%I') which quotes as pg_dump's COPY header does.
+# a dump), names as format('%I.%I') which quotes as pg_dump's COPY header does. Run as the
+# customer, inside its database: every function, operator and type is pg_catalog's by name,
+# whatever the session's search_path (which is pinned too).
 ROWCOUNTS_SQL = """
-SELECT coalesce(json_object_agg(k, n), '{}') FROM (
-  SELECT format('%I.%I', ns.nspname, c.relname) AS k,
-         (xpath('/row/n/text()', query_to_xml(format('SELECT count(*) AS n FROM ONLY %I.%I',
-          ns.nspname, c.relname), false, true, '')))[1]::text::bigint AS n
-  FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
-  WHERE c.relkind = 'r'
-    AND ns.nspname NOT IN ('pg_catalog', 'information_schema')
-    AND ns.nspname NOT LIKE 'pg_toast%' AND ns.nspname NOT LIKE 'pg_temp%'
-    AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                    AND d.objid = c.oid AND d.deptype = 'e')
+SELECT COALESCE(pg_catalog.json_object_agg(k, n), '{}'::pg_catalog.json) FROM (
+  SELECT pg_catalog.format('%I.%I', ns.nspname, c.relname) AS k,
+         ((pg_catalog.xpath('/row/n/text()', pg_catalog.query_to_xml(pg_catalog.format(
+            'SELECT pg_catalog.count(*) AS n FROM ONLY %I.%I', ns.nspname, c.relname),
+            false, true, '')))[1])::pg_catalog.text::pg_catalog.int8 AS n
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace ns ON ns.oid OPERATOR(pg_catalog.=) c.relnamespace
+  WHERE c.relkind OPERATOR(pg_catalog.=) 'r'
+    AND ns.nspname OPERATOR(pg_catalog.<>) 'pg_catalog'
+    AND ns.nspname OPERATOR(pg_catalog.<>) 'information_schema'
+    AND ns.nspname OPERATOR(pg_catalog.!~~) 'pg_toast%'
+    AND ns.nspname OPERATOR(pg_catalog.!~~) 'pg_temp%'
+    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                    WHERE d.classid
+                          OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                      AND d.objid OPERATOR(pg_catalog.=) c.oid
+                      AND d.deptype OPERATOR(pg_catalog.=) 'e')
 ) t
 """
 
@@ -239,13 +296,31 @@ _COUNT_COPY_ROWS = r"""awk '
   inside { n++ }
 '"""
 
+# Before a backup is written: the backup path and the customer's (or _globals') directory made
+# (0700, by the umask), and whatever an older dbops left open in them closed: directories 0700,
+# files 0600. Only what this user owns is changed (the backup path itself only when it is ours
+# and not a shared sticky directory such as /tmp), and never at the cost of the backup (a file a
+# restore test renames away mid-walk, another owner's directory): whatever stays open, the
+# backup_perms check in core.health reports. find runs from the directory it walks: it needs a
+# working directory it can read, and over SSH with runuser that is still the SSH user's home.
+_CLOSE_OPEN = r"""parent=${dest%/*}; root=${parent%/*}
+mkdir -p -- "$parent"
+if [ -O "$root" ] && [ ! -k "$root" ]; then chmod go-rwx -- "$root" || true; fi
+(cd -- "$parent" && find . -user "$(id -u)" \( -type d -o -type f \) -perm /077 \
+  -exec chmod go-rwx -- {} +) || true
+"""
+
 # A new backup directory (exit 17 when the stamp is taken), the dump, its sha256 file, and the
 # figures on stdout: "sha256 <hex>", "size <bytes>", then "rows <n> <schema.table>" per table.
 _DUMP_SCRIPT = (
     r"""set -eu -o pipefail
+"""
+    + _PRIVATE
+    + r"""
 dest=$1; dump=$2; name=$3; pg_dump=$4; pg_restore=$5; conninfo=$6
-mkdir -p -- "${dest%/*}"
-if [ -e "$dest" ]; then exit 17; fi
+"""
+    + _CLOSE_OPEN
+    + r"""if [ -e "$dest" ]; then exit 17; fi
 mkdir -- "$dest"
 "$pg_dump" -Fc -d "$conninfo" -f "$dump"
 sum=$(sha256sum -- "$dump" | cut -d' ' -f1)
@@ -256,18 +331,23 @@ echo "size $(stat -c %s -- "$dump")"
     + _COUNT_COPY_ROWS
 )
 
-_GLOBALS_SCRIPT = r"""set -eu -o pipefail
+_GLOBALS_SCRIPT = (
+    r"""set -eu -o pipefail
+"""
+    + _PRIVATE
+    + r"""
 dest=$1; out=$2; pg_dumpall=$3; conninfo=$4
-mkdir -p -- "${dest%/*}"
-if [ -e "$dest" ]; then exit 17; fi
+"""
+    + _CLOSE_OPEN
+    + r"""if [ -e "$dest" ]; then exit 17; fi
 mkdir -- "$dest"
-umask 077
 "$pg_dumpall" --globals-only -d "$conninfo" -f "$out"
 sum=$(sha256sum -- "$out" | cut -d' ' -f1)
 printf '%s  globals.sql\n' "$sum" > "$out.sha256"
 echo "sha256 $sum"
 echo "size $(stat -c %s -- "$out")"
 """
+)
 
 DIR_TAKEN = 17
 
@@ -796,8 +876,9 @@ def _create_database(
             runner,
             server,
             sql.SQL(
-                "SELECT json_build_object('enc', pg_encoding_to_char(encoding), 'collate', "
-                "datcollate, 'ctype', datctype) FROM pg_database WHERE datname = {}"
+                "SELECT pg_catalog.json_build_object('enc', pg_catalog.pg_encoding_to_char("
+                "encoding), 'collate', datcollate, 'ctype', datctype) FROM pg_catalog.pg_database"
+                " WHERE datname = {}"
             ).format(sql.Literal(like)),
         )
         if row:
@@ -815,12 +896,15 @@ def _drop_database(runner: Runner, server: Server, name: str) -> None:
     run_sql(runner, server, sql.SQL("DROP DATABASE IF EXISTS {}").format(_ident(name)))
 
 
-def _pg_restore(runner: Runner, server: Server, dump: str, into: str) -> str | None:
-    """Restore ``dump`` into the database ``into``; the reason it failed, or None."""
+def _pg_restore(runner: Runner, server: Server, dump: str, into: str, role: str) -> str | None:
+    """Restore ``dump`` into the database ``into`` (owned by ``role``), as the customer's
+    ``role``: whatever the load evaluates (CHECK constraints, defaults, triggers, generated
+    columns, index expressions) runs with the customer's privileges, and everything restored is
+    the customer's (``--no-owner``). The reason it failed, or None."""
     result = runner.run(
         [
-            _bin(server, "pg_restore"), "--exit-on-error", "--single-transaction",
-            "-d", admin_conninfo(server, into), dump,
+            _bin(server, "pg_restore"), "--exit-on-error", "--single-transaction", "--no-owner",
+            "-d", tenant_conninfo(server, role, into), dump,
         ],
         timeout=RESTORE_TIMEOUT_S,
     )  # fmt: skip
@@ -829,21 +913,46 @@ def _pg_restore(runner: Runner, server: Server, dump: str, into: str) -> str | N
     return f"pg_restore failed (exit {result.exit_code}): {_error_line(result.stderr)}"
 
 
-def _restored_counts(runner: Runner, server: Server, database: str) -> dict[str, int]:
-    data = sql_json(runner, server, ROWCOUNTS_SQL, dbname=database, timeout=RESTORE_TIMEOUT_S)
+def _restored_counts(runner: Runner, server: Server, database: str, role: str) -> dict[str, int]:
+    """Rows per table of a restored database, counted as the customer's ``role``."""
+    data = sql_json(
+        runner, server, ROWCOUNTS_SQL, dbname=database, role=role, timeout=RESTORE_TIMEOUT_S
+    )
     return {str(k): int(v) for k, v in (data or {}).items()}
 
 
-# The scratch database of a restore test, in one command: created closed to PUBLIC (other
-# customers on the server must not see this one's data), restored, counted, and dropped on
-# exit whatever happened. Exit 20/21/22 say which stage failed.
+# VACUUM (ANALYZE) of each table the customer owns in its restored database, as the customer:
+# ANALYZE evaluates index expressions and statistics, the customer's code. Table by table
+# (psql's \gexec), since a database-wide VACUUM by its owner warns of every shared catalog.
+_ANALYZE_OWN_TABLES = r"""SELECT pg_catalog.format('VACUUM (ANALYZE) %I.%I', n.nspname, c.relname)
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+ WHERE c.relkind OPERATOR(pg_catalog.=) ANY ('{r,m}'::pg_catalog."char"[])
+   AND c.relowner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r
+                                           WHERE r.rolname OPERATOR(pg_catalog.=) current_user)
+   AND c.relpersistence OPERATOR(pg_catalog.<>) 't'
+ ORDER BY 1
+\gexec
+"""
+
+
+def _analyze_as_owner(runner: Runner, server: Server, database: str, role: str) -> None:
+    argv = psql_argv(server, database, role)
+    result = runner.run(argv, stdin=_ANALYZE_OWN_TABLES.encode(), timeout=RESTORE_TIMEOUT_S)
+    result.check()
+
+
+# The scratch database of a restore test, in one command: created by the admin for the
+# customer's role and closed to PUBLIC (other customers on the server must not see this one's
+# data), restored and counted as the customer (``target`` is a session as its role: see
+# _pg_restore), and dropped on exit whatever happened. Exit 20/21/22 say which stage failed.
 _SCRATCH_SCRIPT = r"""set -u -o pipefail
-admin=$1; target=$2; name=$3; dump=$4; bin=$5; counts_sql=$6
-"$bin/createdb" --maintenance-db="$admin" -T template0 -- "$name" || exit 20
+admin=$1; target=$2; name=$3; dump=$4; bin=$5; counts_sql=$6; owner=$7
+"$bin/createdb" --maintenance-db="$admin" -T template0 -O "$owner" -- "$name" || exit 20
 trap '"$bin/dropdb" --maintenance-db="$admin" --if-exists -- "$name" >/dev/null' EXIT
 printf 'REVOKE ALL ON DATABASE :"db" FROM PUBLIC;\n' |
   "$bin/psql" -X -q -v ON_ERROR_STOP=1 -v db="$name" -d "$admin" -f - || exit 20
-"$bin/pg_restore" --exit-on-error --single-transaction -d "$target" "$dump" || exit 21
+"$bin/pg_restore" --exit-on-error --single-transaction --no-owner -d "$target" "$dump" || exit 21
 "$bin/psql" -X -q -A -t -v ON_ERROR_STOP=1 -d "$target" -c "$counts_sql" || exit 22
 """
 _SCRATCH_STAGES = {20: "creating the scratch database", 21: "pg_restore", 22: "counting rows"}
@@ -858,11 +967,17 @@ def _error_line(stderr: str) -> str:
 
 
 def verify_backup(
-    runner: Runner, server: Server, info: BackupInfo, *, now: Callable[[], datetime] = utcnow
+    runner: Runner,
+    server: Server,
+    info: BackupInfo,
+    *,
+    role: str,
+    now: Callable[[], datetime] = utcnow,
 ) -> Verification:
-    """Restore test: the dump's sha256, pg_restore into a scratch database on the same server,
-    row counts against those of dump time, scratch dropped. Writes ``verified`` beside
-    ``status`` and returns the result; a bad backup is a crit result, never an exception."""
+    """Restore test: the dump's sha256, pg_restore into a scratch database on the same server
+    as the customer's ``role``, row counts (as that role) against those of dump time, scratch
+    dropped. Writes ``verified`` beside ``status`` and returns the result; a bad backup is a
+    crit result, never an exception."""
 
     def result(verdict: Verdict, detail: str, **extra: Any) -> Verification:
         return Verification(verdict == "ok", verdict, now(), detail, **extra)
@@ -873,7 +988,7 @@ def verify_backup(
     if seen.problem is not None:
         outcome = result("crit", seen.problem)
     else:
-        outcome = _scratch_restore(runner, server, info, seen.counts, result)
+        outcome = _scratch_restore(runner, server, info, role, seen.counts, result)
     write_json_last(
         runner,
         f"{info.path}/{VERIFIED}",
@@ -886,14 +1001,15 @@ def _scratch_restore(
     runner: Runner,
     server: Server,
     info: BackupInfo,
+    role: str,
     expected: Mapping[str, int] | None,
     result: Callable[..., Verification],
 ) -> Verification:
     scratch = f"dbops_verify_{secrets.token_hex(5)}"
     argv = [
         "bash", "-c", _SCRATCH_SCRIPT, "dbops-restore-test", admin_conninfo(server),
-        admin_conninfo(server, scratch), scratch, info.dump, server.pg_bin.rstrip("/"),
-        ROWCOUNTS_SQL,
+        tenant_conninfo(server, role, scratch), scratch, info.dump, server.pg_bin.rstrip("/"),
+        ROWCOUNTS_SQL, validate_name(role, "role"),
     ]  # fmt: skip
     ran = runner.run(argv, timeout=RESTORE_TIMEOUT_S)
     if not ran.ok:
@@ -1288,7 +1404,7 @@ class Backups(FleetAccess):
         c, server, runner = self._where(customer)
         backups = read_backups(runner, server, c.name)
         info = self._pick(c.name, backups, backup, prefer_verified=False)
-        verification = verify_backup(runner, server, info, now=self.clock)
+        verification = verify_backup(runner, server, info, role=c.role, now=self.clock)
         outcome = VerifyOutcome(c.name, server.name, info.stamp, verification)
         self._report_verify(outcome, actor)
         return outcome
@@ -1416,7 +1532,8 @@ class Backups(FleetAccess):
             runner,
             server,
             sql.SQL(
-                "SELECT to_json(pg_database_size(datname)) FROM pg_database WHERE datname = {}"
+                "SELECT pg_catalog.to_json(pg_catalog.pg_database_size(datname))"
+                " FROM pg_catalog.pg_database WHERE datname = {}"
             ).format(sql.Literal(database)),
         )
         return int(out) if out is not None else None
@@ -1498,13 +1615,13 @@ class Backups(FleetAccess):
             _create_database(runner, server, new, owner=c.role, like=db)
             step("created", new_database=new)
             current = "pg_restore"
-            failed = _pg_restore(runner, server, info.dump, new)
+            failed = _pg_restore(runner, server, info.dump, new, c.role)
             if failed is not None:
                 raise DbopsError(failed)
             self._failpoint("restore.after_pg_restore")
             step("restored")
             current = "verify"
-            found = _restored_counts(runner, server, new)
+            found = _restored_counts(runner, server, new, c.role)
             mismatches = compare_counts(expected, found)
             if mismatches:
                 raise DbopsError("row counts differ after restore: " + "; ".join(mismatches[:5]))
@@ -1512,7 +1629,7 @@ class Backups(FleetAccess):
             current = "analyze"
             # pg_restore leaves no planner statistics and no vacuum on record: without this the
             # customer's first queries are planned blind and last_vacuum reads unknown.
-            run_sql(runner, server, "VACUUM (ANALYZE)", dbname=new, timeout=RESTORE_TIMEOUT_S)
+            _analyze_as_owner(runner, server, new, c.role)
             step("analyzed")
             current = "settings"
             self._copy_database_settings(runner, server, db, new)
@@ -1569,29 +1686,32 @@ class Backups(FleetAccess):
 DO $dbops$
 DECLARE r record; acl aclitem[];
 BEGIN
-  SELECT datacl INTO acl FROM pg_database WHERE datname = {old_l};
+  SELECT datacl INTO acl FROM pg_catalog.pg_database WHERE datname = {old_l};
   IF acl IS NOT NULL THEN
-    EXECUTE format('REVOKE ALL ON DATABASE %I FROM PUBLIC', {new_l});
-    FOR r IN SELECT a.grantee, a.privilege_type, a.is_grantable FROM aclexplode(acl) a LOOP
-      EXECUTE format('GRANT %s ON DATABASE %I TO %s%s', r.privilege_type, {new_l},
-        CASE WHEN r.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(r.grantee)) END,
+    EXECUTE pg_catalog.format('REVOKE ALL ON DATABASE %I FROM PUBLIC', {new_l});
+    FOR r IN SELECT a.grantee, a.privilege_type, a.is_grantable
+             FROM pg_catalog.aclexplode(acl) a LOOP
+      EXECUTE pg_catalog.format('GRANT %s ON DATABASE %I TO %s%s', r.privilege_type, {new_l},
+        CASE WHEN r.grantee = 0 THEN 'PUBLIC'
+             ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(r.grantee)) END,
         CASE WHEN r.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
     END LOOP;
   ELSE
-    EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO PUBLIC', {new_l});
+    EXECUTE pg_catalog.format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO PUBLIC', {new_l});
   END IF;
-  EXECUTE format('ALTER DATABASE %I CONNECTION LIMIT %s', {new_l},
-    (SELECT datconnlimit FROM pg_database WHERE datname = {old_l}));
-  FOR r IN SELECT s.setrole, split_part(c, '=', 1) AS name,
-                  substr(c, strpos(c, '=') + 1) AS value
-           FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase,
-                unnest(s.setconfig) AS c
+  EXECUTE pg_catalog.format('ALTER DATABASE %I CONNECTION LIMIT %s', {new_l},
+    (SELECT datconnlimit FROM pg_catalog.pg_database WHERE datname = {old_l}));
+  FOR r IN SELECT s.setrole, pg_catalog.split_part(c, '=', 1) AS name,
+                  pg_catalog.substr(c, pg_catalog.strpos(c, '=') + 1) AS value
+           FROM pg_catalog.pg_db_role_setting s
+           JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase,
+                pg_catalog.unnest(s.setconfig) AS c
            WHERE d.datname = {old_l} LOOP
     IF r.setrole = 0 THEN
-      EXECUTE format('ALTER DATABASE %I SET %I = %L', {new_l}, r.name, r.value);
+      EXECUTE pg_catalog.format('ALTER DATABASE %I SET %I = %L', {new_l}, r.name, r.value);
     ELSE
-      EXECUTE format('ALTER ROLE %I IN DATABASE %I SET %I = %L',
-        pg_get_userbyid(r.setrole), {new_l}, r.name, r.value);
+      EXECUTE pg_catalog.format('ALTER ROLE %I IN DATABASE %I SET %I = %L',
+        pg_catalog.pg_get_userbyid(r.setrole), {new_l}, r.name, r.value);
     END IF;
   END LOOP;
 END
@@ -1613,14 +1733,14 @@ DECLARE remaining int;
 BEGIN
   FOR i IN 1..{tries} LOOP
     -- pg_stat_activity is a snapshot held for the transaction: take a fresh one each time.
-    PERFORM pg_stat_clear_snapshot();
-    PERFORM pg_terminate_backend(pid) FROM pg_stat_activity
-      WHERE datname = {db_l} AND pid <> pg_backend_pid();
-    PERFORM pg_stat_clear_snapshot();
-    SELECT count(*) INTO remaining FROM pg_stat_activity
-      WHERE datname = {db_l} AND pid <> pg_backend_pid();
+    PERFORM pg_catalog.pg_stat_clear_snapshot();
+    PERFORM pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity
+      WHERE datname = {db_l} AND pid <> pg_catalog.pg_backend_pid();
+    PERFORM pg_catalog.pg_stat_clear_snapshot();
+    SELECT pg_catalog.count(*) INTO remaining FROM pg_catalog.pg_stat_activity
+      WHERE datname = {db_l} AND pid <> pg_catalog.pg_backend_pid();
     IF remaining = 0 THEN RETURN; END IF;
-    PERFORM pg_sleep(0.02);
+    PERFORM pg_catalog.pg_sleep(0.02);
   END LOOP;
   RAISE EXCEPTION 'sessions on % did not end within {secs} s', {db_l};
 END
@@ -1654,9 +1774,10 @@ $dbops$
         found = sql_json(
             runner,
             server,
-            sql.SQL("SELECT to_json(datallowconn) FROM pg_database WHERE datname = {}").format(
-                sql.Literal(db)
-            ),
+            sql.SQL(
+                "SELECT pg_catalog.to_json(datallowconn) FROM pg_catalog.pg_database"
+                " WHERE datname = {}"
+            ).format(sql.Literal(db)),
         )
         if found is None:
             raise NotFound(f"there is no database {db} on {server.name} to restore over.")
@@ -1673,8 +1794,8 @@ $dbops$
                     runner,
                     server,
                     sql.SQL(
-                        "SELECT coalesce(json_agg(datname), '[]') FROM pg_database "
-                        "WHERE datname IN ({}, {}, {})"
+                        "SELECT COALESCE(pg_catalog.json_agg(datname), '[]')"
+                        " FROM pg_catalog.pg_database WHERE datname IN ({}, {}, {})"
                     ).format(sql.Literal(db), sql.Literal(old), sql.Literal(new)),
                 )
                 or []

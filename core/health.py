@@ -17,8 +17,14 @@ How a sweep talks to a server, and why:
 * Every connection says application_name=dbops-health and carries statement_timeout and
   lock_timeout as startup options, so no health query can hang on a lock or run away. Our own
   probes are left out of backends, activity, locks and the log.
-* Disk, the log and backups through the server's runner (``df``, ``tail -c``, ``grep -r``), one
-  SSH connection opened first and then shared by the three commands; argument lists only.
+* Every connection pins search_path to pg_catalog, pg_temp (a startup option too, which
+  outranks a database's or a role's own) and every query names pg_catalog's objects: a
+  customer's functions, operators and types never run as the monitoring role. Inside a customer
+  database the probe reads that database's own tables only; everything server-wide is read
+  once, by the cluster connection.
+* Disk, the log, backups and their permissions through the server's runner (``df``,
+  ``tail -c``, ``grep -r``, ``find -perm /077``), one SSH connection opened first and then
+  shared by the four commands; argument lists only.
 * pgBouncer, where the server has it (``pgbouncer_ini``): one connection to its admin console
   (the monitoring DSN, ``pgbouncer_port``, ``dbname=pgbouncer``) for SHOW DATABASES and SHOW
   POOLS, in the simple query protocol the console speaks. A server without it has no
@@ -35,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar
 
@@ -47,6 +53,7 @@ from core.backups import (
     backup_verified_check,
     parse_backup_files,
     parse_time,
+    pin_search_path,
 )
 from core.customers import Customer
 from core.errors import DbopsError, Unreachable
@@ -71,6 +78,7 @@ SERVER_CHECKS = (
     "prepared_txns",
     "disk_space",
     "logfile",
+    "backup_perms",
     "pgbouncer",
 )
 CLUSTER_CHECKS = SERVER_CHECKS[1:8]
@@ -243,13 +251,14 @@ class Limits:
 
 
 def health_conninfo(dsn: str, limits: Limits, dbname: str | None = None) -> str:
-    """The monitoring DSN with our application_name, timeouts and, given one, another database."""
+    """The monitoring DSN with our application_name, timeouts, search_path pinned (see
+    core.backups.PINNED_SEARCH_PATH) and, given one, another database."""
     params = pg_conninfo.conninfo_to_dict(dsn)
     own = (
         f"-c statement_timeout={limits.statement_timeout_ms} "
         f"-c lock_timeout={limits.lock_timeout_ms}"
     )
-    options = f"{params['options']} {own}" if params.get("options") else own
+    options = pin_search_path(f"{params['options']} {own}" if params.get("options") else own)
     extra: dict[str, Any] = {
         "application_name": APP_NAME,
         "connect_timeout": limits.connect_timeout_s,
@@ -279,45 +288,55 @@ def pg_error_text(exc: BaseException) -> str:
     return type(exc).__name__ + (": connection failed" if "connection" in low else "")
 
 
+# Every name in the SQL below is pg_catalog's, qualified (and the search_path is pinned too, see
+# health_conninfo): a customer owns its database, and in a database where it could create
+# objects a function, operator or type of its own named like ours would otherwise run as the
+# monitoring role, which sees every session on the server (DESIGN.md, "Trust boundaries").
+
 # check_postgres's own SQL for locks (granted, mode, datname), plus the pid so our own probes,
 # which connect while this runs, can be left out. Must stay the first statement: see above.
 LOCKS_SQL = (
-    "SELECT granted, mode, datname, l.pid FROM pg_locks l "
-    "RIGHT JOIN pg_database d ON (d.oid=l.database) WHERE d.datallowconn"
+    "SELECT granted, mode, datname, l.pid FROM pg_catalog.pg_locks l "
+    "RIGHT JOIN pg_catalog.pg_database d ON (d.oid=l.database) WHERE d.datallowconn"
 )
 # check_backends, counting our own session once and never our other probes.
 BACKENDS_SQL = f"""
 SELECT d.datname,
-  COUNT(s.datid) FILTER (
-    WHERE s.pid = pg_backend_pid() OR s.application_name IS DISTINCT FROM '{APP_NAME}'
+  pg_catalog.count(s.datid) FILTER (
+    WHERE s.pid = pg_catalog.pg_backend_pid() OR s.application_name IS DISTINCT FROM '{APP_NAME}'
   ) AS current,
-  (SELECT setting FROM pg_settings WHERE name = 'max_connections')::int AS mc
-FROM pg_database d LEFT JOIN pg_stat_activity s ON (s.datid = d.oid)
+  (SELECT setting FROM pg_catalog.pg_settings WHERE name = 'max_connections')::int AS mc
+FROM pg_catalog.pg_database d LEFT JOIN pg_catalog.pg_stat_activity s ON (s.datid = d.oid)
 GROUP BY d.datname ORDER BY d.datname
 """
 # check_txn_idle / check_txn_time / check_query_time on PostgreSQL 10+: client backends only,
 # ages rounded to whole seconds in SQL, as check_postgres does.
 ACTIVITY_SQL = f"""
-SELECT pid, datname, usename, state, left(query, 200) AS query,
-  COALESCE(ROUND(EXTRACT(epoch FROM now()-state_change)),0)::bigint AS state_s,
-  COALESCE(ROUND(EXTRACT(epoch FROM now()-xact_start)),0)::bigint AS xact_s,
+SELECT pid, datname, usename, state, pg_catalog.left(query, 200) AS query,
+  COALESCE(pg_catalog.round(EXTRACT(epoch FROM pg_catalog.now()-state_change)),0)::bigint
+    AS state_s,
+  COALESCE(pg_catalog.round(EXTRACT(epoch FROM pg_catalog.now()-xact_start)),0)::bigint
+    AS xact_s,
   xact_start IS NOT NULL AS in_xact, state_change IS NOT NULL AS has_state_change,
-  application_name = '{APP_NAME}' AND pid <> pg_backend_pid() AS ours
-FROM pg_stat_activity WHERE backend_type = 'client backend'
+  application_name = '{APP_NAME}' AND pid <> pg_catalog.pg_backend_pid() AS ours
+FROM pg_catalog.pg_stat_activity WHERE backend_type = 'client backend'
 ORDER BY xact_start, state_change, pid DESC
 """
 PREPARED_SQL = """
-SELECT database, ROUND(EXTRACT(epoch FROM now()-prepared))::bigint AS age
-FROM pg_prepared_xacts ORDER BY prepared ASC
+SELECT database, pg_catalog.round(EXTRACT(epoch FROM pg_catalog.now()-prepared))::bigint AS age
+FROM pg_catalog.pg_prepared_xacts ORDER BY prepared ASC
 """
 # pg_database_size raises for a database the role may not see; that must not sink the pipeline.
+# Each database's statistics reset time is read here too, once per server, for last_vacuum:
+# inside a customer's database the monitoring role reads only that database's own tables.
 DATABASES_SQL = """
-SELECT d.datname, d.datallowconn, age(d.datfrozenxid)::bigint AS xid_age,
-  CASE WHEN has_database_privilege(d.oid, 'CONNECT')
-         OR pg_has_role('pg_read_all_stats', 'USAGE')
-       THEN pg_database_size(d.oid) END AS size_bytes,
-  COALESCE(sd.blks_hit, 0) AS blks_hit, COALESCE(sd.blks_read, 0) AS blks_read
-FROM pg_database d LEFT JOIN pg_stat_database sd ON (sd.datid = d.oid)
+SELECT d.datname, d.datallowconn, pg_catalog.age(d.datfrozenxid)::bigint AS xid_age,
+  CASE WHEN pg_catalog.has_database_privilege(d.oid, 'CONNECT')
+         OR pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE')
+       THEN pg_catalog.pg_database_size(d.oid) END AS size_bytes,
+  COALESCE(sd.blks_hit, 0) AS blks_hit, COALESCE(sd.blks_read, 0) AS blks_read,
+  sd.stats_reset
+FROM pg_catalog.pg_database d LEFT JOIN pg_catalog.pg_stat_database sd ON (sd.datid = d.oid)
 ORDER BY d.datname
 """
 
@@ -325,18 +344,26 @@ ORDER BY d.datname
 # check_last_vacuum_analyze's query, aggregated in SQL to one row (a customer database may hold
 # thousands of tables): its tables are every ordinary table outside information_schema, less
 # pg_catalog here (see check_last_vacuum); a table's time is the later of its last manual and
-# last automatic vacuum; ages rounded to whole seconds in SQL, as check_postgres does.
+# last automatic vacuum; ages rounded to whole seconds in SQL, as check_postgres does. It runs
+# inside the customer's database, so its operators are pg_catalog's by name as well; when the
+# statistics were reset comes from DATABASES_SQL.
 LAST_VACUUM_SQL = """
-SELECT current_database(), count(*) AS tables, count(*) FILTER (WHERE v IS NULL) AS never,
-  (array_agg(quote_ident(nspname) || '.' || quote_ident(relname) ORDER BY v, relname)
+SELECT pg_catalog.current_database(), pg_catalog.count(*) AS tables,
+  pg_catalog.count(*) FILTER (WHERE v IS NULL) AS never,
+  (pg_catalog.array_agg(pg_catalog.quote_ident(nspname) OPERATOR(pg_catalog.||) '.'
+                        OPERATOR(pg_catalog.||) pg_catalog.quote_ident(relname) ORDER BY v, relname)
      FILTER (WHERE v IS NOT NULL))[1] AS oldest,
-  round(extract(epoch FROM now() - min(v)))::bigint AS age_s,
-  (SELECT stats_reset FROM pg_stat_database WHERE datname = current_database()) AS stats_reset
+  pg_catalog.round(EXTRACT(epoch FROM pg_catalog.now() OPERATOR(pg_catalog.-)
+                                      pg_catalog.min(v)))::bigint AS age_s
 FROM (
   SELECT n.nspname, c.relname,
-    GREATEST(pg_stat_get_last_vacuum_time(c.oid), pg_stat_get_last_autovacuum_time(c.oid)) AS v
-  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-  WHERE c.relkind = 'r' AND n.nspname NOT IN ('information_schema', 'pg_catalog')
+    GREATEST(pg_catalog.pg_stat_get_last_vacuum_time(c.oid),
+             pg_catalog.pg_stat_get_last_autovacuum_time(c.oid)) AS v
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+  WHERE c.relkind OPERATOR(pg_catalog.=) 'r'
+    AND n.nspname OPERATOR(pg_catalog.<>) 'information_schema'
+    AND n.nspname OPERATOR(pg_catalog.<>) 'pg_catalog'
 ) AS t
 """
 
@@ -362,6 +389,7 @@ class DatabaseStats:
     size_bytes: int | None
     blks_hit: int
     blks_read: int
+    stats_reset: datetime | None = None
 
 
 @dataclass
@@ -414,7 +442,7 @@ class VacuumStats:
     never: int  # tables with no vacuum on record
     oldest: str | None  # schema.table whose last vacuum is the oldest, if any has one
     age_s: int | None  # seconds since that vacuum
-    stats_reset: datetime | None
+    stats_reset: datetime | None = None  # from the cluster's view: with_cluster_stats
 
 
 @dataclass(frozen=True)
@@ -436,7 +464,7 @@ def probe_database(server: Server, database: str, limits: Limits) -> Probe:
     try:
         conninfo = health_conninfo(server.dsn, limits, dbname=database)
         with psycopg.connect(conninfo, autocommit=True) as conn:  # no BEGIN round trip
-            conn.execute("SELECT version()").fetchone()
+            conn.execute("SELECT pg_catalog.version()").fetchone()
             ms = int((time.monotonic() - started) * 1000)
             try:
                 row = conn.execute(LAST_VACUUM_SQL).fetchone()
@@ -446,6 +474,13 @@ def probe_database(server: Server, database: str, limits: Limits) -> Probe:
         return Probe(False, int((time.monotonic() - started) * 1000), pg_error_text(exc))
     vacuum = VacuumStats(*row) if row else None
     return Probe(True, ms, vacuum=vacuum, vacuum_error="" if row else "no answer to the query")
+
+
+def with_cluster_stats(vac: VacuumStats | None, db: DatabaseStats | None) -> VacuumStats | None:
+    """A database's vacuum figures (its probe's) with what the cluster's views say of it."""
+    if vac is None or db is None:
+        return vac
+    return replace(vac, stats_reset=db.stats_reset)
 
 
 # --- cluster checks (pure: stats + thresholds -> Check) --------------------------------------
@@ -1070,6 +1105,47 @@ def backups_by_customer(
     return out
 
 
+# find walks from the path it reads: run as another user (runuser), it cannot otherwise save a
+# working directory (the SSH user's home) to return to, and gives up.
+_PERMS_SCRIPT = r"""cd -- "$1" &&
+  exec find -- "$PWD" \( -type d -o -type f \) -perm /077 -printf '%m %p\n'"""
+
+
+def backup_perms_argv(server: Server) -> list[str]:
+    """One ``find`` over the backup path, itself included: each directory and file its group or
+    others may read, write or enter, as ``<octal mode> <path>``."""
+    return ["bash", "-c", _PERMS_SCRIPT, "dbops-backup-perms", server.backup_path]
+
+
+# Paths named in backup_perms' detail before "+N more".
+BACKUP_PERMS_SHOWN = 3
+
+
+def check_backup_perms(found: CommandResult, path: str) -> Check:
+    """``backup_perms``: warn while the backup path or anything in it is open to its group or
+    others (the dumps are customers' data: the server's OS user alone reads them). ``value`` is
+    how many paths are open; the backups dbops writes are closed on their customer's next run."""
+    name = "backup_perms"
+    opened = []
+    for line in found.stdout.splitlines():
+        mode, _, where = line.partition(" ")
+        if where and mode.isdigit():
+            opened.append(f"{where} ({mode})")
+    if not opened:
+        if not found.ok:
+            why = found.stderr.strip().splitlines()[-1:] or [f"find exited {found.exit_code}"]
+            return Check(name, "unknown", None, 1, None, f"cannot read {path}: {why[0][:160]}")
+        return Check(name, "ok", 0, 1, None, f"nothing in {path} is open to group or others")
+    shown = ", ".join(opened[:BACKUP_PERMS_SHOWN])
+    more = f" +{len(opened) - BACKUP_PERMS_SHOWN} more" if len(opened) > BACKUP_PERMS_SHOWN else ""
+    unread = "" if found.ok else "; some of it could not be read"
+    detail = (
+        f"{len(opened)} open to group or others: {shown}{more}{unread}; "
+        f"close them with chmod -R go-rwx {path}"
+    )
+    return Check(name, "warn", len(opened), 1, None, detail)
+
+
 def check_backup_age(
     seen: Sequence[BackupSeen], warn: object, crit: object, now: datetime
 ) -> tuple[Check, datetime | None]:
@@ -1354,15 +1430,16 @@ class _Pending:
     df: Future[CommandResult]
     log: Future[CommandResult]
     backups: Future[dict[str, dict[str, Any]]]
+    perms: Future[CommandResult]
     # None: the server has no pgBouncer configured, so no pgbouncer check.
     pgbouncer: Future[PgBouncerStats] | None = None
 
 
-def _connect(runner: Runner) -> None:
-    """Open the runner's connection, when it has one to open (SSH)."""
+def _connect(runner: Runner, timeout: float) -> None:
+    """Open the runner's connection, when it has one to open (SSH), within ``timeout``."""
     connect = getattr(runner, "connect", None)
     if callable(connect):
-        connect()
+        connect(timeout=timeout)
 
 
 def start_server(
@@ -1371,9 +1448,13 @@ def start_server(
     mine = [c for c in customers if c.server == server.name]
     names = sorted({c.name for c in mine})
     tag = f"health-{server.name}"
-    # The connection is opened once, then the commands share it in parallel: three commands
+    # The connection is opened once, then the commands share it in parallel: four commands
     # racing to connect to a hung sshd would wait out its timeout one after another.
-    connected = spawn(lambda: _connect(runner), f"{tag}-connect") if runner else None
+    connected = (
+        spawn(lambda: _connect(runner, limits.command_timeout_s), f"{tag}-connect")
+        if runner
+        else None
+    )
 
     def command(argv: list[str]) -> CommandResult:
         if runner is None or connected is None:
@@ -1400,6 +1481,7 @@ def start_server(
         df=spawn(lambda: command(df_argv(server)), f"{tag}-df"),
         log=spawn(lambda: command(log_argv(server)), f"{tag}-log"),
         backups=spawn(backups, f"{tag}-backups"),
+        perms=spawn(lambda: command(backup_perms_argv(server)), f"{tag}-perms"),
         pgbouncer=(
             spawn(lambda: fetch_pgbouncer(server, limits), f"{tag}-pgbouncer")
             if server.pgbouncer_ini
@@ -1411,7 +1493,7 @@ def start_server(
 def all_futures(pending: Iterable[_Pending]) -> list[Future[Any]]:
     out: list[Future[Any]] = []
     for p in pending:
-        out += [p.cluster, p.df, p.log, p.backups, *p.probes.values()]
+        out += [p.cluster, p.df, p.log, p.backups, p.perms, *p.probes.values()]
         if p.pgbouncer is not None:
             out.append(p.pgbouncer)
     return out
@@ -1482,6 +1564,13 @@ def finish_server(
             )
     else:
         checks.append(Check("logfile", "crit", detail=f"server not answering: {log_error}"))
+    perms_out = _outcome(p.perms, waited_s)
+    if perms_out.value is not None:
+        reachable = True
+        checks.append(check_backup_perms(perms_out.value, server.backup_path))
+    else:
+        why = f"server not answering: {perms_out.error}"
+        checks.append(Check("backup_perms", "unknown", detail=why))
     if p.pgbouncer is not None:
         bouncer = _outcome(p.pgbouncer, waited_s)
         checks.append(
@@ -1533,7 +1622,8 @@ def finish_server(
             vacuum = Check("last_vacuum", "unknown", detail=why)
         else:
             why = f"cannot read vacuum times: {probe.vacuum_error}"
-            vacuum = check_last_vacuum(probe.vacuum, *_limits(fleet, "last_vacuum"), error=why)
+            vac = with_cluster_stats(probe.vacuum, db)
+            vacuum = check_last_vacuum(vac, *_limits(fleet, "last_vacuum"), error=why)
         connections = stats.backends.get(customer.database) if stats else None
         databases.append(
             DatabaseHealth(

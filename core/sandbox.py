@@ -41,6 +41,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from core import hostile_tenant
 from core.backups import write_backup
 from core.errors import DbopsError
 from core.fleet import Server, load_fleet
@@ -80,6 +81,8 @@ FAULTS: dict[str, str] = {
     "log-errors": "server",
     "backup-missing": "customer",
     "pgbouncer-down": "server",
+    "ssh-hang": "server",
+    "hostile": "customer",
 }
 
 CUSTOMER_NAMES = (
@@ -283,7 +286,14 @@ def customer_conninfo(state: dict[str, Any], customer: str, pgbouncer: bool = Fa
 @contextlib.contextmanager
 def _admin(spec: dict[str, Any], dbname: str = "postgres") -> Iterator[psycopg.Connection[Any]]:
     try:
-        conn = psycopg.connect(_admin_conninfo(spec, dbname), autocommit=True, connect_timeout=5)
+        # search_path pinned, as dbops's own sessions have it: a tenant's own (the hostile
+        # fault sets one) must not pick what the sandbox's admin sessions call.
+        conn = psycopg.connect(
+            _admin_conninfo(spec, dbname),
+            autocommit=True,
+            connect_timeout=5,
+            options=hostile_tenant.PINNED,
+        )
     except psycopg.OperationalError as exc:
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no answer"
         raise DbopsError(
@@ -359,7 +369,8 @@ def _start_cluster(spec: dict[str, Any], taken: set[int], socket_dir: Path) -> N
 def _init_cluster(spec: dict[str, Any], taken: set[int], socket_dir: Path) -> None:
     base = Path(spec["data_path"]).parent
     base.mkdir(parents=True)
-    Path(spec["backup_path"]).mkdir()
+    # The customers' dumps go here: the postgres user's alone, as on a real server.
+    Path(spec["backup_path"]).mkdir(mode=0o700)
     _chown_postgres(base)
     _pg_runner(spec["name"]).run(
         [f"{spec['pg_bin']}/initdb", "-D", spec["data_path"], "-U", ADMIN_ROLE, "--auth=trust",
@@ -603,7 +614,26 @@ def _sshd_config(spec: dict[str, Any], authorized_keys: Path) -> str:
         ("MaxStartups", "50:30:100"),
         ("LogLevel", "ERROR"),
     ]
+    moved = _moved_clock_env()
+    if moved:
+        options.append(("SetEnv", " ".join(f'"{key}={value}"' for key, value in moved)))
     return "".join(f"{key} {value}\n" for key, value in options)
+
+
+def _moved_clock_env() -> list[tuple[str, str]]:
+    """libfaketime's variables when the sandbox runs under it (``make test-later``), else none.
+
+    The clusters and pgBouncers inherit them from us; sshd gives its sessions a fresh
+    environment, so without these a command sent over SSH (a restart, a dump) would run on the
+    real clock while everything else runs on the moved one.
+    """
+    if "libfaketime" not in os.environ.get("LD_PRELOAD", ""):
+        return []
+    return sorted(
+        (key, value)
+        for key, value in os.environ.items()
+        if (key == "LD_PRELOAD" or key.startswith("FAKETIME")) and '"' not in value
+    )
 
 
 def _sshd_pid(spec: dict[str, Any]) -> int | None:
@@ -649,13 +679,76 @@ def _stop_sshd(spec: dict[str, Any]) -> None:
     pid = _sshd_pid(spec)
     if pid is None:
         return
+    _continue_tree(pid)  # an ssh-hang not healed (down --remove) would ignore the TERM
     _signal(pid, signal.SIGTERM)
     with contextlib.suppress(DbopsError):
         _wait_for("sshd to exit", lambda: not _alive(pid), 5)
     _signal(pid, signal.SIGKILL)
 
 
+def _break_ssh_hang(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], target: str
+) -> dict[str, Any]:
+    """The server's SSH stops answering, connections already open included: its sshd and every
+    process under it (one per connection, and their commands) are stopped with SIGSTOP. The
+    kernel still completes new TCP connects into the listen backlog, so a client connects and
+    then hears nothing (no banner), and a command sent on an open connection gets no reply."""
+    if not spec.get("sshd_dir"):
+        raise DbopsError(f"{target} has no sshd: the sandbox was made without --ssh.")
+    master = _sshd_pid(spec)
+    if master is None:
+        raise DbopsError(f"the sshd of {target} is not running.")
+    stopped = [master]
+    _signal(master, signal.SIGSTOP)  # first, so it forks no new connection process meanwhile
+    for _round in range(5):  # a connection process may be forking its session right now
+        more = [pid for pid in _descendants(master) if pid not in stopped]
+        if not more:
+            break
+        for pid in more:
+            _signal(pid, signal.SIGSTOP)
+        stopped += more
+    return {"stopped": stopped}
+
+
+def _heal_ssh_hang(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], fault: dict[str, Any]
+) -> None:
+    # SIGCONT is harmless to a process that is running, so no care for reused pids is needed.
+    for pid in fault.get("stopped", []):
+        _signal(pid, signal.SIGCONT)
+    master = _sshd_pid(spec)
+    if master is not None:
+        _continue_tree(master)
+
+
+def _continue_tree(pid: int) -> None:
+    for each in [pid, *_descendants(pid)]:
+        _signal(each, signal.SIGCONT)
+
+
 # --- processes ---------------------------------------------------------------------------------
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under ``pid``, children before grandchildren (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(") ", 1)[-1].split()
+        if len(fields) > 1 and fields[1].isdigit():
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        children = parents.get(todo.pop(0), [])
+        found += children
+        todo += children
+    return found
 
 
 def _cmdline_has(pid: int, needle: str) -> bool:
@@ -1317,6 +1410,27 @@ def _heal_helper(
         _wait_for(f"the {fault['fault']} sessions on {spec['name']} to end", gone, 10)
 
 
+def _break_hostile(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], target: str
+) -> dict[str, Any]:
+    """The customer turns hostile (core.hostile_tenant): what it plants runs as whoever calls
+    it and tries to make the customer's role a superuser. The roles are noted first, so heal
+    can take back anything it gained."""
+    role = _customer(state, target)["role"]
+    with _admin(spec) as conn:
+        roles = hostile_tenant.snapshot_roles(conn)
+    planted = hostile_tenant.plant(customer_conninfo(state, target), role, ADMIN_ROLE, MONITOR_ROLE)
+    return {**planted.as_json(), "roles": roles}
+
+
+def _heal_hostile(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], fault: dict[str, Any]
+) -> None:
+    hostile_tenant.remove(customer_conninfo(state, fault["target"]), fault["databases"])
+    with _admin(spec) as conn:
+        hostile_tenant.restore_roles(conn, fault["roles"])
+
+
 _BREAKERS: dict[str, _Breaker] = {
     "db-down": _break_db_down,
     "server-down": _break_server_down,
@@ -1326,6 +1440,8 @@ _BREAKERS: dict[str, _Breaker] = {
     "log-errors": _break_log_errors,
     "backup-missing": _break_backup_missing,
     "pgbouncer-down": _break_pgbouncer_down,
+    "ssh-hang": _break_ssh_hang,
+    "hostile": _break_hostile,
 }
 _HEALERS: dict[str, _Healer] = {
     "db-down": _heal_db_down,
@@ -1336,6 +1452,8 @@ _HEALERS: dict[str, _Healer] = {
     "log-errors": _heal_nothing,
     "backup-missing": _heal_backup_missing,
     "pgbouncer-down": _heal_pgbouncer_down,
+    "ssh-hang": _heal_ssh_hang,
+    "hostile": _heal_hostile,
 }
 
 

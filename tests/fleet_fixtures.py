@@ -7,7 +7,9 @@ the next test finds the fleet as ``up`` left it.
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,19 +68,41 @@ def sandbox_break(sandbox_dir: Path) -> Iterator[Callable[[str, str], dict[str, 
 
 
 @pytest.fixture
-def sandbox_backups_kept(sandbox: dict[str, Any]) -> Iterator[None]:
+def sandbox_backups_kept(sandbox: dict[str, Any], tmp_path: Path) -> Iterator[None]:
     """Tests that take backups or restore-test them leave the session sandbox's backup
-    directories as they found them: whatever they add is removed afterwards."""
+    directories as they found them: whatever they add is removed afterwards, and whatever a
+    run pruned (retention keeps one backup a day) is put back, with its owner and mode."""
     roots = [Path(s["backup_path"]) for s in sandbox["servers"]]
-    before = {p for root in roots for p in root.rglob("*")}
+    kept = tmp_path / "backups-kept"
+    before: dict[Path, os.stat_result] = {}
+    for number, root in enumerate(roots):
+        for path in sorted(root.rglob("*"), key=lambda p: len(p.parts)):
+            before[path] = path.lstat()
+            if path.is_file() and not path.is_symlink():
+                copy = kept / str(number) / path.relative_to(root)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, copy)
     try:
         yield
     finally:
         added = sorted(
-            {p for root in roots for p in root.rglob("*")} - before, key=lambda p: len(p.parts)
+            {p for root in roots for p in root.rglob("*")} - set(before),
+            key=lambda p: len(p.parts),
         )
         for path in added:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             elif path.exists():
                 path.unlink()
+        for path, st in before.items():  # parents first: sorted by depth above
+            if path.exists() or path.is_symlink():
+                continue
+            number = next(i for i, root in enumerate(roots) if path.is_relative_to(root))
+            if stat.S_ISDIR(st.st_mode):
+                path.mkdir()
+            elif stat.S_ISREG(st.st_mode):
+                shutil.copy2(kept / str(number) / path.relative_to(roots[number]), path)
+            else:
+                continue
+            os.chown(path, st.st_uid, st.st_gid)
+            path.chmod(stat.S_IMODE(st.st_mode))

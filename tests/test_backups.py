@@ -414,7 +414,9 @@ def test_retention_on_the_server_keeps_7_daily_and_4_weekly(
             (dest / "status").unlink()
         elif extra.get(stamp) == "failed":
             (dest / "status").write_text(json.dumps({"ok": False, "error": "disk full"}))
-        shutil.chown(dest, "postgres", "postgres") if os.geteuid() == 0 else None
+        if os.geteuid() == 0:  # copied as root; the backups are the postgres user's alone (0600)
+            for path in [dest, *dest.rglob("*")]:
+                shutil.chown(path, "postgres", "postgres")
     shutil.rmtree(src)
 
     backups.clock = lambda: datetime(2026, 3, 18, 2, 0, tzinfo=UTC)
