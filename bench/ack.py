@@ -176,8 +176,9 @@ def hung_fleet(fleet: Path, server: str, port: int) -> Path:
 async def load(
     url: str, n: int, concurrency: int, stub: str, text: str = "status acme"
 ) -> list[float]:
-    replies = stub.replace("/api/", "/response/")
-    bodies = [slash_body(text, response_url=f"{replies}r{i}") for i in range(n)]
+    # response_urls the stub issued (it answers 404 to any other, as Slack does)
+    urls = httpx.get(stub.replace("/api/", "/_stub/response_urls"), params={"n": n}).json()
+    bodies = [slash_body(text, response_url=str(u)) for u in urls]
     signed = [(b, sign(b)) for b in bodies]  # signed up front: not part of what is measured
     latencies: list[float] = []
     statuses: dict[int, int] = {}

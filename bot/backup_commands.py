@@ -5,7 +5,10 @@ Registered on the router on import (bot/surfaces.py). Restores are bot/restore_c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
+
+from slack_sdk.models.blocks import ButtonElement
 
 from bot import blocks
 from bot.blocks import Reply, escape
@@ -39,13 +42,21 @@ def _line(b: BackupInfo, now: datetime) -> str:
 def _list(call: Call) -> Reply:
     name = call.arg("customer")
     found = backups_for(call.ops).list_backups(name)
-    now = datetime.now(UTC)
+    return backups_reply(
+        name, found, datetime.now(UTC), call.router.registry.button(f"backup {name}")
+    )
+
+
+def backups_reply(
+    name: str, found: Sequence[BackupInfo], now: datetime, backup_now: ButtonElement
+) -> Reply:
+    """`/db backups <customer>`: the newest SHOWN, how many older, and a Back up now button."""
     if not found:
         return Reply(
             text=f"{name} has no backups yet.",
             blocks=[
                 blocks.section(f"*{escape(name)}* has no backups yet."),
-                blocks.actions([call.router.registry.button(f"backup {name}")]),
+                blocks.actions([backup_now]),
             ],
         )
     lines = "\n".join(_line(b, now) for b in found[:SHOWN])
@@ -56,7 +67,7 @@ def _list(call: Call) -> Reply:
         blocks=[
             blocks.section(f"*Backups of {escape(name)}* on {escape(found[0].server)}"),
             *blocks.text_sections(lines + more),
-            blocks.actions([call.router.registry.button(f"backup {name}")]),
+            blocks.actions([backup_now]),
         ],
     )
 

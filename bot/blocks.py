@@ -1,13 +1,17 @@
 """Replies as Block Kit, built with slack_sdk.models.blocks (which validates Slack's limits).
 
 Every reply is a ``Reply``: a top-level ``text`` fallback (notifications, screen readers, old
-clients), at most 50 blocks, and a visibility (ephemeral or in the channel). The helpers here
-clip text to Slack's limits on a line boundary instead of letting a long check detail or log
-line make the whole reply fail.
+clients), at most 50 blocks and well under Slack's ~12,000 characters of block text, and a
+visibility (ephemeral or in the channel). The helpers here clip text to Slack's limits on a
+line boundary instead of letting a long check detail or log line make the whole reply fail;
+a reply too long for one message says how much it left out and where the rest is.
+(Slack's rules themselves, and the checker the tests and the stub use: bot/slack_rules.py.)
 """
 
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,6 +30,8 @@ from slack_sdk.models.blocks import (
     SectionBlock,
 )
 
+from bot import slack_rules
+
 MAX_BLOCKS = 50
 SECTION_MAX = 3000
 FIELD_MAX = 2000
@@ -38,6 +44,13 @@ BUTTON_TEXT_MAX = 75
 # helps nobody.
 FALLBACK_MAX = 3000
 MORE = "…"
+# Block text a reply aims to stay under: Slack refuses ~12,000 (msg_blocks_too_long), and the
+# transport may lengthen a little (inert markup).
+BLOCK_TEXT_BUDGET = 11_000
+# A button repeated in one block gets its position after this (db_incident_ack:2); the router
+# runs it as the command it names (bot.router.base_action_id).
+REPEAT = ":"
+_REPEATED = re.compile(re.escape(REPEAT) + r"\d+$")
 
 
 def escape(text: object) -> str:
@@ -124,8 +137,40 @@ def danger_button(
     )
 
 
+def numbered(buttons: Iterable[ButtonElement]) -> list[ButtonElement]:
+    """The buttons with distinct action_ids: Slack refuses a block where two share one
+    (``invalid_blocks``), so each repeat gets its position: db_incident_ack,
+    db_incident_ack:2, db_incident_ack:3. Each still carries its own command line as its
+    value, which says which incident or customer it is for."""
+    out: list[ButtonElement] = []
+    seen: dict[str, int] = {}
+    for button in buttons:
+        action = str(button.action_id or "")
+        base = _REPEATED.sub("", action)
+        seen[base] = seen.get(base, 0) + 1
+        if seen[base] > 1 or action != base:
+            button = copy.copy(button)
+            button.action_id = base if seen[base] == 1 else f"{base}{REPEAT}{seen[base]}"
+        out.append(button)
+    return out
+
+
 def actions(buttons: Iterable[ButtonElement], *, block_id: str | None = None) -> ActionsBlock:
-    return ActionsBlock(elements=list(buttons)[:ACTIONS_MAX], block_id=block_id)
+    """One row of buttons (Slack takes 25), each with its own action_id (``numbered``)."""
+    return ActionsBlock(elements=numbered(list(buttons)[:ACTIONS_MAX]), block_id=block_id)
+
+
+def action_rows(buttons: Iterable[ButtonElement], *, block_id: str) -> list[ActionsBlock]:
+    """Any number of buttons, as rows of at most 25 (``block_id``, ``block_id-2``, ...), every
+    action_id distinct across the rows."""
+    every = numbered(buttons)
+    return [
+        ActionsBlock(
+            elements=every[i : i + ACTIONS_MAX],
+            block_id=block_id if i == 0 else f"{block_id}-{i // ACTIONS_MAX + 1}",
+        )
+        for i in range(0, len(every), ACTIONS_MAX)
+    ]
 
 
 def text_sections(mrkdwn: str, *, limit: int = SECTION_MAX) -> list[SectionBlock]:
@@ -144,6 +189,74 @@ def text_sections(mrkdwn: str, *, limit: int = SECTION_MAX) -> list[SectionBlock
     return out
 
 
+def _size(block: Block) -> int:
+    return slack_rules.block_text_length([block.to_dict()])
+
+
+def _lines(block: Block) -> int:
+    """How many lines a reader would miss without ``block``."""
+    texts = list(slack_rules.texts([block.to_dict()]))
+    return sum(t.count("\n") + 1 for t in texts if t.strip()) or 1
+
+
+def fitted(
+    blocks: Sequence[Block], overflow: str, *, budget: int = BLOCK_TEXT_BUDGET
+) -> tuple[Block, ...]:
+    """``blocks`` as one Slack message takes them: at most 50, at most ``budget`` characters
+    of text. Past either, the trailing buttons stay, the text is cut at a line, and a note
+    says how many lines were left out and where they are (``overflow``): never silently.
+
+    A last resort: what can be long (the morning report) splits itself into messages that
+    each fit; this keeps a reply that grew past a limit from being refused outright."""
+    try:
+        sizes = [_size(b) for b in blocks]
+    except Exception:  # an invalid block: Reply.message() raises with slack_sdk's reason
+        return tuple(blocks)
+    if len(blocks) <= MAX_BLOCKS and sum(sizes) <= budget:
+        return tuple(blocks)
+    cut = len(blocks)
+    while cut > 0 and isinstance(blocks[cut - 1], ActionsBlock):
+        cut -= 1
+    body, tail = list(blocks[:cut]), list(blocks[cut:])
+    room_blocks = MAX_BLOCKS - 1 - len(tail)
+    room = budget - sum(sizes[cut:]) - 400  # the note
+    kept: list[Block] = []
+    dropped = 0
+    for block, size in zip(body, sizes[:cut], strict=True):
+        if dropped or len(kept) >= room_blocks:
+            dropped += _lines(block)
+        elif size <= room:
+            kept.append(block)
+            room -= size
+        else:
+            part, rest = _cut_section(block, room)
+            if part is not None:
+                kept.append(part)
+            dropped += rest if part is not None else _lines(block)
+            room = 0
+    if not dropped:
+        return tuple(blocks)
+    note = context(
+        f"…and {dropped} more line{'' if dropped == 1 else 's'} not shown here: {overflow}."
+    )
+    return (*kept, note, *tail)
+
+
+def _cut_section(block: Block, room: int) -> tuple[Block | None, int]:
+    """The first lines of a text section that fit in ``room`` characters, and how many lines
+    were left; (None, ...) when nothing useful fits."""
+    if not isinstance(block, SectionBlock) or block.text is None or block.fields or room < 200:
+        return None, 0
+    lines = str(block.text.text).split("\n")
+    size, n = 0, 0
+    while n < len(lines) and size + len(lines[n]) + 1 <= room:
+        size += len(lines[n]) + 1
+        n += 1
+    if n == 0:
+        return None, 0
+    return section("\n".join(lines[:n])), len(lines) - n
+
+
 @dataclass(frozen=True)
 class Reply:
     """One message: fallback text (plain; escaped when sent), blocks, and who sees it."""
@@ -154,19 +267,16 @@ class Reply:
     # A form to open instead (a Slack modal's view JSON) where the surface can; the text and
     # blocks say how to do the same by typing, for the shell and when the form cannot open.
     view: Mapping[str, Any] | None = None
+    # Where the rest is, when the reply is too long for one Slack message and is cut.
+    overflow: str = "ask for less, e.g. one customer"
 
     def __post_init__(self) -> None:
         if not self.text.strip():
             raise ValueError("every reply needs a text fallback")
         object.__setattr__(self, "text", clip(self.text, FALLBACK_MAX))
         object.__setattr__(self, "blocks", tuple(self.blocks))
-        if len(self.blocks) > MAX_BLOCKS:
-            # Keep the buttons (the last block, by our convention) and say what was dropped.
-            tail = self.blocks[-1:] if isinstance(self.blocks[-1], ActionsBlock) else []
-            room = MAX_BLOCKS - 1 - len(tail)
-            dropped = len(self.blocks) - len(tail) - room
-            note = context(f"{dropped} more block(s) not shown; ask for less, e.g. one customer.")
-            object.__setattr__(self, "blocks", (*self.blocks[:room], note, *tail))
+        if self.blocks:
+            object.__setattr__(self, "blocks", fitted(self.blocks, self.overflow))
 
     def buttons(self) -> list[ButtonElement]:
         return [

@@ -228,9 +228,14 @@ def resolution_reply(
     if res.credits:
         text += f"; {len(res.credits)} SLA credit(s) proposed"
     out: list[Block] = list(blocks.text_sections("\n".join(lines)))
-    if buttons:
-        out.append(blocks.actions(buttons, block_id=f"credits-{inc.id}"))
-    return Reply(text=text, blocks=out, ephemeral=False)
+    if buttons:  # one Apply per customer: rows of 25, each button its own action_id
+        out += blocks.action_rows(buttons, block_id=f"credits-{inc.id}")
+    return Reply(
+        text=text,
+        blocks=out,
+        ephemeral=False,
+        overflow=f"`/db log {inc.ref}` has every downtime and credit",
+    )
 
 
 def _age(inc: Incident) -> int:
@@ -256,9 +261,16 @@ def list_reply(
             f"{escape(inc.title)} [{escape(where) or '-'}] {inc.status} for {age}{owner}"
         )
     out: list[Block] = list(blocks.text_sections("\n".join(lines)))
-    if buttons:
-        out.append(blocks.actions(buttons))
-    return Reply(text=f"{len(incidents)} open incidents", blocks=out)
+    unacked = sum(1 for inc in incidents if inc.status == "open")
+    if unacked > len(buttons):
+        out.append(blocks.context("Ack the others with `/db incident ack <id>`."))
+    if buttons:  # an Ack per incident, each its own action_id (bot.blocks.numbered)
+        out.append(blocks.actions(buttons, block_id="incident-list"))
+    return Reply(
+        text=f"{len(incidents)} open incidents",
+        blocks=out,
+        overflow="`/db log inc-<id>` shows one incident",
+    )
 
 
 def oncall_reply(now: OnCallNow, tz: ZoneInfo) -> Reply:

@@ -396,10 +396,9 @@ def _open(call: Call) -> Reply:
 def _list(call: Call) -> Reply:
     desk = desk_for(call.ops)
     found = desk.incidents.list_incidents(active=True, limit=40)
-    ack = call.router.registry.get("incident ack")
-    assert ack is not None
-    buttons = [  # one Ack per open incident, each saying which
-        blocks.button(f"Ack {i.ref}", ack.action_id, f"incident ack {i.id}")
+    registry = call.router.registry
+    buttons = [  # one Ack per open incident, each saying which (its value: the command)
+        registry.button(f"incident ack {i.id}", label=f"Ack {i.ref}")
         for i in found
         if i.status == "open"
     ][:5]

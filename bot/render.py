@@ -154,6 +154,9 @@ def internal_error_reply(correlation_id: str) -> Reply:
 # --- status ----------------------------------------------------------------------------------
 
 
+STATUS_DETAIL_MAX = 400  # `dbops status CUSTOMER --json` has the whole detail
+
+
 def _status_view(status: Mapping[str, Any], tz: ZoneInfo) -> dict[str, Any]:
     """What the status reply shows, as plain (unescaped) text."""
     db, server = status["database"], status["server"]
@@ -178,7 +181,12 @@ def _status_view(status: Mapping[str, Any], tz: ZoneInfo) -> dict[str, Any]:
         "disk": "unknown" if used is None else f"{used}% used",
         "plan": status.get("plan") or "?",
         "verdict": status["verdict"],
-        "problems": [c for c in checks if c["verdict"] in ("warn", "crit")],
+        # Each problem's detail cut to a glance, so every failing check fits in the message.
+        "problems": [
+            {**c, "detail": blocks.clip(str(c.get("detail") or ""), STATUS_DETAIL_MAX)}
+            for c in checks
+            if c["verdict"] in ("warn", "crit")
+        ],
         "unchecked": [c["name"] for c in checks if c["verdict"] == "unknown"],
     }
 
@@ -215,33 +223,127 @@ def status_reply(
         f"connections, last backup {v['backup']}, disk {v['disk']}; "
         f"{count} problem{'' if count == 1 else 's'}"
     )
-    return Reply(text=text, blocks=out)
+    return Reply(
+        text=text, blocks=out, overflow="`dbops status <customer> --json` has every check in full"
+    )
 
 
 # --- report, servers -------------------------------------------------------------------------
 
 
-def report_reply(
-    report: Mapping[str, Any], tz: ZoneInfo, buttons: Iterable[ButtonElement] = ()
-) -> Reply:
-    view = text_view(report, tz)
-    summary = view["summary"]
-    verdict = summary["verdict"]
-    body = template("report.md.j2", tz, **view)
-    out: list[Block] = [
-        blocks.header(f"Morning health check: {verdict.upper()}"),
-        *blocks.text_sections(body),
-        blocks.context(escape(f"{view['when']}; {view['duration_ms']} ms")),
-    ]
-    if buttons := list(buttons):
-        out.append(blocks.actions(buttons, block_id="report"))
-    text = (
-        f"Morning health check {verdict.upper()}: {summary['servers_up']}/"
+# Block text per message of the report: well under Slack's ~12,000 (bot/slack_rules.py), with
+# room for the header, the notes and the buttons.
+REPORT_PART_BUDGET = 9000
+REPORT_ELSEWHERE = (
+    "`dbops report` prints them all, and the morning report posts them all in its thread; "
+    "`/db status <customer>` shows one customer"
+)
+
+
+def report_text(report: Mapping[str, Any]) -> str:
+    """The report in one line (plain): the verdict and the counts. Always short."""
+    summary = report["summary"]
+    return (
+        f"Morning health check {summary['verdict'].upper()}: {summary['servers_up']}/"
         f"{summary['servers_total']} servers, {summary['databases_online']}/"
         f"{summary['databases_total']} databases online, {summary['backups_ok']}/"
         f"{summary['databases_total']} backups ok"
     )
-    return Reply(text=text, blocks=out)
+
+
+def paginate(lines: Sequence[str], budget: int) -> list[list[str]]:
+    """``lines`` in pages of at most ``budget`` characters, every line kept, in order. A page
+    that starts inside a list repeats the list's heading, marked continued."""
+    pages: list[list[str]] = []
+    page: list[str] = []
+    size, heading = 0, ""
+    for line in lines:
+        line = blocks.clip(line, blocks.SECTION_MAX - 200)
+        item = line[:1].isspace()
+        if page and size + len(line) + 1 > budget:
+            pages.append(page)
+            page, size = [], 0
+            if item and heading:
+                page.append(f"{heading} _(continued)_")
+                size += len(page[0]) + 1
+        if not item and line.strip():
+            heading = line
+        page.append(line)
+        size += len(line) + 1
+    if page:
+        pages.append(page)
+    return pages or [[]]
+
+
+def _report_pages(
+    report: Mapping[str, Any], tz: ZoneInfo, budget: int
+) -> tuple[dict[str, Any], list[list[str]]]:
+    view = text_view(report, tz)
+    body = template("report.md.j2", tz, **view)
+    return view, paginate(body.split("\n"), budget)
+
+
+def _counted(pages: Sequence[Sequence[str]]) -> int:
+    """The report's own lines in ``pages`` (not the continued headings)."""
+    return sum(1 for p in pages for line in p if line.strip() and "_(continued)_" not in line)
+
+
+def report_parts(report: Mapping[str, Any], tz: ZoneInfo) -> list[Reply]:
+    """The whole report, every line of it, as as many messages as it takes, each of which
+    Slack takes: the morning report's thread. The first has the header; each says which part
+    it is when there are several."""
+    view, pages = _report_pages(report, tz, REPORT_PART_BUDGET)
+    verdict = view["summary"]["verdict"]
+    when = f"{view['when']}; {view['duration_ms']} ms"
+    out = []
+    for k, page in enumerate(pages, 1):
+        parts: list[Block] = [blocks.header(f"Morning health check: {verdict.upper()}")]
+        parts = parts if k == 1 else []
+        parts += blocks.text_sections("\n".join(page))
+        note = when if len(pages) == 1 else f"Part {k} of {len(pages)} · {when}"
+        parts.append(blocks.context(escape(note)))
+        text = report_text(report)
+        text = text if k == 1 else f"Morning health check, part {k} of {len(pages)}"
+        out.append(Reply(text=text, blocks=parts, ephemeral=False))
+    return out
+
+
+def report_summary(report: Mapping[str, Any], *, parts: int = 1, late_s: int = 0) -> Reply:
+    """What the morning report posts in the channel: one line that always fits; the report
+    itself (``report_parts``) goes in its thread."""
+    text = report_text(report)
+    if late_s > 120:
+        text = f"(posted {late_s // 60} min late) {text}"
+    out: list[Block] = [blocks.section(escape(text))]
+    if parts > 1:
+        out.append(blocks.context(f"Every line of the report is in the thread: {parts} messages."))
+    return Reply(text=text, blocks=out, ephemeral=False)
+
+
+def report_reply(
+    report: Mapping[str, Any], tz: ZoneInfo, buttons: Iterable[ButtonElement] = ()
+) -> Reply:
+    """`/db report`: one message. On a bad morning that is the top of the report and how many
+    lines are left out, and where they are (the morning report's thread has every one)."""
+    view, pages = _report_pages(report, tz, REPORT_PART_BUDGET)
+    verdict = view["summary"]["verdict"]
+    out: list[Block] = [
+        blocks.header(f"Morning health check: {verdict.upper()}"),
+        *blocks.text_sections("\n".join(pages[0])),
+    ]
+    if len(pages) > 1:
+        left = _counted(pages[1:])
+        out.append(
+            blocks.context(
+                f"…and {left} more line{'' if left == 1 else 's'} not shown here: "
+                + REPORT_ELSEWHERE
+                + "."
+            )
+        )
+    out.append(blocks.context(escape(f"{view['when']}; {view['duration_ms']} ms")))
+    if buttons := list(buttons):
+        out.append(blocks.actions(buttons, block_id="report"))
+    return Reply(text=report_text(report), blocks=out, overflow=REPORT_ELSEWHERE)
 
 
 def servers_reply(
@@ -277,7 +379,11 @@ def servers_reply(
     if buttons := list(buttons):
         out.append(blocks.actions(buttons, block_id="servers"))
     names = ", ".join(f"{v['name']} {'up' if v['state'] != 'crit' else 'DOWN'}" for v in view)
-    return Reply(text=f"Servers: {up}/{len(view)} up ({names})", blocks=out)
+    return Reply(
+        text=f"Servers: {up}/{len(view)} up ({names})",
+        blocks=out,
+        overflow="`dbops report` and the morning report's thread list every server's problems",
+    )
 
 
 # --- log -------------------------------------------------------------------------------------
@@ -301,4 +407,8 @@ def log_reply(subject: str, events: Sequence[StoredEvent], tz: ZoneInfo) -> Repl
     body = template("log.md.j2", tz, events=view)
     title = f"*Log of {escape(subject)}*: {len(view)} latest event{'' if len(view) == 1 else 's'}"
     out: list[Block] = [blocks.section(title), *blocks.text_sections(body or "_Nothing yet._")]
-    return Reply(text=f"Log of {subject}: {len(view)} events", blocks=out)
+    return Reply(
+        text=f"Log of {subject}: {len(view)} events",
+        blocks=out,
+        overflow="`dbops events tail` has every event",
+    )

@@ -30,8 +30,9 @@ from slack_sdk.models.blocks import (
 
 from bot.blocks import clip, escape
 from bot.context import Context
+from bot.incident_cards import as_message
 from bot.incident_commands import announce
-from bot.render import report_reply
+from bot.render import report_parts, report_summary
 from core import checklists as cl
 from core.alerts import alerts_from_report
 from core.backups import Backups
@@ -150,23 +151,16 @@ class Worker:
     # -- jobs ------------------------------------------------------------------------------
 
     def morning_report(self, slot: datetime, late_s: int) -> dict[str, Any]:
+        """The verdict and counts in the channel (always one short message), and the whole
+        report in its thread, in as many messages as Slack needs to take every line."""
         report = self.ops.report(open_incidents=self.incidents.open_incidents())
-        reply = report_reply(report, self.ctx.settings.tz)
-        text = reply.text
-        if late_s > 120:
-            text = f"(posted {late_s // 60} min late) {text}"
-        summary = report["summary"]
-        head = Message(
-            text=text,
-            blocks=[{"type": "section", "text": {"type": "mrkdwn", "text": escape(text)}}],
-        )
-        ref = self.notifier.post(self.channel, head)
-        self.notifier.post(
-            self.channel,
-            Message(text=reply.text, blocks=[b.to_dict() for b in reply.blocks]),
-            thread_ts=ref.ts,
-        )
-        return {"verdict": summary["verdict"], "late_s": late_s, "ts": ref.ts}
+        parts = report_parts(report, self.ctx.settings.tz)
+        head = report_summary(report, parts=len(parts), late_s=late_s)
+        ref = self.notifier.post(self.channel, as_message(head))
+        for part in parts:
+            self.notifier.post(self.channel, as_message(part), thread_ts=ref.ts)
+        verdict = report["summary"]["verdict"]
+        return {"verdict": verdict, "late_s": late_s, "ts": ref.ts, "parts": len(parts)}
 
     def health_sweep(self, slot: datetime, late_s: int) -> dict[str, Any]:
         report = self.ops.report(deadline_s=20.0)

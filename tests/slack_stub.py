@@ -1,14 +1,39 @@
-"""A small Slack Web API stub of our own, on 127.0.0.1 and a free port, for offline tests.
+"""A Slack Web API stub as strict as Slack, on 127.0.0.1 and a free port, for offline tests.
 
-It answers ``/api/<method>`` (auth.test, chat.postMessage, chat.update, chat.postEphemeral,
-views.open, anything else with ok) and ``/response/<token>`` (response_url posts), records every
-call, can answer the next N matching calls with 429 + Retry-After, and lets a test wait for a
-call with a deadline instead of sleeping. The pattern is bolt-python's mock_web_api_server.
+Every test that sends to Slack sends here, and what Slack would refuse is refused here, with
+Slack's own answer (HTTP 200, ``ok: false`` and the error code; the reasons in
+``response_metadata.messages``), so a message that real Slack would drop cannot pass a test:
+
+- Web API methods (``/api/<method>``): auth.test, apps.connections.open, chat.postMessage,
+  chat.update, chat.postEphemeral, chat.delete, conversations.open, views.open, views.update,
+  views.push, views.publish; anything else is ``unknown_method``. A bot token is needed
+  (``not_authed``, ``invalid_auth``; Socket Mode's app token for apps.connections.open only).
+- Messages and views go through ``bot.slack_rules`` (the checker the Block Kit tests use):
+  ``invalid_blocks``, ``msg_too_long``, ``msg_blocks_too_long``, ``no_text``, and
+  ``invalid_arguments`` for a view.
+- Channels: names ("#db-ops") are taken by chat.postMessage and answered with the channel's id;
+  a user id posts to that user's DM. chat.update and chat.delete take ids only
+  (``channel_not_found``) and a message that was posted (``message_not_found``);
+  conversations.open answers a ``D...`` id.
+- ``response_url`` (``/response/<token>``, made by ``response_url()``): five uses within 30
+  minutes, then HTTP 404 ``used_url`` / ``expired_url``; a bad message is HTTP 400 with the error.
+- ``trigger_id`` (made by ``issue_trigger()``, which slash_body/action_body use, or
+  ``SlackStub.trigger()``): views.open/views.push take it once, within 3 seconds
+  (``expired_trigger_id``, ``exchanged_trigger_id``, ``invalid_trigger_id``).
+- ``fail_next`` injects Slack's failures: 429 ``ratelimited`` with Retry-After (the default), a
+  dropped connection (``DROP``), or any error code with HTTP 200 (``channel_not_found``,
+  ``not_in_channel``, ``invalid_auth``, ``msg_too_long``, ``invalid_blocks``...).
+
+It records every call (``calls``; ``Call.ok`` and ``Call.error`` say how it was answered) and
+lets a test wait for a call with a deadline instead of sleeping. The pattern is bolt-python's
+mock_web_api_server.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import threading
 import time
 import uuid
@@ -17,11 +42,56 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qs, parse_qsl, urlparse
+
+from bot.slack_rules import check_message, check_view
 
 DROP = 0  # a "status" for fail_next: close the connection without answering
 BOT_USER = "U0DBOPSBOT"
 TEAM = "T0DBOPS"
+SIGNING_SECRET = "test-signing-secret-0123456789abcdef"
+BOT_TOKEN = "xoxb-test-0000-dbops"
+RESPONSE_URL_USES = 5
+RESPONSE_URL_TTL_S = 30 * 60
+TRIGGER_TTL_S = 3.0
+_CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
+_USER_ID = re.compile(r"^[UW][A-Z0-9_]{2,}$")
+_JSON_FIELDS = ("blocks", "attachments", "view")
+METHODS = {
+    "auth.test",
+    "apps.connections.open",
+    "chat.postMessage",
+    "chat.update",
+    "chat.postEphemeral",
+    "chat.delete",
+    "conversations.open",
+    "views.open",
+    "views.update",
+    "views.push",
+    "views.publish",
+}
+
+# Triggers issued in this process (trigger_id -> when, time.monotonic): Slack issues one per
+# slash command or button press; the stub that receives views.open checks it.
+_triggers: dict[str, float] = {}
+_triggers_lock = threading.Lock()
+
+
+def issue_trigger(age_s: float = 0.0) -> str:
+    """A trigger_id as Slack issues one with a request, ``age_s`` seconds old already."""
+    trigger = f"{uuid.uuid4().int % 10**13}.{uuid.uuid4().int % 10**13}.{uuid.uuid4().hex[:16]}"
+    with _triggers_lock:
+        _triggers[trigger] = time.monotonic() - age_s
+    return trigger
+
+
+def _stable_id(prefix: str, name: str) -> str:
+    return prefix + hashlib.sha256(name.encode()).hexdigest()[:10].upper()
+
+
+def dm_channel(user: str) -> str:
+    """The id of the bot's DM with ``user``, as conversations.open answers it (``D...``)."""
+    return _stable_id("D", user)
 
 
 @dataclass
@@ -32,6 +102,10 @@ class Call:
     body: dict[str, Any]
     status: int
     at: float = field(default_factory=time.monotonic)
+    ok: bool = True  # how it was answered: Slack took it
+    error: str | None = None  # else Slack's error code
+    answer: Any = None  # the JSON (or text) answered
+    injected: bool = False  # answered by fail_next, not by Slack's rules
 
     @property
     def text(self) -> str:
@@ -48,13 +122,27 @@ class _Failure:
     remaining: int
     status: int
     retry_after: int | None
+    error: str
+
+
+@dataclass
+class _ResponseUrl:
+    issued: float
+    uses: int = 0
 
 
 class SlackStub:
     def __init__(self) -> None:
         self.calls: list[Call] = []
+        self.tokens = {BOT_TOKEN}  # bot tokens Slack knows; remove one to revoke it
         self._failures: list[_Failure] = []
         self._cond = threading.Condition()
+        self._urls: dict[str, _ResponseUrl] = {}
+        self._used_triggers: set[str] = set()
+        self._messages: dict[tuple[str, str], dict[str, Any]] = {}
+        self._views: dict[str, dict[str, Any]] = {}
+        self._last_ts = 0.0
+        self._expected: set[str] = set()
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -72,7 +160,9 @@ class SlackStub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -81,7 +171,43 @@ class SlackStub:
         return f"http://127.0.0.1:{self.port}/api/"
 
     def response_url(self, token: str | None = None) -> str:
-        return f"http://127.0.0.1:{self.port}/response/{token or uuid.uuid4().hex}"
+        """A response_url as Slack sends with a command or a press: five uses, 30 minutes."""
+        token = token or uuid.uuid4().hex
+        with self._cond:
+            self._urls.setdefault(token, _ResponseUrl(self._now()))
+        return f"http://127.0.0.1:{self.port}/response/{token}"
+
+    def trigger(self, age_s: float = 0.0) -> str:
+        """A trigger_id as Slack sends with a command or a press (see ``issue_trigger``)."""
+        return issue_trigger(age_s)
+
+    def advance(self, seconds: float) -> None:
+        """Age every response_url and trigger issued so far by ``seconds``; nothing sleeps."""
+        with self._cond:
+            for url in self._urls.values():
+                url.issued -= seconds
+        with _triggers_lock:
+            for trigger in _triggers:
+                _triggers[trigger] -= seconds
+
+    def channel_id(self, channel: str) -> str:
+        """The id Slack gives ``channel`` (a name, with or without #, or an id)."""
+        if _CHANNEL_ID.fullmatch(channel):
+            return channel
+        if _USER_ID.fullmatch(channel):
+            return dm_channel(channel)
+        return _stable_id("C", channel.removeprefix("#").lower())
+
+    def dm_channel(self, user: str) -> str:
+        """The id of the bot's DM with ``user`` (what conversations.open answers)."""
+        return dm_channel(user)
+
+    def existing(self, channel: str, text: str = "posted before the test") -> str:
+        """A message already in ``channel`` (posted by the bot earlier): its ts."""
+        ts = self._next_ts()
+        with self._cond:
+            self._messages[(self.channel_id(channel), ts)] = {"text": text}
+        return ts
 
     def start(self) -> SlackStub:
         self._thread.start()
@@ -91,19 +217,46 @@ class SlackStub:
         self._server.shutdown()
         self._server.server_close()
 
+    def expect_refusals(self, *errors: str) -> None:
+        """Slack errors this test provokes on purpose (``expired_trigger_id``...)."""
+        with self._cond:
+            self._expected.update(errors)
+
+    def check(self) -> None:
+        """Raise if Slack would have refused anything sent here that the test did not expect:
+        a refused message is a lost message, whether or not the code under test noticed."""
+        with self._cond:
+            expected = set(self._expected)
+        lost = [c for c in self.refused() if c.error not in expected]
+        if lost:
+            said = "; ".join(f"{c.kind} {c.path} {c.error} {_said(c.answer)}" for c in lost[:5])
+            raise AssertionError(f"Slack would have refused {len(lost)} call(s): {said}")
+
     def __enter__(self) -> SlackStub:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.stop()
+        if exc_type is None:
+            self.check()
 
     def fail_next(
-        self, n: int, match: str = "", *, status: int = 429, retry_after: int | None = 1
+        self,
+        n: int,
+        match: str = "",
+        *,
+        status: int | None = None,
+        retry_after: int | None = 1,
+        error: str = "ratelimited",
     ) -> None:
-        """Answer the next ``n`` calls whose path contains ``match`` with ``status`` (DROP: close
-        the connection with no answer)."""
+        """Answer the next ``n`` calls whose path contains ``match`` as Slack answers a failure:
+        ``ratelimited`` with HTTP 429 and ``Retry-After`` (the default), any other ``error``
+        (``channel_not_found``, ``not_in_channel``, ``invalid_auth``...) with HTTP 200 and
+        ``ok: false``, or ``status=DROP``: the connection closed with no answer."""
+        if status is None:
+            status = 429 if error == "ratelimited" else 200
         with self._cond:
-            self._failures.append(_Failure(match, n, status, retry_after))
+            self._failures.append(_Failure(match, n, status, retry_after, error))
 
     def reset(self) -> None:
         with self._cond:
@@ -133,6 +286,12 @@ class SlackStub:
     def replies_to(self, token: str) -> list[Call]:
         return self.find(lambda c: c.path == f"/response/{token}" and c.status == 200)
 
+    def refused(self) -> list[Call]:
+        """Every call Slack would have refused (not a failure a test injected)."""
+        return self.find(
+            lambda c: not c.ok and not c.injected and c.path.startswith(("/api/", "/response/"))
+        )
+
     @contextmanager
     def quiet_for(self, token: str) -> Iterator[None]:
         """Asserts after the block that nothing was posted to the response_url ``token``."""
@@ -141,38 +300,71 @@ class SlackStub:
 
     # -- serving -----------------------------------------------------------------------------
 
+    def _now(self) -> float:
+        return time.monotonic()
+
+    def _next_ts(self) -> str:
+        with self._cond:
+            self._last_ts = max(self._last_ts + 0.000001, time.time())
+            return f"{self._last_ts:.6f}"
+
     def _handle(self, req: BaseHTTPRequestHandler) -> None:
         length = int(req.headers.get("Content-Length") or 0)
         raw = req.rfile.read(length) if length else b""
         ctype = req.headers.get("Content-Type", "")
         body: dict[str, Any]
-        body = json.loads(raw or b"{}") if "json" in ctype else dict(parse_qsl(raw.decode("utf-8")))
-        path = req.path.split("?")[0]
-        if path == "/_stub/stats":  # for a benchmark in another process: counts, unrecorded
-            self._send(req, 200, self.stats(), {})
+        try:
+            if "json" in ctype:
+                body = json.loads(raw or b"{}")
+            else:
+                body = dict(parse_qsl(raw.decode("utf-8")))
+        except ValueError:
+            body = {}
+        url = urlparse(req.path)
+        path = url.path
+        if path.startswith("/_stub/"):  # for a benchmark in another process: unrecorded
+            self._send(req, 200, self._control(path, parse_qs(url.query)), {})
             return
         kind = "response" if path.startswith("/response/") else path.removeprefix("/api/")
-        status, payload, headers = self._answer(path, kind, body)
-        call = Call(kind, path, {k.lower(): v for k, v in req.headers.items()}, body, status)
+        if kind != "response" and req.command == "GET":
+            body = {**dict(parse_qsl(url.query)), **body}
+        headers = {k.lower(): v for k, v in req.headers.items()}
+        status, payload, extra, injected = self._answer(path, kind, body, headers)
+        call = Call(kind, path, headers, body, status, injected=injected, answer=payload)
+        if isinstance(payload, dict):
+            call.ok = bool(payload.get("ok"))
+            call.error = None if call.ok else str(payload.get("error"))
+        else:  # a response_url's answer, or a path that is no Web API: a word and a status
+            call.ok = status == 200
+            call.error = None if call.ok else payload.decode()
+        if status == DROP:
+            call.ok, call.error = False, "dropped"
+        with self._cond:  # recorded before the answer: a caller that has it finds the call
+            self.calls.append(call)
+            self._cond.notify_all()
         if status == DROP:  # hang up without an answer, as a dropped connection does
             req.close_connection = True
         else:
-            self._send(req, status, payload, headers)
-        with self._cond:
-            self.calls.append(call)
-            self._cond.notify_all()
+            self._send(req, status, payload, extra)
 
     def _send(
         self, req: BaseHTTPRequestHandler, status: int, payload: Any, headers: dict[str, str]
     ) -> None:
         data = json.dumps(payload).encode() if not isinstance(payload, bytes) else payload
         req.send_response(status)
-        req.send_header("Content-Type", "application/json; charset=utf-8")
+        ctype = "text/plain" if isinstance(payload, bytes) else "application/json"
+        req.send_header("Content-Type", f"{ctype}; charset=utf-8")
         req.send_header("Content-Length", str(len(data)))
         for key, value in headers.items():
             req.send_header(key, value)
         req.end_headers()
         req.wfile.write(data)
+
+    def _control(self, path: str, query: dict[str, list[str]]) -> Any:
+        if path == "/_stub/response_urls":  # response_urls for another process to use
+            n = min(int((query.get("n") or ["1"])[0]), 100_000)
+            return [self.response_url() for _ in range(n)]
+        return self.stats()
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
@@ -183,53 +375,204 @@ class SlackStub:
                 "last_at": max((c.at for c in replies), default=None),
             }
 
-    def _answer(
-        self, path: str, kind: str, body: dict[str, Any]
-    ) -> tuple[int, Any, dict[str, str]]:
+    def _injected(self, path: str, kind: str) -> tuple[int, Any, dict[str, str]] | None:
         with self._cond:
             for rule in self._failures:
                 if rule.remaining > 0 and rule.match in path:
                     rule.remaining -= 1
                     headers = {"Retry-After": str(rule.retry_after)} if rule.retry_after else {}
-                    return rule.status, {"ok": False, "error": "ratelimited"}, headers
+                    if rule.status != 429:
+                        headers = {}
+                    if kind == "response":
+                        status = rule.status
+                        if status not in (DROP, 429) and status < 400:
+                            status = 400  # a response_url says no with an HTTP error
+                        return status, rule.error.encode(), headers
+                    return rule.status, {"ok": False, "error": rule.error}, headers
+        return None
+
+    def _answer(
+        self, path: str, kind: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[int, Any, dict[str, str], bool]:
+        injected = self._injected(path, kind)
+        if injected is not None:
+            return (*injected, True)
+        if not path.startswith(("/api/", "/response/")):  # e.g. Socket Mode's websocket
+            return 404, b"not_found", {}, False
         if kind == "response":
-            return 200, b"ok", {}
+            status, text = self._respond(path.removeprefix("/response/"), body)
+            return status, text.encode(), {}, False
+        if kind not in METHODS:
+            return 200, {"ok": False, "error": "unknown_method", "req_method": kind}, {}, False
+        token = (headers.get("authorization") or "").removeprefix("Bearer ").strip()
+        token = token or str(body.get("token") or "")
+        if not token:
+            return 200, {"ok": False, "error": "not_authed"}, {}, False
+        if kind == "apps.connections.open":
+            if not token.startswith("xapp-"):
+                return 200, {"ok": False, "error": "not_allowed_token_type"}, {}, False
+            return 200, {"ok": True, "url": f"ws://127.0.0.1:{self.port}/socket-mode"}, {}, False
+        if token not in self.tokens:
+            error = "not_allowed_token_type" if token.startswith("xapp-") else "invalid_auth"
+            return 200, {"ok": False, "error": error}, {}, False
+        answer = self._method(kind, _decoded(body))
+        return 200, answer, {}, False
+
+    def _method(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
         if kind == "auth.test":
-            return (
-                200,
-                {
-                    "ok": True,
-                    "url": "https://dbops-test.slack.com/",
-                    "team": "dbops test",
-                    "user": "dbops",
-                    "team_id": TEAM,
-                    "user_id": BOT_USER,
-                    "bot_id": "B0DBOPSBOT",
-                },
-                {},
-            )
-        if kind == "apps.connections.open":  # Socket Mode: a URL that is no websocket here
-            return 200, {"ok": True, "url": f"ws://127.0.0.1:{self.port}/socket-mode"}, {}
-        if kind in ("chat.postMessage", "chat.update", "chat.postEphemeral"):
-            ts = f"{time.time():.6f}"
-            return 200, {"ok": True, "channel": body.get("channel"), "ts": ts}, {}
-        if kind in ("views.open", "views.update", "views.push"):
-            view = body.get("view")
-            view = json.loads(view) if isinstance(view, str) else dict(view or {})
-            view_id = body.get("view_id") or f"V{uuid.uuid4().hex[:10].upper()}"
-            return 200, {"ok": True, "view": {**view, "id": view_id, "hash": uuid.uuid4().hex}}, {}
-        return 200, {"ok": True}, {}
+            return {
+                "ok": True,
+                "url": "https://dbops-test.slack.com/",
+                "team": "dbops test",
+                "user": "dbops",
+                "team_id": TEAM,
+                "user_id": BOT_USER,
+                "bot_id": "B0DBOPSBOT",
+            }
+        if kind == "conversations.open":
+            users = str(body.get("users") or "")
+            if body.get("channel"):
+                return {"ok": True, "channel": {"id": self.channel_id(str(body["channel"]))}}
+            if not users:
+                return _error("users_list_not_supplied")
+            if any(not _USER_ID.fullmatch(u.strip()) for u in users.split(",")):
+                return _error("user_not_found")
+            return {"ok": True, "channel": {"id": self.dm_channel(users)}}
+        if kind in ("chat.postMessage", "chat.postEphemeral"):
+            return self._post(kind, body)
+        if kind in ("chat.update", "chat.delete"):
+            return self._change(kind, body)
+        return self._view(kind, body)
+
+    def _post(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        channel = str(body.get("channel") or "")
+        if not channel:
+            return _error("channel_not_found")
+        if kind == "chat.postEphemeral" and not body.get("user"):
+            return _error("user_not_found")
+        refused = _refusal(check_message(body))
+        if refused is not None:
+            return refused
+        channel_id = self.channel_id(channel)
+        ts = self._next_ts()
+        if kind == "chat.postEphemeral":
+            return {"ok": True, "message_ts": ts}
+        with self._cond:
+            self._messages[(channel_id, ts)] = body
+        return {"ok": True, "channel": channel_id, "ts": ts, "message": {**body, "ts": ts}}
+
+    def _change(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        channel, ts = str(body.get("channel") or ""), str(body.get("ts") or "")
+        if not _CHANNEL_ID.fullmatch(channel):  # ids only here: a name is not found
+            return _error("channel_not_found")
+        with self._cond:
+            known = (channel, ts) in self._messages
+        if not known:
+            return _error("message_not_found")
+        if kind == "chat.delete":
+            with self._cond:
+                self._messages.pop((channel, ts), None)
+            return {"ok": True, "channel": channel, "ts": ts}
+        refused = _refusal(check_message(body))
+        if refused is not None:
+            return refused
+        with self._cond:
+            self._messages[(channel, ts)] = body
+        return {"ok": True, "channel": channel, "ts": ts, "text": body.get("text", "")}
+
+    def _view(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        if kind in ("views.open", "views.push"):
+            problem = self._use_trigger(str(body.get("trigger_id") or ""))
+            if problem is not None:
+                return _error(problem)
+        view = body.get("view")
+        if kind == "views.update":
+            view_id = str(body.get("view_id") or "")
+            external = body.get("external_id")
+            with self._cond:
+                known = view_id in self._views or (
+                    external is not None
+                    and any(v.get("external_id") == external for v in self._views.values())
+                )
+            if not known:
+                return _error("not_found")
+        elif kind == "views.publish" and not _USER_ID.fullmatch(str(body.get("user_id") or "")):
+            return _error("invalid_arguments")
+        refusal = check_view(view)
+        if refusal is not None:
+            return _refusal(refusal) or _error("invalid_arguments")
+        assert isinstance(view, dict)
+        view_id = str(body.get("view_id") or f"V{uuid.uuid4().hex[:10].upper()}")
+        shown = {**view, "id": view_id, "hash": uuid.uuid4().hex}
+        with self._cond:
+            self._views[view_id] = shown
+        return {"ok": True, "view": shown}
+
+    def _use_trigger(self, trigger: str) -> str | None:
+        with _triggers_lock:
+            issued = _triggers.get(trigger)
+        if issued is None:
+            return "invalid_trigger_id"
+        with self._cond:
+            if trigger in self._used_triggers:
+                return "exchanged_trigger_id"
+            if self._now() - issued > TRIGGER_TTL_S:
+                return "expired_trigger_id"
+            self._used_triggers.add(trigger)
+        return None
+
+    def _respond(self, token: str, body: dict[str, Any]) -> tuple[int, str]:
+        """A post to a response_url: Slack answers with a status and a word."""
+        with self._cond:
+            url = self._urls.get(token)
+            if url is None:
+                return 404, "invalid_token"
+            if self._now() - url.issued > RESPONSE_URL_TTL_S:
+                return 404, "expired_url"
+            if url.uses >= RESPONSE_URL_USES:
+                return 404, "used_url"
+        if not body.get("delete_original"):
+            refusal = check_message(_decoded(body))
+            if refusal is not None:
+                return 400, refusal.error
+        with self._cond:
+            url.uses += 1
+        return 200, "ok"
+
+
+def _said(answer: Any) -> str:
+    text = answer.decode() if isinstance(answer, bytes) else json.dumps(answer)
+    return text[:400]
+
+
+def _decoded(body: dict[str, Any]) -> dict[str, Any]:
+    """The body with its JSON fields (blocks, view) parsed, as a form-encoded call sends them."""
+    out = dict(body)
+    for key in _JSON_FIELDS:
+        if isinstance(out.get(key), str):
+            try:
+                out[key] = json.loads(out[key])
+            except ValueError:
+                out[key] = None if key == "view" else out[key]
+    return out
+
+
+def _error(code: str, messages: tuple[str, ...] = ()) -> dict[str, Any]:
+    answer: dict[str, Any] = {"ok": False, "error": code}
+    if messages:
+        answer["response_metadata"] = {"messages": list(messages)}
+    return answer
+
+
+def _refusal(refusal: Any) -> dict[str, Any] | None:
+    return None if refusal is None else _error(refusal.error, refusal.messages)
 
 
 # --- requests as Slack sends them ---------------------------------------------------------------
 
-SIGNING_SECRET = "test-signing-secret-0123456789abcdef"
-BOT_TOKEN = "xoxb-test-0000-dbops"
-
 
 def sign(body: str, *, secret: str = SIGNING_SECRET, ts: int | None = None) -> dict[str, str]:
     """The headers Slack adds: a v0 signature over ``v0:<timestamp>:<body>``."""
-    import hashlib
     import hmac
 
     stamp = str(int(time.time()) if ts is None else ts)
@@ -262,7 +605,7 @@ def slash_body(
         "command": "/db",
         "text": text,
         "api_app_id": "A0DBOPS",
-        "trigger_id": trigger_id or f"{uuid.uuid4().int % 10**13}.{uuid.uuid4().hex[:12]}",
+        "trigger_id": trigger_id or issue_trigger(),
     }
     if response_url is not None:
         fields["response_url"] = response_url
@@ -285,7 +628,7 @@ def view_submission_body(
         "user": {"id": user, "username": user.lower(), "team_id": TEAM},
         "api_app_id": "A0DBOPS",
         "token": "legacy-verification-token",
-        "trigger_id": f"{uuid.uuid4().int % 10**13}.{uuid.uuid4().hex[:12]}",
+        "trigger_id": issue_trigger(),
         "view": {
             **view,
             "id": view_id or view.get("id") or f"V{uuid.uuid4().hex[:10].upper()}",
@@ -304,6 +647,7 @@ def action_body(
     user: str = "U_ALICE",
     response_url: str | None = None,
     channel: str = "C0DBOPS",
+    block_id: str = "b1",
 ) -> str:
     from urllib.parse import urlencode
 
@@ -313,7 +657,7 @@ def action_body(
         "user": {"id": user, "username": user.lower(), "team_id": TEAM},
         "api_app_id": "A0DBOPS",
         "token": "legacy-verification-token",
-        "trigger_id": f"{uuid.uuid4().int % 10**13}.{uuid.uuid4().hex[:12]}",
+        "trigger_id": issue_trigger(),
         "channel": {"id": channel, "name": "db-ops"},
         "container": {"type": "message", "message_ts": "1.000001", "channel_id": channel},
         "response_url": response_url,
@@ -321,7 +665,7 @@ def action_body(
             {
                 "type": "button",
                 "action_id": action_id,
-                "block_id": "b1",
+                "block_id": block_id,
                 "value": value,
                 "text": {"type": "plain_text", "text": "x"},
                 "action_ts": f"{time.time():.6f}",

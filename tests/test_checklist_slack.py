@@ -73,7 +73,8 @@ def test_checkbox_clicks_are_recorded_per_user(tmp_path: Path, sandbox: dict[str
             actor="scheduler",
             now=datetime.now(UTC),
         )
-        cl.attach_message(ctx.engine, state.id, "C0DBOPS", "1.000001")
+        # The checklist as the scheduler posted it: a message in the channel to update.
+        cl.attach_message(ctx.engine, state.id, "C0DBOPS", stub.existing("C0DBOPS"))
         services = build_services(ctx)
         app = create_app(services)
 
@@ -95,4 +96,5 @@ def test_checkbox_clicks_are_recorded_per_user(tmp_path: Path, sandbox: dict[str
         denied = ctx.events.query(kind="auth.denied")
         assert denied[0].actor == "U_BOB"
         update = stub.wait_for(lambda c: c.kind == "chat.update")
+        assert update.ok, update.error
         assert "2/" in json.dumps(update.body)

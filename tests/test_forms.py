@@ -99,10 +99,13 @@ def router(gate: Gate, sqlite_engine: Engine) -> Router:
     )
 
 
-def typed(router: Router, stub: SlackStub, text: str, *, during: Any = None) -> tuple[str, str]:
-    """`/db <text>` through the Bolt app; returns the trigger and the response_url's token."""
+def typed(
+    router: Router, stub: SlackStub, text: str, *, during: Any = None, trigger_age_s: float = 0
+) -> tuple[str, str]:
+    """`/db <text>` through the Bolt app, with a trigger ``trigger_age_s`` old when it
+    arrives; returns the trigger and the response_url's token."""
     slack = SlackApp(router, stub)
-    trigger, token = f"{uuid.uuid4().int % 10**13}.t", uuid.uuid4().hex
+    trigger, token = stub.trigger(age_s=trigger_age_s), uuid.uuid4().hex
     body = slash_body(text, trigger_id=trigger, response_url=stub.response_url(token))
 
     async def scenario() -> None:
@@ -187,8 +190,10 @@ def test_an_error_in_time_is_a_message_and_no_modal(
 
 
 def test_an_expired_trigger_turns_the_form_into_a_message(router: Router, stub: SlackStub) -> None:
-    stub.fail_next(1, "views.open", status=200, retry_after=None)  # {"ok": false}
-    _, token = typed(router, stub, "wipe acme")
+    stub.expect_refusals("expired_trigger_id")
+    _, token = typed(router, stub, "wipe acme", trigger_age_s=4)  # Slack's 3 s are over
+    (refused,) = stub.find(lambda c: c.kind == "views.open")
+    assert refused.error == "expired_trigger_id"
     (said,) = stub.replies_to(token)
     assert "/db wipe acme --confirm acme" in said.body["text"]
     (sent,) = router.events.query(kind="message.sent", limit=5)

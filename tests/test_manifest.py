@@ -111,12 +111,17 @@ def test_bolt_routes_every_registered_command_and_action(sqlite_engine: Engine) 
     with SlackStub() as stub:
         services = _services(sqlite_engine, stub)
         app = create_app(services)
-        url = stub.response_url()
-        known = [slash_body("help", response_url=url)]
-        known += [action_body(a, "report", response_url=url) for a in REGISTRY.action_ids()]
+        url = stub.response_url  # one per request, as Slack gives
+        known = [slash_body("help", response_url=url())]
+        known += [action_body(a, "report", response_url=url()) for a in REGISTRY.action_ids()]
+        # A repeat in a block (bot.blocks.numbered) goes to the same listener.
+        known += [
+            action_body(f"{a}:2", "report", response_url=url()) for a in REGISTRY.action_ids()
+        ]
         unknown = [
-            action_body("db_unknown", "report", response_url=url),
-            slash_body("help", response_url=url).replace("%2Fdb", "%2Fother"),
+            action_body("db_unknown", "report", response_url=url()),
+            action_body("db_report:x", "report", response_url=url()),
+            slash_body("help", response_url=url()).replace("%2Fdb", "%2Fother"),
         ]
 
         async def dispatch(bodies: list[str]) -> list[int]:
@@ -134,4 +139,4 @@ def test_bolt_routes_every_registered_command_and_action(sqlite_engine: Engine) 
 
         handled, refused = asyncio.run(scenario())
     assert handled == [200] * len(known)
-    assert refused == [404, 404]
+    assert refused == [404, 404, 404]

@@ -36,28 +36,13 @@ from storage.db import make_engine
 from storage.events import EventLog
 from storage.migrate import upgrade
 from tests.slack_app import send_once
-from tests.slack_stub import BOT_TOKEN, Call, SlackStub, action_body
+from tests.slack_stub import BOT_TOKEN, Call, SlackStub, action_body, dm_channel
 from tests.test_slack_incidents import posted_contract
 
 ALICE, BOB, CAROL, DAVE = "U_ALICE", "U_BOB", "U_CAROL", "U_DAVE"  # op, viewer, admin, op
 OPS = "C0DBOPS"
 ESCALATIONS = "C0ESCALATE"
 TZ = ZoneInfo("America/New_York")
-
-
-class DmStub(SlackStub):
-    """The Slack stub, with conversations.open answering a DM channel (D...) as Slack does."""
-
-    def _answer(
-        self, path: str, kind: str, body: dict[str, Any]
-    ) -> tuple[int, Any, dict[str, str]]:
-        if kind == "conversations.open":
-            return 200, {"ok": True, "channel": {"id": dm_channel(str(body["users"]))}}, {}
-        return super()._answer(path, kind, body)
-
-
-def dm_channel(user: str) -> str:
-    return "D" + user.removeprefix("U_")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +64,7 @@ def incident_commands() -> Iterator[ModuleType]:
 
 @pytest.fixture(scope="module")
 def stub() -> Iterator[SlackStub]:
-    with DmStub() as s:
+    with SlackStub() as s:
         yield s
 
 

@@ -138,7 +138,7 @@ def test_restore_end_to_end_from_the_modal(
     router: Router, stub: SlackStub, customer: Seeded, tested_backup: str
 ) -> None:
     slack = SlackApp(router, stub)
-    trigger = f"{uuid.uuid4().int % 10**13}.restore"
+    trigger = stub.trigger()
     token = uuid.uuid4().hex
     before = database(customer)
 

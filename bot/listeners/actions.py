@@ -1,5 +1,10 @@
 """Buttons: each carries a command line as its value and is run like typing it, role check
-included (a confirm dialog is not an authorization)."""
+included (a confirm dialog is not an authorization).
+
+A message with several buttons for one command (an Ack per incident, an Apply per credit)
+numbers the repeats (db_incident_ack, db_incident_ack:2, ...; bot.blocks.numbered), since Slack
+refuses a block where two share an action_id; each listener matches its action_id and its
+repeats, and the value says which incident or customer was meant."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from slack_bolt.async_app import AsyncAck
 from slack_bolt.request.async_request import AsyncBoltRequest
 
 from bot.listeners.delivery import Destination, delivery_key, trigger_of
-from bot.router import Invocation
+from bot.router import Invocation, action_pattern
 
 if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncApp
@@ -39,5 +44,5 @@ def register(app: AsyncApp, services: Services) -> list[str]:
 
     action_ids = services.router.registry.action_ids()
     for action_id in action_ids:
-        app.action(action_id)(pressed)
+        app.action(action_pattern(action_id))(pressed)
     return action_ids
