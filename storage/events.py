@@ -9,13 +9,23 @@ Writers are serialised so the chain never forks: ``BEGIN IMMEDIATE`` on SQLite, 
 transaction-level advisory lock on PostgreSQL. Inside the lock the head is read, ids are assigned
 head + 1, ... (no gaps), and a (source, source_id) that is already stored returns the stored event
 and writes nothing.
+
+Every append has a deadline (``APPEND_DEADLINE_S``): its caller waits no longer, whatever the
+database does, and gets ``EventLogUnavailable``; the transaction is abandoned, never committed
+later behind the caller's back (storage.db.run_with_deadline). After a connection failure the
+engine's ``Breaker`` opens: appends fail at once for a short back-off instead of each waiting for
+a connect timeout, then the next append probes and, if the database answers, all is back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import threading
+import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -23,19 +33,43 @@ from decimal import Decimal
 from enum import Enum
 from functools import lru_cache
 from pathlib import PurePath
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from storage.db import is_sqlite
+from storage.db import (
+    Aborted,
+    Attempt,
+    DeadlineExceeded,
+    is_sqlite,
+    run_inline,
+    run_with_deadline,
+    runs_inline,
+    watch_pings,
+)
 from storage.models import Event
+
+log = logging.getLogger("dbops.events")
 
 GENESIS = "0" * 64
 # pg_advisory_xact_lock key: the bytes "dbopsevt" read as a signed 64-bit integer.
 PG_LOCK_KEY = int.from_bytes(b"dbopsevt", "big", signed=True)
 REDACTED = "[redacted]"
+
+# How long a caller of append waits at most. A healthy append takes a millisecond or two; five
+# seconds is long enough for a busy database and short enough for a Slack worker (3 s to ack
+# is Bolt's, and the ack never waits for the log).
+APPEND_DEADLINE_S = 5.0
+# After a connection failure appends fail at once for BREAKER_FIRST_S; each failed probe doubles
+# that, up to BREAKER_LONGEST_S, so the log is back at most that long after the database is.
+BREAKER_FIRST_S = 1.0
+BREAKER_LONGEST_S = 5.0
+# A PostgreSQL backend left idle inside an append's transaction (its client vanished without a
+# reset) gives up the writers' lock after this, instead of holding it until TCP notices.
+PG_IDLE_IN_APPEND_MS = 10_000
 
 _SECRET_KEY = re.compile(
     r"pass(word|wd)?|token|secret|dsn|api[_-]?key|authori[sz]ation|private[_-]?key|credential|cookie",
@@ -47,6 +81,146 @@ _KV_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\
 _BEARER = re.compile(
     r"(?P<pre>\b(?:bearer\s+|xox[abpr]-|sk_(?:live|test)_|whsec_))(?P<pw>[\w.-]+)", re.I
 )
+
+
+class EventLogUnavailable(RuntimeError):
+    """An event could not be stored: the database is down, unreachable or did not answer in time.
+
+    ``retry_after`` is set when the append was refused at once because the database is known to
+    be down: seconds until the next append will try it again.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A failure of the database or of the way to it, as opposed to one of the events."""
+    if isinstance(exc, DeadlineExceeded | Aborted | OSError):
+        return True
+    if isinstance(exc, sa_exc.TimeoutError | sa_exc.DisconnectionError):
+        return True  # no pooled connection in time; a connection lost on checkout
+    if isinstance(exc, sa_exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(
+            exc, sa_exc.OperationalError | sa_exc.InterfaceError
+        )
+    return False
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """An error that one of the events caused: the others of its batch may still be stored."""
+    return isinstance(exc, sa_exc.IntegrityError | sa_exc.DataError | ValueError | TypeError)
+
+
+class Breaker:
+    """Fail fast while the event database is known to be down; probe it now and then.
+
+    Closed, every append goes through. A connection failure or a missed deadline opens it: for
+    the back-off, appends fail at once. The first append after that is the probe (the others
+    still fail at once until it reports, or ``hold`` seconds pass); if it succeeds the breaker
+    closes, if it fails the back-off doubles, up to ``longest``. Tickets keep one outage from
+    being counted once per append that was in flight when it began.
+    """
+
+    def __init__(self, first: float = BREAKER_FIRST_S, longest: float = BREAKER_LONGEST_S) -> None:
+        self.first, self.longest = first, longest
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._open_until: float | None = None
+        self._probe_until = 0.0
+        self._backoff = first
+        self._down_since = 0.0
+        self._cause = ""
+
+    @property
+    def is_open(self) -> bool:
+        return self._open_until is not None
+
+    def refusing(self) -> EventLogUnavailable | None:
+        """The error to fail an append with at once, or None if it may try (changes nothing)."""
+        if self._open_until is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            if self._open_until is None:
+                return None
+            if now < self._open_until or now < self._probe_until:
+                return self._refusal(now)
+            return None
+
+    def admit(self, hold: float) -> int:
+        """Let an append through, returning its ticket; or raise EventLogUnavailable at once."""
+        if self._open_until is None:
+            return self._generation
+        now = time.monotonic()
+        with self._lock:
+            if self._open_until is None:
+                return self._generation
+            if now < self._open_until or now < self._probe_until:
+                raise self._refusal(now)
+            self._probe_until = now + hold
+            return self._generation
+
+    def succeeded(self) -> None:
+        if self._open_until is None:
+            return
+        with self._lock:
+            if self._open_until is None:
+                return
+            down = time.monotonic() - self._down_since
+            log.warning("the event log database answers again (unreachable for %.1f s)", down)
+            self._open_until, self._probe_until = None, 0.0
+            self._backoff = self.first
+            self._generation += 1
+
+    def failed(self, ticket: int, exc: BaseException) -> None:
+        with self._lock:
+            if ticket != self._generation:
+                return  # this outage is already counted
+            now = time.monotonic()
+            if self._open_until is None:
+                self._down_since, self._backoff = now, self.first
+                log.warning(
+                    "the event log database is unreachable (%s): appends fail at once, "
+                    "and one tries again after %g s (then up to every %g s)",
+                    _cause(exc),
+                    self._backoff,
+                    self.longest,
+                )
+            else:
+                self._backoff = min(self._backoff * 2, self.longest)
+            self._open_until, self._probe_until = now + self._backoff, 0.0
+            self._cause = _cause(exc)
+            self._generation += 1
+
+    def _refusal(self, now: float) -> EventLogUnavailable:
+        wait = max(self._open_until or now, self._probe_until) - now
+        return EventLogUnavailable(
+            f"the event log database is unreachable ({self._cause}); "
+            f"the next append tries it again in {wait:.1f} s",
+            retry_after=wait,
+        )
+
+
+def _cause(exc: BaseException) -> str:
+    # The class name only: a driver's message can carry a host name or a DSN.
+    if isinstance(exc, DeadlineExceeded | Aborted):
+        return "no answer in time"
+    return type(getattr(exc, "orig", None) or exc).__name__
+
+
+_breakers: weakref.WeakKeyDictionary[Engine, Breaker] = weakref.WeakKeyDictionary()
+_breakers_lock = threading.Lock()
+
+
+def breaker_for(engine: Engine) -> Breaker:
+    """The one breaker of an engine: every EventLog on it knows the database is down."""
+    with _breakers_lock:
+        breaker = _breakers.get(engine)
+        if breaker is None:
+            breaker = _breakers[engine] = Breaker()
+        return breaker
 
 
 def scrub_text(text: str) -> str:
@@ -199,6 +373,14 @@ class NewEvent:
     ts: datetime | None = None
 
 
+class _Prepared(NamedTuple):
+    """Events checked, redacted and rendered to JSON: ready for the lock."""
+
+    events: Sequence[NewEvent]
+    payloads: list[dict[str, Any]]
+    payload_json: list[str]
+
+
 @dataclass(frozen=True)
 class StoredEvent:
     id: int
@@ -283,11 +465,19 @@ def _stored(row: Any) -> StoredEvent:
 
 
 class EventLog:
-    """Append to, query and verify the event log on one engine."""
+    """Append to, query and verify the event log on one engine.
 
-    def __init__(self, engine: Engine) -> None:
+    ``deadline``: seconds an append may take before its caller gets EventLogUnavailable.
+    """
+
+    def __init__(self, engine: Engine, *, deadline: float = APPEND_DEADLINE_S) -> None:
         self.engine = engine
         self._sqlite = is_sqlite(engine)
+        self.deadline = deadline
+        self.breaker = breaker_for(engine)
+        self._run = run_inline if runs_inline(engine) else run_with_deadline
+        if not self._sqlite:
+            watch_pings(engine)  # an engine not made by make_engine
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -305,14 +495,39 @@ class EventLog:
         new = NewEvent(kind, subject, payload or {}, actor, source, source_id, ts)
         return self.append_many([new])[0]
 
-    def append_many(self, events: Sequence[NewEvent]) -> list[StoredEvent]:
+    def append_many(
+        self, events: Sequence[NewEvent], *, deadline: float | None = None
+    ) -> list[StoredEvent]:
         """Append a batch in one transaction; returns one stored event per input, in order.
 
         An input whose (source, source_id) is already stored, or repeats an earlier input of the
-        same batch, comes back as the event stored first.
+        same batch, comes back as the event stored first. Raises EventLogUnavailable when the
+        database is down or does not answer within ``deadline`` seconds (default: the log's),
+        and the error itself (ValueError, IntegrityError, ...) when an event is at fault.
         """
         if not events:
             return []
+        prepared = self._prepare(events)
+        seconds = self.deadline if deadline is None else deadline
+        ticket = self.breaker.admit(hold=seconds + 1)
+        try:
+            out = self._run(lambda attempt: self._store(prepared, attempt), seconds)
+        except Exception as exc:
+            raise self._failure(ticket, exc, seconds) from exc
+        self.breaker.succeeded()
+        return out
+
+    def _failure(self, ticket: int, exc: Exception, seconds: float) -> Exception:
+        """What to raise for a failed append, with the breaker told what happened."""
+        if not is_outage(exc):
+            self.breaker.succeeded()  # the database answered; an event was at fault
+            return exc
+        self.breaker.failed(ticket, exc)
+        if isinstance(exc, DeadlineExceeded | Aborted):
+            return EventLogUnavailable(f"the event log did not answer within {seconds:g} s")
+        return EventLogUnavailable(f"the event log database is unreachable ({_cause(exc)})")
+
+    def _prepare(self, events: Sequence[NewEvent]) -> _Prepared:
         for ev in events:
             if not ev.kind or len(ev.kind) > 64 or not ev.source or len(ev.source) > 64:
                 raise ValueError("an event kind and source are 1-64 characters")
@@ -320,82 +535,99 @@ class EventLog:
                 raise ValueError("an event source_id is at most 200 characters")
         # Redaction and JSON happen before the lock: they are most of the work.
         payloads = [_sanitise_dict(ev.payload) for ev in events]
-        payload_json = [canonical(p) for p in payloads]
+        return _Prepared(events, payloads, [canonical(p) for p in payloads])
+
+    def _store(self, prepared: _Prepared, attempt: Attempt) -> list[StoredEvent]:
+        """One transaction (two on a duplicate), on a worker thread, for ``attempt``."""
         try:
             # Duplicates are rare, so first try without looking for them: the unique constraint
             # catches one, and the retry (still under the writers' lock) returns the stored event.
-            return self._append(events, payloads, payload_json, look_up=False)
+            return self._append(*prepared, attempt, look_up=False)
         except IntegrityError:
-            return self._append(events, payloads, payload_json, look_up=True)
+            return self._append(*prepared, attempt, look_up=True)
 
     def _append(
         self,
         events: Sequence[NewEvent],
         payloads: list[dict[str, Any]],
         payload_json: list[str],
+        attempt: Attempt,
         *,
         look_up: bool,
     ) -> list[StoredEvent]:
         opts = {"sqlite_begin": "IMMEDIATE"} if self._sqlite else {}
-        with self.engine.connect().execution_options(**opts) as conn, conn.begin():
-            self._lock(conn)
-            existing = self._existing(conn, events) if look_up else {}
-            head = conn.execute(self._head_sql).first()
-            next_id, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
-            now = datetime.now(UTC)
-            now_iso, now_param = iso(now), self._ts_param(now)
-            params: list[tuple[Any, ...]] = []
-            out: list[StoredEvent] = []
-            for ev, payload, pjson in zip(events, payloads, payload_json, strict=True):
-                key = (ev.source, ev.source_id)
-                if ev.source_id is not None and key in existing:
-                    out.append(existing[key])
-                    continue
-                ts, ts_iso, ts_param = now, now_iso, now_param
-                if ev.ts is not None:
-                    ts = _aware(ev.ts)
-                    ts_iso, ts_param = iso(ts), self._ts_param(ts)
-                subject = ev.subject[:200] if ev.subject else ev.subject
-                actor = ev.actor[:64] if ev.actor else ev.actor
-                body = _body(
-                    next_id, ts_iso, ev.kind, actor, subject, pjson, ev.source, ev.source_id
-                )
-                digest = _sha(prev, body)
-                stored = StoredEvent(
+        with self.engine.connect().execution_options(**opts) as conn:
+            attempt.watch(conn.connection.dbapi_connection)
+            with conn.begin():
+                self._lock(conn, attempt)
+                out = self._insert(conn, events, payloads, payload_json, look_up=look_up)
+                attempt.check()  # past the deadline its caller was told it failed: no COMMIT
+        return out
+
+    def _insert(
+        self,
+        conn: Connection,
+        events: Sequence[NewEvent],
+        payloads: list[dict[str, Any]],
+        payload_json: list[str],
+        *,
+        look_up: bool,
+    ) -> list[StoredEvent]:
+        existing = self._existing(conn, events) if look_up else {}
+        head = conn.execute(self._head_sql).first()
+        next_id, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
+        now = datetime.now(UTC)
+        now_iso, now_param = iso(now), self._ts_param(now)
+        params: list[tuple[Any, ...]] = []
+        out: list[StoredEvent] = []
+        for ev, payload, pjson in zip(events, payloads, payload_json, strict=True):
+            key = (ev.source, ev.source_id)
+            if ev.source_id is not None and key in existing:
+                out.append(existing[key])
+                continue
+            ts, ts_iso, ts_param = now, now_iso, now_param
+            if ev.ts is not None:
+                ts = _aware(ev.ts)
+                ts_iso, ts_param = iso(ts), self._ts_param(ts)
+            subject = ev.subject[:200] if ev.subject else ev.subject
+            actor = ev.actor[:64] if ev.actor else ev.actor
+            body = _body(next_id, ts_iso, ev.kind, actor, subject, pjson, ev.source, ev.source_id)
+            digest = _sha(prev, body)
+            stored = StoredEvent(
+                next_id,
+                ts,
+                ev.kind,
+                actor,
+                subject,
+                payload,
+                ev.source,
+                ev.source_id,
+                prev,
+                digest,
+            )
+            out.append(stored)
+            params.append(
+                (
                     next_id,
-                    ts,
+                    ts_param,
                     ev.kind,
                     actor,
                     subject,
-                    payload,
+                    pjson,
                     ev.source,
                     ev.source_id,
                     prev,
                     digest,
                 )
-                out.append(stored)
-                params.append(
-                    (
-                        next_id,
-                        ts_param,
-                        ev.kind,
-                        actor,
-                        subject,
-                        pjson,
-                        ev.source,
-                        ev.source_id,
-                        prev,
-                        digest,
-                    )
-                )
-                if ev.source_id is not None:
-                    existing[key] = stored
-                prev = digest
-                next_id += 1
-            if params:
-                # Straight to the driver's executemany: the JSON is already rendered, and
-                # SQLAlchemy's per-row type processing would triple the cost of a batch.
-                conn.exec_driver_sql(self._insert_sql, params)
+            )
+            if ev.source_id is not None:
+                existing[key] = stored
+            prev = digest
+            next_id += 1
+        if params:
+            # Straight to the driver's executemany: the JSON is already rendered, and
+            # SQLAlchemy's per-row type processing would triple the cost of a batch.
+            conn.exec_driver_sql(self._insert_sql, params)
         return out
 
     @property
@@ -411,9 +643,17 @@ class EventLog:
         # SQLAlchemy stores SQLite datetimes as naive text in this format; keep to it.
         return ts.strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else ts
 
-    def _lock(self, conn: Connection) -> None:
-        if not self._sqlite:
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})")
+    def _lock(self, conn: Connection, attempt: Attempt) -> None:
+        if self._sqlite:
+            return  # BEGIN IMMEDIATE took it, waiting no longer than the attempt has left
+        # One round trip: the lock wait ends with the deadline, and a backend whose client
+        # vanished mid-append (a black hole, not a reset) lets go of the lock after a while.
+        conn.exec_driver_sql(
+            "SELECT set_config('lock_timeout', %s, true),"
+            " set_config('idle_in_transaction_session_timeout', %s, true),"
+            f" pg_advisory_xact_lock({PG_LOCK_KEY})",
+            (str(max(1, int(attempt.left() * 1000))), str(PG_IDLE_IN_APPEND_MS)),
+        )
 
     def _existing(
         self, conn: Connection, events: Sequence[NewEvent]

@@ -83,8 +83,10 @@ def ensure_schema(engine: Engine) -> str | None:
     """Create the schema on a database that has none; returns the revision made, or None when
     the schema was there already. An older schema is left alone: check_schema refuses it, and
     ``dbops db upgrade`` (a step someone chooses, after a backup) migrates it."""
-    if current_revision(engine) is not None:
+    if current_revision(engine) == head_revision():
         return None
+    # Not current: maybe another process is creating it right now (its first revisions are
+    # already visible). Its lock is held until it is done, so look again under the lock.
     with schema_lock(engine):
         if current_revision(engine) is not None:  # another process made it while we waited
             return None

@@ -1,6 +1,7 @@
 """Shared fixtures: databases for the event log and app state, on SQLite and PostgreSQL.
 
-Fleet fixtures (the sandbox of real clusters, runners) live in tests/fleet_fixtures.py.
+Fleet fixtures (the sandbox of real clusters, runners) live in tests/fleet_fixtures.py; an
+event-log database that can be cut (`event_outage`) in tests/event_outage.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from storage.events import EventLog
 from storage.migrate import upgrade
 from tests.pgserver import Databases, admin_conninfo
 
-pytest_plugins = ["tests.fleet_fixtures"]
+pytest_plugins = ["tests.fleet_fixtures", "tests.event_outage"]
 
 
 @pytest.fixture(scope="session")
