@@ -34,6 +34,7 @@ from bot.http_limits import (
     BodyLimits,
     shedding_protocol,
 )
+from bot.slack_health import SlackHealth
 from core.errors import DbopsError
 from core.ops import Ops
 from storage.migrate import current_revision, head_revision
@@ -70,19 +71,47 @@ def build_asgi(
         with services.background.quiet.busy():
             return await handler.handle(request)
 
+    socket: tuple[Any, asyncio.Task[None]] | None = None
+
+    async def socket_connected() -> bool:
+        return socket is not None and bool(await socket[0].client.is_connected())
+
+    health = SlackHealth(
+        services.replier.client,
+        [settings.ops_channel, *_escalation_channel(ctx)],
+        socket_connected=socket_connected if socket_mode else None,
+    )
+
     async def healthz(request: Request) -> Response:
+        # The HTTP status is for load balancers (503: this process cannot serve, the schema is
+        # not current); "status" is for alerting: "degraded" names what a person must fix in
+        # Slack. Nothing here calls Slack: those checks are cached by SlackHealth.
         try:
             schema = await asyncio.to_thread(schema_state, ctx)
         except Exception as exc:
             log.warning("healthz: database unreachable: %s", type(exc).__name__)
-            return JSONResponse({"ok": False, "schema": None, "error": "database unreachable"}, 503)
+            return JSONResponse(
+                {"ok": False, "status": "down", "schema": None, "error": "database unreachable"},
+                503,
+            )
         mode = "socket" if socket_mode else "http"
-        body = {"ok": schema["ok"], "schema": schema, "slack": mode}
+        reasons = await health.reasons()
+        if not schema["ok"]:
+            reasons.insert(0, "database schema is not current: run `dbops db upgrade`")
+        body = {
+            "ok": schema["ok"],
+            "status": "ok" if not reasons else ("degraded" if schema["ok"] else "down"),
+            "reasons": reasons,
+            "schema": schema,
+            "slack": mode,
+        }
         return JSONResponse(body, status_code=200 if schema["ok"] else 503)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal socket
         socket = _start_socket_mode(bolt, ctx) if socket_mode else None
+        await health.start()
         # Everything built so far lives as long as the process: keep it out of the collector's
         # full passes, which otherwise stall the loop (and every ack) for ~100 ms at a time.
         gc.collect()
@@ -90,6 +119,7 @@ def build_asgi(
         try:
             yield
         finally:
+            await health.stop()
             if socket is not None:
                 handler, connecting = socket
                 connecting.cancel()
@@ -101,6 +131,16 @@ def build_asgi(
         routes.append(Route("/slack/events", slack_events, methods=["POST"]))
     # Around every route, the 404s included: a body over 1 MB is refused before anything reads it.
     return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(BodyLimits)])
+
+
+def _escalation_channel(ctx: Context) -> list[str]:
+    """fleet.toml's escalation channel, if it names one (and a fleet is configured)."""
+    try:
+        channel = ctx.fleet.oncall.escalation_channel
+    except Exception as exc:  # /healthz must come up even when the fleet file does not
+        log.warning("healthz: no escalation channel to check: %s", exc)
+        return []
+    return [channel] if channel else []
 
 
 def _start_socket_mode(bolt: AsyncApp, ctx: Context) -> tuple[Any, asyncio.Task[None]]:

@@ -18,6 +18,7 @@ from slack_sdk.http_retry.builtin_handlers import (
 from slack_sdk.models.blocks import ButtonElement
 
 from bot import blocks
+from bot.slack_health import NOTICED
 from core.errors import DbopsError
 from core.notify import Message, MessageRef, NotifyError, inert_payload
 from core.settings import Settings
@@ -85,15 +86,19 @@ class SlackNotifier:
         self._lock = threading.Lock()
 
     def _call(self, method: str, **kwargs: Any) -> dict[str, Any]:
+        where = str(kwargs.get("channel") or kwargs.get("users") or method)
         try:
             response = self.client.api_call(method, json=inert_payload(kwargs))
         except SlackApiError as exc:
             error = str(exc.response.get("error", "unknown_error"))
+            if error in PERMANENT:
+                NOTICED.failed(where, error)  # shown by /healthz until a send there works
             raise NotifyError(
                 f"Slack {method} failed: {error}", permanent=error in PERMANENT
             ) from None
         except OSError as exc:
             raise NotifyError(f"Slack {method} failed: {type(exc).__name__}") from None
+        NOTICED.succeeded(where)
         return dict(response.data) if isinstance(response.data, dict) else {}
 
     def _record(self, how: str, to: str, message: Message, ts: str | None) -> None:

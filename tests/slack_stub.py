@@ -12,6 +12,9 @@ Slack's own answer (HTTP 200, ``ok: false`` and the error code; the reasons in
   ``invalid_blocks``, ``msg_too_long``, ``msg_blocks_too_long``, ``no_text``, and
   ``invalid_arguments`` for a view.
 - Channels: names ("#db-ops") are taken by chat.postMessage and answered with the channel's id;
+  conversations.info (ids only) and conversations.list describe the workspace's channels
+  (``add_channel``: private or not, the bot a member or not; any other id is a public channel
+  the bot is in, and a few names exist from the start, ``CHANNELS``);
   a user id posts to that user's DM. chat.update and chat.delete take ids only
   (``channel_not_found``) and a message that was posted (``message_not_found``);
   conversations.open answers a ``D...`` id.
@@ -57,6 +60,8 @@ TRIGGER_TTL_S = 3.0
 _CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
 _USER_ID = re.compile(r"^[UW][A-Z0-9_]{2,}$")
 _JSON_FIELDS = ("blocks", "attachments", "view")
+CHANNELS = ("db-ops", "db-escalations", "esc", "general")  # public, with the bot in them
+SCOPES = "commands,chat:write,chat:write.public,im:write,channels:read,groups:read"
 METHODS = {
     "auth.test",
     "apps.connections.open",
@@ -65,6 +70,8 @@ METHODS = {
     "chat.postEphemeral",
     "chat.delete",
     "conversations.open",
+    "conversations.info",
+    "conversations.list",
     "views.open",
     "views.update",
     "views.push",
@@ -143,6 +150,9 @@ class SlackStub:
         self._views: dict[str, dict[str, Any]] = {}
         self._last_ts = 0.0
         self._expected: set[str] = set()
+        self._channels: dict[str, dict[str, Any]] = {}
+        for name in CHANNELS:
+            self.add_channel(name)
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -196,11 +206,33 @@ class SlackStub:
             return channel
         if _USER_ID.fullmatch(channel):
             return dm_channel(channel)
-        return _stable_id("C", channel.removeprefix("#").lower())
+        name = channel.removeprefix("#").lower()
+        with self._cond:
+            for info in self._channels.values():
+                if info["name"] == name:
+                    return str(info["id"])
+        return _stable_id("C", name)
 
     def dm_channel(self, user: str) -> str:
         """The id of the bot's DM with ``user`` (what conversations.open answers)."""
         return dm_channel(user)
+
+    def add_channel(self, name: str, *, private: bool = False, member: bool = True) -> str:
+        """A channel in the workspace (``name`` without #); its id. A private channel's id
+        starts with G, and conversations.list shows it only when the bot is in it."""
+        name = name.removeprefix("#").lower()
+        channel_id = _stable_id("G" if private else "C", name)
+        with self._cond:
+            self._channels[channel_id] = {
+                "id": channel_id,
+                "name": name,
+                "is_channel": not private,
+                "is_group": private,
+                "is_private": private,
+                "is_archived": False,
+                "is_member": member,
+            }
+        return channel_id
 
     def existing(self, channel: str, text: str = "posted before the test") -> str:
         """A message already in ``channel`` (posted by the bot earlier): its ts."""
@@ -416,7 +448,8 @@ class SlackStub:
             error = "not_allowed_token_type" if token.startswith("xapp-") else "invalid_auth"
             return 200, {"ok": False, "error": error}, {}, False
         answer = self._method(kind, _decoded(body))
-        return 200, answer, {}, False
+        extra = {"X-OAuth-Scopes": SCOPES} if kind == "auth.test" else {}
+        return 200, answer, extra, False
 
     def _method(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
         if kind == "auth.test":
@@ -429,6 +462,24 @@ class SlackStub:
                 "user_id": BOT_USER,
                 "bot_id": "B0DBOPSBOT",
             }
+        if kind == "conversations.info":
+            channel = str(body.get("channel") or "")
+            if not _CHANNEL_ID.fullmatch(channel) or channel.startswith("D"):
+                return _error("channel_not_found")
+            with self._cond:
+                info = self._channels.get(channel)
+            if info is None:  # like chat.postMessage: any other id is a channel we are in
+                info = {"id": channel, "name": channel.lower(), "is_member": True}
+                info |= {"is_private": False, "is_archived": False}
+            return {"ok": True, "channel": dict(info)}
+        if kind == "conversations.list":
+            with self._cond:
+                shown = [
+                    dict(c)
+                    for c in self._channels.values()
+                    if not c["is_private"] or c["is_member"]
+                ]
+            return {"ok": True, "channels": shown, "response_metadata": {"next_cursor": ""}}
         if kind == "conversations.open":
             users = str(body.get("users") or "")
             if body.get("channel"):
@@ -454,6 +505,10 @@ class SlackStub:
         if refused is not None:
             return refused
         channel_id = self.channel_id(channel)
+        with self._cond:
+            info = self._channels.get(channel_id)
+        if info is not None and info["is_private"] and not info["is_member"]:
+            return _error("not_in_channel")
         ts = self._next_ts()
         if kind == "chat.postEphemeral":
             return {"ok": True, "message_ts": ts}
