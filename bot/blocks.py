@@ -62,6 +62,18 @@ def escape(text: object) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+_ENTITY = re.compile(r"&(amp|lt|gt);")
+_TYPED = {"amp": "&", "lt": "<", "gt": ">"}
+
+
+def unescape(text: str) -> str:
+    """What a person typed, from the text Slack sends (a slash command's, a DM's, a form's):
+    Slack sends a typed &, < and > as &amp;, &lt; and &gt;. Decoded once, where the text comes
+    in, in one pass (a typed "&lt;" arrives as "&amp;lt;" and stays "&lt;"); ``escape`` puts
+    them back wherever the text is shown in Slack again."""
+    return _ENTITY.sub(lambda m: _TYPED[m.group(1)], text)
+
+
 def clip(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters, at a line break when one is near, with a marker."""
     if len(text) <= limit:

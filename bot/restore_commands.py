@@ -37,7 +37,7 @@ from slack_sdk.models.views import View
 
 from bot import blocks
 from bot.backup_commands import backups_for
-from bot.blocks import Reply, escape
+from bot.blocks import Reply, escape, unescape
 from bot.incident_cards import mention
 from bot.listeners.delivery import Destination
 from bot.roles import Role
@@ -268,7 +268,7 @@ def register(app: AsyncApp, services: Services) -> list[str]:
         customer = str(meta.get("customer") or "")
         option = _state(view, BACKUP_BLOCK, BACKUP_ACTION).get("selected_option") or {}
         backup = str(option.get("value") or "")
-        typed = str(_state(view, NAME_BLOCK, NAME_ACTION).get("value") or "").strip()
+        typed = unescape(str(_state(view, NAME_BLOCK, NAME_ACTION).get("value") or "")).strip()
         if not customer or typed != customer:
             await ack(
                 response_action="errors",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import signal
 import threading
 from collections.abc import Callable
@@ -58,22 +59,65 @@ CATCH_UP_EVERY_S = 30
 OPTION_MAX = 75
 
 
+CHECKBOXES_MAX = 10  # Slack's limit of options in one checkboxes element
+_BLOCK = re.compile(r"checklist-(\d+)(?:-([0-9a-f]+)-(\d+)-([0-9a-f]+))?")
+
+
+@dataclass(frozen=True)
+class ChecklistBlock:
+    """What a checklist's checkboxes block says: the run, the rendering (``via``), the items of
+    its element and which of those it showed ticked. A block from before elements were split
+    (``checklist-<run>``) names no items: ``items`` and ``shown`` are then None."""
+
+    run_id: int
+    via: str
+    items: range | None
+    shown: frozenset[int] | None
+
+
+def checklist_block_id(state: cl.RunState, part: int) -> str:
+    # Fresh per update (the revision) so clients drop their stale checkbox state, and carrying
+    # what it showed ticked so a click can be read as the one change it makes.
+    chunk = state.items[part * CHECKBOXES_MAX : (part + 1) * CHECKBOXES_MAX]
+    mask = sum(1 << (i.index - part * CHECKBOXES_MAX) for i in chunk if i.done)
+    return f"checklist-{state.id}-{state.revision:x}-{part}-{mask:x}"
+
+
+def parse_checklist_block(block_id: str) -> ChecklistBlock | None:
+    m = _BLOCK.fullmatch(block_id)
+    if m is None:
+        return None
+    if m.group(2) is None:
+        return ChecklistBlock(int(m.group(1)), block_id, None, None)
+    part, mask = int(m.group(3)), int(m.group(4), 16)
+    start = part * CHECKBOXES_MAX
+    shown = frozenset(start + b for b in range(CHECKBOXES_MAX) if mask >> b & 1)
+    return ChecklistBlock(int(m.group(1)), block_id, range(start, start + CHECKBOXES_MAX), shown)
+
+
 def checklist_message(state: cl.RunState, tz: Any) -> Message:
-    """A checklist as Block Kit: a checkbox per item; ticks are recorded per user."""
-    options = [_option(i) for i in state.items]
-    done = [o for o, i in zip(options, state.items, strict=True) if i.done]
+    """A checklist as Block Kit: a checkbox per item, at most 10 to an element (one actions
+    block each); ticks are recorded per user."""
     ticked = sum(1 for i in state.items if i.done)
     when = state.posted_at.astimezone(tz).strftime("%a %Y-%m-%d %H:%M %Z")
+    checkboxes = []
+    for part, start in enumerate(range(0, len(state.items), CHECKBOXES_MAX)):
+        chunk = state.items[start : start + CHECKBOXES_MAX]
+        options = [_option(i) for i in chunk]
+        done = [o for o, i in zip(options, chunk, strict=True) if i.done]
+        checkboxes.append(
+            ActionsBlock(
+                block_id=checklist_block_id(state, part),
+                elements=[
+                    CheckboxesElement(
+                        action_id=CHECKLIST_ACTION, options=options, initial_options=done or None
+                    )
+                ],
+            )
+        )
     blocks = [
         HeaderBlock(text=PlainTextObject(text=state.title[:150])),
-        ActionsBlock(
-            block_id=f"checklist-{state.id}",
-            elements=[
-                CheckboxesElement(
-                    action_id=CHECKLIST_ACTION, options=options, initial_options=done or None
-                )
-            ],
-        ),
+        *checkboxes,
         ContextBlock(
             elements=[
                 MarkdownTextObject(

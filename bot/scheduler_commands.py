@@ -16,7 +16,13 @@ from bot.blocks import Reply, escape
 from bot.notifier import SlackNotifier, web_client
 from bot.roles import Role
 from bot.router import REGISTRY, Arg, Call, Spec
-from bot.scheduler import CHECKLIST_ACTION, checklist_message, jobs_table
+from bot.scheduler import (
+    CHECKLIST_ACTION,
+    ChecklistBlock,
+    checklist_message,
+    jobs_table,
+    parse_checklist_block,
+)
 from core import checklists as cl
 from core.errors import DbopsError
 from core.jobs import job_specs
@@ -98,30 +104,41 @@ REGISTRY.add(Spec("jobs", "the scheduled jobs and when each runs next", _jobs))
 
 
 def register(app: AsyncApp, services: Services) -> list[str]:
-    """The checkboxes of a posted checklist: every click sends the whole state."""
+    """The checkboxes of a posted checklist: a click applies only the item it ticks or unticks."""
 
     async def ticked(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
         user = str((body.get("user") or {}).get("id", ""))
         block_id = str(action.get("block_id", ""))
-        done = {
+        selected = {
             int(o["value"])
             for o in action.get("selected_options") or []
             if str(o.get("value", "")).isdigit()
         }
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(
-            services.background.pool, _record, services, user, block_id, done
+            services.background.pool, _record, services, user, block_id, selected
         )
 
     app.action(CHECKLIST_ACTION)(ticked)
     return [CHECKLIST_ACTION]
 
 
-def _record(services: Services, user: str, block_id: str, done: set[int]) -> None:
+def click_changes(
+    block: ChecklistBlock, selected: set[int], before: dict[int, bool]
+) -> dict[int, bool]:
+    """The change a click carries: Slack sends the element's whole client state, so compare it
+    with what that person's client showed before (``before``: item -> ticked), item by item of
+    that element only. Another person's ticks, made since, are never overwritten."""
+    items = block.items if block.items is not None else range(len(before))
+    return {i: i in selected for i in items if i in before and (i in selected) != before[i]}
+
+
+def _record(services: Services, user: str, block_id: str, selected: set[int]) -> None:
     router = services.router
     try:
-        if not block_id.startswith("checklist-") or not block_id[10:].isdigit():
+        block = parse_checklist_block(block_id)
+        if block is None:
             raise ValueError(f"not a checklist block: {block_id[:40]!r}")
         router.roles.require(
             user,
@@ -129,11 +146,26 @@ def _record(services: Services, user: str, block_id: str, done: set[int]) -> Non
             "tick a checklist",
             events=router.events,
             surface="slack",
-            subject=block_id,
+            subject=f"checklist-{block.run_id}",
         )
         ops = router.ops
-        state = cl.set_done(
-            ops.engine, router.events, int(block_id[10:]), done, user=user, now=datetime.now(UTC)
+        current = cl.run_state(ops.engine, block.run_id)
+        if block.items is None or block.shown is None:
+            # A rendering from before elements were split: all items, what it showed unknown.
+            before = {i.index: i.done for i in current.items}
+        else:  # what the rendering showed, then this person's own clicks on it since
+            shown, items = block.shown, block.items
+            before = {i.index: i.index in shown for i in current.items if i.index in items}
+            before.update(cl.changes_by(router.events, block.run_id, user=user, via=block.via))
+        changes = click_changes(block, selected, before)
+        state = cl.apply(
+            ops.engine,
+            router.events,
+            block.run_id,
+            changes,
+            user=user,
+            now=datetime.now(UTC),
+            via=block.via,
         )
         settings = services.settings
         if settings.slack_bot_token is not None and state.channel and state.message_ts:

@@ -19,6 +19,7 @@ from sqlmodel import Session, col, select
 from core.errors import DbopsError
 from core.names import not_found
 from storage.events import EventLog
+from storage.models_incidents import write_session
 from storage.models_jobs import ChecklistRun, ChecklistTick
 
 CHECKLISTS = Path(__file__).resolve().parents[1] / "templates" / "checklists"
@@ -55,6 +56,8 @@ class RunState:
     message_ts: str | None
     completed_at: datetime | None
     nudged_at: datetime | None
+    # Changes with every tick or untick: a rendering names it so clients drop stale state.
+    revision: int = 0
 
     @property
     def open_items(self) -> list[Item]:
@@ -132,7 +135,13 @@ def _state(session: Session, run: ChecklistRun) -> RunState:
         run.message_ts,
         _aware(run.completed_at),
         _aware(run.nudged_at),
+        max((_revision(t.at) for t in ticks.values()), default=0),
     )
+
+
+def _revision(at: datetime) -> int:
+    aware = _aware(at) or at
+    return int(aware.timestamp() * 1_000_000)
 
 
 def start_run(
@@ -180,51 +189,87 @@ def run_state(engine: Engine, run_id: int) -> RunState:
 def set_done(
     engine: Engine, events: EventLog, run_id: int, done: set[int], *, user: str, now: datetime
 ) -> RunState:
-    """Make the ticked items exactly ``done`` (Slack sends the whole checkbox state on each
-    click); record each change as an event with the user who made it."""
-    changes: list[tuple[int, bool]] = []
-    with Session(engine) as session:
-        run = session.get(ChecklistRun, run_id)
+    """Make the ticked items exactly ``done``: every item not in it is unticked. For the shell
+    and tests; a Slack click goes through ``apply`` with only the change it carries."""
+    state = run_state(engine, run_id)
+    if not done <= {i.index for i in state.items}:
+        raise DbopsError("that checklist item does not exist (was the checklist edited?).")
+    return apply(
+        engine, events, run_id, {i.index: i.index in done for i in state.items}, user=user, now=now
+    )
+
+
+def apply(
+    engine: Engine,
+    events: EventLog,
+    run_id: int,
+    changes: dict[int, bool],
+    *,
+    user: str,
+    now: datetime,
+    via: str | None = None,
+) -> RunState:
+    """Tick (True) or untick (False) the given items only, leaving every other item as it is,
+    so two people ticking different items at once both stay ticked. Each change is an event
+    with the user who made it; ``via`` (the rendering clicked) goes into the event so that
+    ``changes_by`` can tell what that person's client has since shown."""
+    applied: list[tuple[int, bool]] = []
+    # Read-modify-write under the write lock (the run's row lock on PostgreSQL), so two clicks
+    # at once are applied one after the other, each to the other's result.
+    with write_session(engine) as session:
+        run = session.get(ChecklistRun, run_id, with_for_update=True)
         if run is None:
             raise DbopsError(f"no checklist run {run_id}.")
-        valid = set(range(len(run.items)))
-        if not done <= valid:
+        if not set(changes) <= set(range(len(run.items))):
             raise DbopsError("that checklist item does not exist (was the checklist edited?).")
         ticks = {
             t.item: t
             for t in session.exec(select(ChecklistTick).where(ChecklistTick.run_id == run_id))
         }
-        for index in sorted(valid):
-            want = index in done
+        for index, want in sorted(changes.items()):
             tick = ticks.get(index)
             if (tick.done if tick else False) == want:
                 continue
             if tick is None:
                 tick = ChecklistTick(run_id=run_id, item=index, done=want, user=user, at=now)
+                ticks[index] = tick
             else:
                 tick.done, tick.user, tick.at = want, user, now
             session.add(tick)
-            changes.append((index, want))
-        completed = done == valid
-        if completed and run.completed_at is None:
+            applied.append((index, want))
+        complete = all(ticks[i].done if i in ticks else False for i in range(len(run.items)))
+        if complete and run.completed_at is None:
             run.completed_at = now
-        elif not completed:
+        elif not complete:
             run.completed_at = None
         session.add(run)
-        session.commit()
+        session.flush()
         state = _state(session, run)
     subject = f"checklist-{run_id}"
-    for index, want in changes:
+    for index, want in applied:
+        payload: dict[str, Any] = {"checklist": state.name, "item": index}
+        payload["text"] = state.items[index].text
+        if via is not None:
+            payload["via"] = via
         events.append(
-            "checklist.tick" if want else "checklist.untick",
-            subject,
-            {"checklist": state.name, "item": index, "text": state.items[index].text},
-            actor=user,
-            ts=now,
+            "checklist.tick" if want else "checklist.untick", subject, payload, actor=user, ts=now
         )
-    if changes and state.complete:
+    if applied and state.complete:
         events.append("checklist.completed", subject, {"checklist": state.name}, actor=user, ts=now)
     return state
+
+
+def changes_by(events: EventLog, run_id: int, *, user: str, via: str) -> dict[int, bool]:
+    """The changes ``user`` made through the rendering ``via``, latest per item: what their
+    client shows on top of that rendering until the message is updated."""
+    out: dict[int, bool] = {}
+    for event in events.query(
+        subject=f"checklist-{run_id}", kind_prefix="checklist.", limit=10_000
+    ):
+        mine = event.actor == user and event.payload.get("via") == via
+        if mine and event.kind in ("checklist.tick", "checklist.untick"):
+            out[int(event.payload["item"])] = event.kind == "checklist.tick"
+    return out
 
 
 def unfinished(engine: Engine, *, posted_after: datetime | None = None) -> list[RunState]:

@@ -1,4 +1,5 @@
-"""manifest.yml and the app agree: the slash commands, interactivity for the buttons, scopes.
+"""manifest.yml and the app agree: the slash commands, interactivity for the buttons, the DM
+events, scopes.
 
 The app's side is read twice: what ``listeners.register`` says it registered, and what Bolt
 itself routes (a signed request for every command and action id is handled, not 404).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +103,17 @@ def test_the_manifest_declares_what_the_app_registers(
         "chat:write",
         "chat:write.public",
         "im:write",
-        "users:read",
+        "im:history",
+        "channels:read",  # /healthz: the ops and escalation channels are postable
+        "groups:read",
     }
+    # No users:read: nothing calls users.info. DMs to the bot are commands (message.im).
+    assert manifest["settings"]["event_subscriptions"]["bot_events"] == registered["events"]
+    assert registered["events"] == ["message.im"]
+    assert manifest["settings"]["event_subscriptions"]["request_url"].endswith("/slack/events")
+    home = manifest["features"]["app_home"]
+    assert home["messages_tab_enabled"] is True
+    assert home["messages_tab_read_only_enabled"] is False
     assert manifest["settings"]["socket_mode_enabled"] is True
     assert manifest["features"]["bot_user"]["display_name"] == "dbops"
 
@@ -127,7 +138,8 @@ def test_bolt_routes_every_registered_command_and_action(sqlite_engine: Engine) 
         async def dispatch(bodies: list[str]) -> list[int]:
             out = []
             for body in bodies:
-                resp = await app.async_dispatch(AsyncBoltRequest(body=body, headers=sign(body)))
+                headers: dict[str, str | Sequence[str]] = {**sign(body)}
+                resp = await app.async_dispatch(AsyncBoltRequest(body=body, headers=headers))
                 out.append(resp.status)
             return out
 

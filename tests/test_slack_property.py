@@ -290,10 +290,6 @@ def test_checklists_fit(n: int, words: str) -> None:
     posted(checklist_message(checklist(n, words), TZ), "checklist")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14's checklist slice: items split into checkbox elements of at most 10",
-)
 def test_a_checklist_of_more_than_ten_items_fits() -> None:
     posted(checklist_message(checklist(25, ""), TZ), "checklist of 25")
 

@@ -1,14 +1,14 @@
 """Slack listeners, one module per surface; each registers itself on the app.
 
-``register`` returns (and keeps on the services) what it registered, slash commands and action
-ids, so tests can hold the app to manifest.yml.
+``register`` returns (and keeps on the services) what it registered, slash commands, action ids
+and bot events, so tests can hold the app to manifest.yml.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bot.listeners import actions, commands, errors
+from bot.listeners import actions, commands, errors, messages
 
 if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncApp
@@ -25,6 +25,8 @@ def register(app: AsyncApp, services: Services) -> dict[str, list[str]]:
         # Inputs that are not command buttons: a checklist's checkboxes, the restore form.
         "inputs": scheduler_commands.register(app, services),
         "forms": restore_commands.register(app, services),
+        # Messages typed to the bot in its DM, run as command lines.
+        "events": messages.register(app, services),
     }
     errors.register(app, services)
     services.registered = registered

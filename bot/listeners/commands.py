@@ -1,4 +1,5 @@
-"""The `/db` slash command: ack at once, hand the text to the router in the background."""
+"""The `/db` slash command: ack at once, hand the text (as typed: Slack's entities decoded)
+to the router in the background."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from slack_bolt.async_app import AsyncAck
 from slack_bolt.request.async_request import AsyncBoltRequest
 
+from bot.blocks import unescape
 from bot.listeners.delivery import Destination, delivery_key, trigger_of
 from bot.router import Invocation
 
@@ -26,7 +28,7 @@ def register(app: AsyncApp, services: Services) -> list[str]:
             Invocation(
                 actor=user,
                 surface="slack",
-                text=str(body.get("text", "")),
+                text=unescape(str(body.get("text", ""))),
                 channel=channel,
                 delivery=delivery_key("command", body, request),
                 trigger=trigger_of(body),
