@@ -270,7 +270,7 @@ def sandbox_down(directory: SandboxDir) -> None:
 @sandbox_app.command("break")
 def sandbox_break(directory: SandboxDir, fault: str, target: str) -> None:
     """Break TARGET (a customer or server) with FAULT: db-down, server-down, connections,
-    idle-txn, lock, log-errors, backup-missing, pgbouncer-down."""
+    idle-txn, lock, log-errors, backup-missing, pgbouncer-down, ssh-hang (a server, --ssh)."""
     _print_json(sandbox.break_fault(directory, fault, target))
 
 
