@@ -30,6 +30,7 @@ system-deps:
 	[ -x /usr/bin/check_postgres ] || missing="$$missing check-postgres"; \
 	[ -x /usr/bin/prometheus-alertmanager ] || missing="$$missing prometheus-alertmanager"; \
 	[ -x /usr/sbin/pgbouncer ] || missing="$$missing pgbouncer"; \
+	[ -x /usr/bin/faketime ] || missing="$$missing faketime"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then \
 	  echo "missing Debian packages:$$missing (run as root: apt-get install$$missing)"; exit 1; \
@@ -67,6 +68,19 @@ pytest: install
 
 test: lint typecheck pytest
 
+# make test-later: the whole suite a year ahead (not part of `make test`). libfaketime moves the
+# clock of every process the suite starts: Python, the sandbox's PostgreSQL clusters, sshds and
+# pgBouncers, and a PostgreSQL cluster of the suite's own (TEST_PG_THROWAWAY: the machine's server
+# on :5432 runs on the real clock). Monotonic clocks stay real, so timeouts keep their length;
+# tests/faketime_site works around libfaketime 0.9.10's time.sleep bug in every Python process.
+# Go programs (prometheus-alertmanager) read the clock without libc and stay on the real one.
+FAKETIME_LIB = $(firstword $(wildcard /usr/lib/*/faketime/libfaketime.so.1))
+.PHONY: test-later
+test-later: install
+	@test -n "$(FAKETIME_LIB)" || { echo "libfaketime is missing (run as root: make system-deps)"; exit 1; }
+	FAKETIME='+365d' FAKETIME_DONT_FAKE_MONOTONIC=1 TEST_PG_THROWAWAY=1 \
+	  PYTHONPATH=$(CURDIR)/tests/faketime_site$${PYTHONPATH:+:$$PYTHONPATH} LD_PRELOAD=$(FAKETIME_LIB) $(BIN)/pytest $(PYTEST_ARGS)
+
 bench: install
 	$(BIN)/python bench/events.py
 	$(BIN)/python bench/fanout.py
@@ -74,6 +88,7 @@ bench: install
 	$(BIN)/python bench/ack.py
 	$(BIN)/python bench/worker_idle.py
 	$(BIN)/python bench/backups.py
+	$(BIN)/python bench/faults.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

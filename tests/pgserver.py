@@ -1,8 +1,13 @@
 """A PostgreSQL server for the test session.
 
-In order: ``TEST_DATABASE_URL`` when set; the server at 127.0.0.1:5432 when one answers; else a
-throwaway cluster made with the machine's own initdb/pg_ctl (as the ``postgres`` user when we
-are root, since initdb refuses to run as root), stopped when the session ends.
+In order: ``TEST_DATABASE_URL`` when set; the server at 127.0.0.1:5432 when one answers (unless
+``TEST_PG_THROWAWAY=1``); else a throwaway cluster made with the machine's own initdb/pg_ctl (as
+the ``postgres`` user when we are root, since initdb refuses to run as root), stopped when the
+session ends.
+
+``TEST_PG_THROWAWAY=1`` is for ``make test-later``: the suite runs under libfaketime a year
+ahead, and only a server it starts itself inherits that clock (the machine's own runs on the
+real one, and its ``now()`` would disagree with everything else the tests compare).
 """
 
 from __future__ import annotations
@@ -101,7 +106,7 @@ def admin_conninfo() -> Iterator[str]:
         yield url.replace("postgresql+psycopg://", "postgresql://")
         return
     local = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-    if _answers(local):
+    if os.environ.get("TEST_PG_THROWAWAY") != "1" and _answers(local):
         yield local
         return
     with throwaway_cluster() as conninfo:

@@ -1,5 +1,9 @@
 """Exactly once across scheduler processes on PostgreSQL: two at once, and one killed with
-SIGKILL and started again later. Real processes, real APScheduler, time moved (not slept)."""
+SIGKILL and started again later. Real processes, real APScheduler, time moved (not slept).
+
+Time moves forward only, to the next weekday 08:00 in New York after the real now: the
+schedulers work on the session's sandbox, whose clusters and backups are on the real clock.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +14,28 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import Engine, text
 
 from core.customers import customer_from_mapping, upsert_customers
+from core.jobs import job_specs, next_runs
 from storage.db import make_engine
 from storage.migrate import upgrade
 from tests.pgserver import Databases
 
-MONDAY_0800_UTC = "2026-11-23T13:00:00+00:00"
+TIMEZONE = "America/New_York"
+
+
+def next_morning_report() -> datetime:
+    """The morning report's next slot (08:00 New York, a weekday) after the real now, in UTC."""
+    (spec,) = [s for s in job_specs(ZoneInfo(TIMEZONE), {}) if s.id == "morning_report"]
+    (slot,) = next_runs(spec.trigger, datetime.now(UTC))
+    return slot.astimezone(UTC)
 
 
 @pytest.fixture
@@ -33,17 +47,27 @@ def pg_engine(pg_databases: Databases, sandbox: dict[str, Any]) -> Iterator[Engi
     engine.dispose()
 
 
-def _start(engine: Engine, sandbox: dict[str, Any], start: str, out: Path) -> subprocess.Popen[str]:
+def _start(
+    engine: Engine, sandbox: dict[str, Any], start: datetime, out: Path
+) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         "DATABASE_URL": engine.url.render_as_string(hide_password=False),
         "DBOPS_FLEET": sandbox["fleet"],
         "OPS_CHANNEL": "#db-ops",
-        "TIMEZONE": "America/New_York",
+        "TIMEZONE": TIMEZONE,
     }
     env.pop("SLACK_BOT_TOKEN", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.scheduler_proc", "--start", start, "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "tests.scheduler_proc",
+            "--start",
+            start.isoformat(),
+            "--out",
+            str(out),
+        ],
         env=env,
         text=True,
         stdout=subprocess.DEVNULL,
@@ -94,10 +118,11 @@ def _report_runs(engine: Engine) -> int:
 
 
 def test_two_schedulers_run_the_0800_report_once(
-    pg_engine: Engine, sandbox: dict[str, Any], tmp_path: Path
+    pg_engine: Engine, sandbox: dict[str, Any], tmp_path: Path, sandbox_backups_kept: None
 ) -> None:
     outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
-    start = "2026-11-23T12:59:57+00:00"  # 07:59:57 in New York, a Monday
+    slot = next_morning_report()
+    start = slot - timedelta(seconds=3)  # 07:59:57 in New York
     procs = [_start(pg_engine, sandbox, start, out) for out in outs]
     try:
         _wait(lambda: _report_runs(pg_engine) >= 1, 60, procs)
@@ -118,14 +143,15 @@ def test_two_schedulers_run_the_0800_report_once(
             text("SELECT scheduled_for, status FROM job_runs WHERE job_id = 'morning_report'")
         ).one()
     assert row.status == "ok"
-    assert row.scheduled_for.isoformat().startswith("2026-11-23T13:00:00")
+    assert row.scheduled_for == slot
 
 
 def test_killed_scheduler_restarted_late_runs_the_missed_report_once(
-    pg_engine: Engine, sandbox: dict[str, Any], tmp_path: Path
+    pg_engine: Engine, sandbox: dict[str, Any], tmp_path: Path, sandbox_backups_kept: None
 ) -> None:
     out = tmp_path / "posts.jsonl"
-    first = _start(pg_engine, sandbox, "2026-11-23T12:59:50+00:00", out)
+    slot = next_morning_report()
+    first = _start(pg_engine, sandbox, slot - timedelta(seconds=10), out)
     try:
         _wait(
             lambda: (
@@ -139,7 +165,7 @@ def test_killed_scheduler_restarted_late_runs_the_missed_report_once(
         first.wait(timeout=10)
     assert _report_runs(pg_engine) == 0
     # Back up twenty minutes after 08:00: the missed report is run once, marked late.
-    second = _start(pg_engine, sandbox, "2026-11-23T13:20:00+00:00", out)
+    second = _start(pg_engine, sandbox, slot + timedelta(minutes=20), out)
     try:
         _wait(lambda: _report_runs(pg_engine) == 1, 60, [second])
     finally:
@@ -148,7 +174,7 @@ def test_killed_scheduler_restarted_late_runs_the_missed_report_once(
     late = [p for p in _posts(out) if "min late" in p["text"]]
     assert len(late) == 1 and "posted 20 min late" in late[0]["text"]
     # A third start a little later finds the slot done and runs nothing again.
-    third = _start(pg_engine, sandbox, "2026-11-23T13:25:00+00:00", out)
+    third = _start(pg_engine, sandbox, slot + timedelta(minutes=25), out)
     try:
         _wait(
             lambda: (
