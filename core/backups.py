@@ -34,13 +34,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import secrets
 import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -50,11 +52,11 @@ from sqlalchemy import Engine
 
 from core.alerts import HEALTH_SEVERITY, Alert, dedupe_key
 from core.customers import Customer, get_customer, list_customers
-from core.errors import DbopsError, NotFound
+from core.errors import DbopsError, NotFound, Unreachable
 from core.fleet import Fleet, Server
 from core.names import validate_name
 from core.remote import CommandResult, FleetAccess, Runner, RunnerPool
-from storage.events import EventLog, scrub_text
+from storage.events import EventLog, EventLogUnavailable, NewEvent, is_outage, scrub_text
 from storage.models_billing import LockBusy, op_lock
 
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -70,6 +72,21 @@ INCOMPLETE_GRACE = timedelta(hours=6)
 VERIFY_WARN_AGE = timedelta(days=8)
 LOCK_LEASE = timedelta(hours=3)
 SESSIONS_END_S = 10
+# Free space a dump needs on the backup path's filesystem before it starts: the database's size
+# (pg_database_size: a custom-format dump is compressed and leaves indexes out, so it is nearly
+# always smaller; the size is a ceiling, not a guess), plus headroom for PostgreSQL, which often
+# shares the disk: 10% of the filesystem, but never more than 1 GiB (on a 2 TB disk 10% would
+# refuse dumps with 150 GB free).
+HEADROOM_FRACTION = 0.10
+HEADROOM_MAX_BYTES = 1 << 30
+# An infrastructure failure (SSH, the event log) in the nightly run is retried once, this long
+# after the first pass over every customer has finished: long enough for an event database
+# restart or an SSH blip to pass.
+RETRY_AFTER_S = 120.0
+# Events the log could not take during a run, kept in memory until it is back (bounded).
+MAX_UNRECORDED = 10_000
+
+log = logging.getLogger(__name__)
 
 State = Literal["ok", "failed", "incomplete"]
 Verdict = Literal["ok", "warn", "crit", "unknown"]
@@ -381,7 +398,12 @@ def _run_into_new_dir(
     in one second) moves on a second. Returns (directory, its time, the script's stdout)."""
     for _ in range(5):
         dest = f"{parent}/{stamp_of(started)}"
-        result = runner.run(argv_for(dest), timeout=DUMP_TIMEOUT_S)
+        try:
+            result = runner.run(argv_for(dest), timeout=DUMP_TIMEOUT_S)
+        except Exception as exc:
+            # The connection went, or the command ran and its record failed: the directory
+            # may exist with a partial dump in it, which the caller removes.
+            raise _Failed(dest, exc) from exc
         if result.exit_code != DIR_TAKEN:
             if not result.ok:
                 raise _Failed(dest, script_error(result, what))
@@ -393,7 +415,7 @@ def _run_into_new_dir(
 class _Failed(Exception):
     """A script failed after making its directory: the caller records that, then raises."""
 
-    def __init__(self, dest: str, error: DbopsError) -> None:
+    def __init__(self, dest: str, error: Exception) -> None:
         super().__init__(dest)
         self.dest = dest
         self.error = error
@@ -425,15 +447,105 @@ def compare_counts(expected: Mapping[str, int], found: Mapping[str, int]) -> lis
 # --- writing a backup ---------------------------------------------------------------------------
 
 
+def _error_text(exc: BaseException) -> str:
+    """What a failure says, fit for an event and a status file (passwords masked)."""
+    if isinstance(exc, DbopsError):
+        return exc.message
+    return f"{type(exc).__name__}: {' '.join(scrub_text(str(exc)).split())[:200]}"
+
+
 def _record_failure(
-    runner: Runner, dest: str, remove: str, status: dict[str, Any], error: DbopsError
+    runner: Runner, dest: str, remove: str, status: dict[str, Any], error: Exception
 ) -> None:
-    """Best effort (the server may be what failed): drop the partial file, write the failed
-    status so health shows a failed backup rather than a missing one."""
-    runner.run(["rm", "-f", "--", remove, f"{remove}.sha256"])
-    failed = {**status, "finished_at": utcnow().isoformat(), "ok": False, "error": error.message}
-    with contextlib.suppress(DbopsError):
+    """Best effort (the server, the connection or the event log may be what failed): drop the
+    partial file, write the failed status so health shows a failed backup, not a missing one.
+    Nothing raised here may hide the failure being recorded."""
+    failed = {**status, "finished_at": utcnow().isoformat(), "ok": False}
+    failed["error"] = _error_text(error)
+    with contextlib.suppress(Exception):
+        runner.run(["rm", "-f", "--", remove, f"{remove}.sha256"])
+    with contextlib.suppress(Exception):
         write_json_last(runner, f"{dest}/{STATUS}", failed)
+
+
+@dataclass(frozen=True)
+class SpaceCheck:
+    """The free-space check before a dump (see HEADROOM_FRACTION); its figures go into the
+    backup's event."""
+
+    server: str
+    path: str
+    database_bytes: int
+    total_bytes: int
+    free_bytes: int
+
+    @property
+    def need_bytes(self) -> int:
+        headroom = min(int(self.total_bytes * HEADROOM_FRACTION), HEADROOM_MAX_BYTES)
+        return self.database_bytes + headroom
+
+    @property
+    def ok(self) -> bool:
+        return self.free_bytes >= self.need_bytes
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "database_bytes": self.database_bytes,
+            "total_bytes": self.total_bytes,
+            "free_bytes": self.free_bytes,
+            "need_bytes": self.need_bytes,
+            "ok": self.ok,
+        }
+
+
+class NotEnoughSpace(DbopsError):
+    """A dump refused before it started: it could fill the disk PostgreSQL needs."""
+
+    def __init__(self, space: SpaceCheck) -> None:
+        super().__init__(
+            f"not enough free space on {space.server}:{space.path}: need "
+            f"~{_bytes(space.need_bytes)}, have {_bytes(space.free_bytes)}.",
+            hint="Free space there or move the backup path; the database's earlier backups "
+            "are kept.",
+        )
+        self.space = space
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def read_free_space(runner: Runner, server: Server, path: str) -> tuple[int, int]:
+    """(total, available) bytes of the filesystem holding ``path``: one ``df -Pk -- path``."""
+    result = runner.run(["df", "-Pk", "--", path]).check()
+    lines = result.stdout.splitlines()
+    fields = lines[-1].split() if len(lines) > 1 else []
+    if len(fields) < 4 or not (fields[1].isdigit() and fields[3].isdigit()):
+        raise DbopsError(f"cannot read the free space of {server.name}:{path} from df.")
+    return int(fields[1]) * 1024, int(fields[3]) * 1024
+
+
+def check_space(runner: Runner, server: Server, database: str) -> SpaceCheck:
+    """How much a dump of ``database`` needs against what the backup path has free.
+
+    A database that does not exist counts as empty: pg_dump then fails with its own message."""
+    size = sql_json(
+        runner,
+        server,
+        sql.SQL(
+            "SELECT pg_catalog.to_json(pg_catalog.pg_database_size(datname))"
+            " FROM pg_catalog.pg_database WHERE datname = {}"
+        ).format(sql.Literal(database)),
+    )
+    path = server.backup_path.rstrip("/") or "/"
+    total, free = read_free_space(runner, server, path)
+    return SpaceCheck(server.name, path, int(size or 0), total, free)
 
 
 def write_backup(
@@ -447,12 +559,18 @@ def write_backup(
     """Back up one customer database on its server; returns the status plus ``path``,
     ``tables`` and ``rows``.
 
-    pg_dump -Fc, its sha256, the row counts read back from the dump, then ``status`` last. A
-    failure after the directory exists leaves ``status`` with ``"ok": false`` and the error
-    (the partial dump removed), then raises: health's backup_age shows it as a failed backup.
+    First the free-space check (``check_space``): too little raises NotEnoughSpace before
+    anything is written. Then pg_dump -Fc, its sha256, the row counts read back from the dump,
+    then ``status`` last. A failure after the directory exists (of any kind, a lost connection
+    too) leaves ``status`` with ``"ok": false`` and the error (the partial dump removed), then
+    raises: health's backup_age shows it as a failed backup.
     """
     validate_name(customer)
     database = validate_name(database or customer, "database")
+    # Before anything is written: a refusal leaves no directory and no partial dump.
+    space = check_space(runner, server, database)
+    if not space.ok:
+        raise NotEnoughSpace(space)
     started = (now or utcnow()).astimezone(UTC).replace(microsecond=0)
     parent = f"{server.backup_path.rstrip('/')}/{customer}"
     name = f"{database}.dump"
@@ -477,7 +595,13 @@ def write_backup(
     )
     files = {ROWCOUNTS: _json(counts).encode(), f"{STATUS}.tmp": _json(status).encode()}
     put_files(runner, dest, files, STATUS)
-    return {**status, "path": dest, "tables": len(counts), "rows": sum(counts.values())}
+    return {
+        **status,
+        "path": dest,
+        "tables": len(counts),
+        "rows": sum(counts.values()),
+        "space": space.as_json(),
+    }
 
 
 def write_globals(runner: Runner, server: Server, *, now: datetime | None = None) -> dict[str, Any]:
@@ -1042,6 +1166,15 @@ def _scratch_restore(
 # --- the service ----------------------------------------------------------------------------------
 
 
+def is_infrastructure(exc: BaseException) -> bool:
+    """A failure of what a backup goes through (SSH, the event log, dbops' own database), not
+    of the backup itself: worth one retry later in the run. A missing database, a failed
+    pg_dump or a full disk is not: it would fail the same way again."""
+    if isinstance(exc, NotEnoughSpace):
+        return False
+    return isinstance(exc, Unreachable | EventLogUnavailable) or is_outage(exc)
+
+
 @dataclass(frozen=True)
 class BackupOutcome:
     customer: str
@@ -1052,17 +1185,27 @@ class BackupOutcome:
     duration_s: float = 0.0
     error: str | None = None
     pruned: tuple[str, ...] = ()
+    # A failure is "crit"; ``infrastructure`` when SSH or the event log failed, not the backup
+    # (what the nightly run retries once); ``attempts`` counts that retry.
+    verdict: Verdict = "ok"
+    infrastructure: bool = False
+    attempts: int = 1
+    space: Mapping[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
             "customer": self.customer,
             "server": self.server,
             "ok": self.ok,
+            "verdict": self.verdict,
             "backup": self.backup,
             "size_bytes": self.size_bytes,
             "duration_s": round(self.duration_s, 3),
             "error": self.error,
+            "infrastructure": self.infrastructure,
+            "attempts": self.attempts,
             "pruned": list(self.pruned),
+            "space": dict(self.space) if self.space is not None else None,
         }
 
 
@@ -1073,6 +1216,9 @@ class BackupRun:
     parallel: bool
     outcomes: list[BackupOutcome]
     globals: list[BackupOutcome]
+    # Events the log could not take by the end of the run (kind, subject): kept by Backups and
+    # stored by its next run, or the next flush_unrecorded().
+    unrecorded: list[tuple[str, str | None]] = field(default_factory=list)
 
     @property
     def ok(self) -> int:
@@ -1082,6 +1228,10 @@ class BackupRun:
     def failed(self) -> list[BackupOutcome]:
         return [o for o in self.outcomes if not o.ok]
 
+    @property
+    def retried(self) -> list[BackupOutcome]:
+        return [o for o in [*self.outcomes, *self.globals] if o.attempts > 1]
+
     def as_json(self) -> dict[str, Any]:
         return {
             "started_at": self.started_at.isoformat(),
@@ -1090,6 +1240,8 @@ class BackupRun:
             "total": len(self.outcomes),
             "ok": self.ok,
             "failed": [o.as_json() for o in self.failed],
+            "retried": [o.customer for o in self.retried],
+            "unrecorded": [list(u) for u in self.unrecorded],
             "outcomes": [o.as_json() for o in self.outcomes],
             "globals": [g.as_json() for g in self.globals],
         }
@@ -1233,6 +1385,64 @@ class Backups(FleetAccess):
         self.clock = clock
         self.on_alert = on_alert
         self.failpoints: set[str] = set()
+        self.retry_after_s = RETRY_AFTER_S
+        self.sleep: Callable[[float], object] = time.sleep  # a test seam, as clock is
+        self._unrecorded: list[NewEvent] = []
+        self._unrecorded_lock = threading.Lock()
+
+    # -- events, best effort ---------------------------------------------------------------------
+
+    def _note(self, kind: str, subject: str | None, payload: Mapping[str, Any], actor: str) -> bool:
+        """Append an event; when the log cannot take it, log that and keep it to store later
+        (``flush_unrecorded``): a backup that was taken stays taken whatever the log does.
+
+        Each event carries a source_id, so one stored by an append that timed out is not
+        stored twice when it is sent again."""
+        new = NewEvent(kind, subject, dict(payload), actor, source_id=f"backups:{uuid.uuid4().hex}")
+        try:
+            self._append(new)
+            return True
+        except Exception as exc:
+            log.warning(
+                "event %s for %s not stored (%s); kept to store when the log is back",
+                kind,
+                subject,
+                type(exc).__name__,
+            )
+            with self._unrecorded_lock:
+                if len(self._unrecorded) < MAX_UNRECORDED:
+                    self._unrecorded.append(
+                        NewEvent(kind, subject, new.payload, actor, source_id=new.source_id,
+                                 ts=self.clock())
+                    )  # fmt: skip
+            return False
+
+    def _record(self, kind: str, subject: str, payload: dict[str, Any]) -> None:
+        # The records of the commands this class's own runners run: never the reason a command
+        # that ran is reported as failed.
+        self._note(kind, subject, payload, "dbops")
+
+    def _append(self, e: NewEvent) -> None:
+        self.events.append(
+            e.kind, e.subject, e.payload, actor=e.actor, source_id=e.source_id, ts=e.ts
+        )
+
+    def flush_unrecorded(self) -> list[tuple[str, str | None]]:
+        """Store the events kept while the log was down, oldest first, in one batch; returns
+        (kind, subject) of those still kept (the log is still down)."""
+        with self._unrecorded_lock:
+            kept, self._unrecorded = self._unrecorded, []
+        for i, event in enumerate(kept):
+            try:
+                self._append(event)
+            except Exception as exc:
+                left = kept[i:]
+                log.warning("%d kept events still not stored (%s)", len(left), type(exc).__name__)
+                with self._unrecorded_lock:
+                    self._unrecorded[:0] = left
+                break
+        with self._unrecorded_lock:
+            return [(e.kind, e.subject) for e in self._unrecorded]
 
     def _failpoint(self, name: str) -> None:
         if name in self.failpoints:
@@ -1267,25 +1477,27 @@ class Backups(FleetAccess):
         return found[0]
 
     def _backup_one(
-        self, c: Customer, server: Server, runner: Runner, actor: str, *, prune: bool
+        self,
+        c: Customer,
+        server: Server,
+        runner: Runner,
+        actor: str,
+        *,
+        prune: bool,
+        attempt: int = 1,
     ) -> BackupOutcome:
+        """One customer's backup; any failure (of any kind) is recorded and returned, not
+        raised, so a run goes on to the next customer."""
         started = time.monotonic()
         try:
             with self._locked(f"backup:{c.name}", actor, f"a backup of {c.name}"):
                 status = write_backup(runner, server, c.name, c.database, now=self.clock())
                 pruned = self._prune(runner, server, c.name, actor) if prune else []
-        except DbopsError as exc:
-            took = time.monotonic() - started
-            self.events.append(
-                "backup.failed",
-                c.name,
-                {"server": server.name, "database": c.database, "error": exc.message},
-                actor=actor,
-            )
-            return BackupOutcome(c.name, server.name, False, duration_s=took, error=exc.message)
+        except Exception as exc:
+            return self._failed(c.name, server.name, c.database, exc, started, actor, attempt)
         took = time.monotonic() - started
         stamp = status["path"].rsplit("/", 1)[-1]
-        self.events.append(
+        self._note(
             "backup.taken",
             c.name,
             {
@@ -1298,11 +1510,56 @@ class Backups(FleetAccess):
                 "rows": status["rows"],
                 "duration_ms": int(took * 1000),
                 "pruned": pruned,
+                "attempt": attempt,
+                "space": status["space"],
             },
-            actor=actor,
+            actor,
         )
         return BackupOutcome(
-            c.name, server.name, True, stamp, status["size_bytes"], took, pruned=tuple(pruned)
+            c.name,
+            server.name,
+            True,
+            stamp,
+            status["size_bytes"],
+            took,
+            pruned=tuple(pruned),
+            attempts=attempt,
+            space=status["space"],
+        )
+
+    def _failed(
+        self,
+        customer: str,
+        server: str,
+        database: str | None,
+        exc: Exception,
+        started: float,
+        actor: str,
+        attempt: int,
+    ) -> BackupOutcome:
+        infra = is_infrastructure(exc)
+        if not isinstance(exc, DbopsError) and not infra:
+            log.error("backup of %s on %s failed", customer, server, exc_info=exc)
+        space = exc.space.as_json() if isinstance(exc, NotEnoughSpace) else None
+        error = _error_text(exc)
+        payload: dict[str, Any] = {"server": server, "error": error, "attempt": attempt}
+        if database is not None:
+            payload["database"] = database
+        payload.update(infrastructure=infra, space=space)
+        if customer == GLOBALS:
+            self._note("backup.globals_failed", server, payload, actor)
+        else:
+            self._note("backup.failed", customer, payload, actor)
+        return BackupOutcome(
+            customer,
+            server,
+            False,
+            duration_s=time.monotonic() - started,
+            error=error,
+            verdict="crit",
+            infrastructure=infra,
+            attempts=attempt,
+            space=space,
         )
 
     def _prune(self, runner: Runner, server: Server, customer: str, actor: str) -> list[str]:
@@ -1317,70 +1574,76 @@ class Backups(FleetAccess):
             _remove_backup(runner, server, customer, b.stamp)
         return [b.stamp for b in delete]
 
-    def backup_globals(self, server_name: str, actor: str) -> BackupOutcome:
-        server = self.fleet.server(server_name)
-        runner = self.runners.get(server.name)
+    def backup_globals(self, server_name: str, actor: str, *, attempt: int = 1) -> BackupOutcome:
         started = time.monotonic()
         try:
+            server = self.fleet.server(server_name)
+            runner = self.runners.get(server.name)
             status = write_globals(runner, server, now=self.clock())
             pruned = self._prune(runner, server, GLOBALS, actor)
-        except DbopsError as exc:
-            self.events.append(
-                "backup.globals_failed", server.name, {"error": exc.message}, actor=actor
-            )
-            return BackupOutcome(
-                GLOBALS,
-                server.name,
-                False,
-                duration_s=time.monotonic() - started,
-                error=exc.message,
-            )
+        except Exception as exc:
+            return self._failed(GLOBALS, server_name, None, exc, started, actor, attempt)
         stamp = status["path"].rsplit("/", 1)[-1]
         took = time.monotonic() - started
-        self.events.append(
+        self._note(
             "backup.globals",
             server.name,
             {"backup": stamp, "size_bytes": status["size_bytes"], "pruned": pruned},
-            actor=actor,
+            actor,
         )
         return BackupOutcome(
-            GLOBALS, server.name, True, stamp, status["size_bytes"], took, pruned=tuple(pruned)
+            GLOBALS,
+            server.name,
+            True,
+            stamp,
+            status["size_bytes"],
+            took,
+            pruned=tuple(pruned),
+            attempts=attempt,
         )
 
     def backup_all(self, *, parallel: bool = True, actor: str = "scheduler") -> BackupRun:
         """The nightly run: every active customer's database, plus globals, on every server.
 
         Servers run side by side (``parallel``), each server's databases one after another so a
-        server's disk and CPU serve one pg_dump at a time. A failure is recorded and the run
-        goes on; the result says what failed.
+        server's disk and CPU serve one pg_dump at a time. Customers are independent: a failure
+        of any kind is recorded (``backup.failed``) and the run goes on to the next customer;
+        the result lists the failures.
+
+        The retry: a failure of the infrastructure rather than of the backup (SSH, the event
+        log, the database dbops keeps its state in: ``is_infrastructure``) is retried once,
+        in the same run, after the first pass over every server has finished and then
+        ``retry_after_s`` (RETRY_AFTER_S) more seconds have passed; the second pass runs the
+        same way (servers side by side), globals too. Events the log could not take are kept
+        and stored once it is back (at the end of the run, or by the next run); those still
+        kept are listed in ``BackupRun.unrecorded``.
         """
         started_at, t0 = self.clock(), time.monotonic()
+        self.flush_unrecorded()
         customers = [c for c in list_customers(self.engine) if c.status == "active"]
-        fleet = self.fleet
-        by_server: dict[str, list[Customer]] = {s.name: [] for s in fleet.servers}
+        by_server: dict[str, list[Customer]] = {s.name: [] for s in self.fleet.servers}
         for c in customers:
             by_server.setdefault(c.server, []).append(c)
 
-        def one_server(name: str) -> tuple[list[BackupOutcome], BackupOutcome | None]:
-            mine = by_server.get(name, [])
-            try:
-                server = fleet.server(name)
-                runner = self.runners.get(name)
-            except DbopsError as exc:
-                return [BackupOutcome(c.name, name, False, error=exc.message) for c in mine], None
-            outs = [self._backup_one(c, server, runner, actor, prune=True) for c in mine]
-            return outs, self.backup_globals(name, actor)
+        servers = {s.name for s in self.fleet.servers}
+        first = self._pass(by_server, servers, parallel, actor, attempt=1)
+        again = {
+            name: [c for c in mine if first[c.name].infrastructure]
+            for name, mine in by_server.items()
+        }
+        globals_again = {
+            name for name in by_server if (g := first.get(f"{GLOBALS}@{name}")) and g.infrastructure
+        }
+        if any(again.values()) or globals_again:
+            self.sleep(self.retry_after_s)
+            self.flush_unrecorded()
+            first.update(self._pass(again, globals_again, parallel, actor, attempt=2))
 
-        names = list(by_server)
-        if parallel and len(names) > 1:
-            with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="backup") as pool:
-                results = list(pool.map(one_server, names))
-        else:
-            results = [one_server(n) for n in names]
-        outcomes = [o for outs, _ in results for o in outs]
-        glob = [g for _, g in results if g is not None]
+        outcomes = [first[c.name] for mine in by_server.values() for c in mine]
+        glob = [first[f"{GLOBALS}@{name}"] for name in by_server if name in servers]
+        unrecorded = self.flush_unrecorded()
         run = BackupRun(started_at, time.monotonic() - t0, parallel, outcomes, glob)
-        self.events.append(
+        self._note(
             "backup.run",
             "backups",
             {
@@ -1388,12 +1651,60 @@ class Backups(FleetAccess):
                 "total": len(outcomes),
                 "ok": run.ok,
                 "failed": [o.customer for o in run.failed],
+                "retried": [o.customer for o in run.retried],
                 "globals_failed": [g.server for g in glob if not g.ok],
+                "unrecorded": len(unrecorded),
                 "wall_ms": int(run.wall_s * 1000),
             },
-            actor=actor,
+            actor,
         )
+        with self._unrecorded_lock:
+            run.unrecorded.extend((e.kind, e.subject) for e in self._unrecorded)
         return run
+
+    def _pass(
+        self,
+        by_server: Mapping[str, Sequence[Customer]],
+        with_globals: set[str],
+        parallel: bool,
+        actor: str,
+        *,
+        attempt: int,
+    ) -> dict[str, BackupOutcome]:
+        """One pass of the nightly run: outcomes by customer name (``_globals@<server>``)."""
+
+        def one_server(name: str) -> dict[str, BackupOutcome]:
+            out: dict[str, BackupOutcome] = {}
+            mine = by_server.get(name, [])
+            started = time.monotonic()
+            try:
+                server = self.fleet.server(name)
+                runner = self.runners.get(name)
+            except Exception as exc:
+                for c in mine:
+                    out[c.name] = self._failed(
+                        c.name, name, c.database, exc, started, actor, attempt
+                    )
+                if name in with_globals:
+                    out[f"{GLOBALS}@{name}"] = self._failed(
+                        GLOBALS, name, None, exc, started, actor, attempt
+                    )
+                return out
+            for c in mine:
+                out[c.name] = self._backup_one(
+                    c, server, runner, actor, prune=True, attempt=attempt
+                )
+            if name in with_globals:
+                out[f"{GLOBALS}@{name}"] = self.backup_globals(name, actor, attempt=attempt)
+            return out
+
+        names = [n for n in by_server if by_server[n] or n in with_globals]
+        if parallel and len(names) > 1:
+            with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="backup") as pool:
+                results = list(pool.map(one_server, names))
+        else:
+            results = [one_server(n) for n in names]
+        return {k: v for r in results for k, v in r.items()}
 
     # -- restore tests ---------------------------------------------------------------------------
 
