@@ -104,8 +104,9 @@ def verdicts(checks: list[dict[str, Any]]) -> dict[str, str]:
     return {c["name"]: c["verdict"] for c in checks}
 
 
-def transports_to(port: int) -> list[paramiko.Transport]:
-    """paramiko's threads still connected to ``port`` (one per open SSH connection)."""
+def transports_to(port: int, *, besides: set[paramiko.Transport] | None = None) -> list[Any]:
+    """paramiko's threads still connected to ``port`` (one per open SSH connection), leaving
+    out ``besides``: those of earlier tests in this process, which are not this test's to close."""
     found = []
     for thread in threading.enumerate():
         if isinstance(thread, paramiko.Transport) and thread.is_alive():
@@ -113,7 +114,7 @@ def transports_to(port: int) -> list[paramiko.Transport]:
                 peer = thread.sock.getpeername()
             except OSError:
                 continue
-            if peer[1] == port:
+            if peer[1] == port and thread not in (besides or set()):
                 found.append(thread)
     return found
 
@@ -197,6 +198,7 @@ def test_ssh_hang_accepts_connections_and_says_nothing_until_healed(
 def test_the_rest_of_the_fleet_answers_as_usual_and_the_hung_server_is_crit(
     sandbox: dict[str, Any], router: Router, sandbox_break: Break
 ) -> None:
+    earlier = set(transports_to(int(spec_of(sandbox, HUNG)["ssh_port"])))
     elsewhere, on_hung = customers(sandbox, False), customers(sandbox, True)
     for name in [*elsewhere, *on_hung]:  # SSH connections opened, vps2's included
         say(router, f"status {name}")
@@ -242,12 +244,13 @@ def test_the_rest_of_the_fleet_answers_as_usual_and_the_hung_server_is_crit(
     assert soon(lambda: not health_threads(HUNG), MARGIN), health_threads(HUNG)
     assert soon(lambda: pool.in_flight().get(HUNG) == 0, MARGIN), pool.in_flight()
     port = int(spec_of(sandbox, HUNG)["ssh_port"])
-    assert soon(lambda: not transports_to(port), MARGIN)
+    assert soon(lambda: not transports_to(port, besides=earlier), MARGIN)
 
 
 def test_ten_calls_on_the_hung_server_return_by_the_deadline_and_others_are_unaffected(
     sandbox: dict[str, Any], pool: RunnerPool, sandbox_break: Break
 ) -> None:
+    earlier = set(transports_to(int(spec_of(sandbox, HUNG)["ssh_port"])))
     healthy, hung = pool.get("vps1"), pool.get(HUNG)
     hung.run(["true"]).check()  # an open connection, as in the issue
     baseline = [healthy.run(["true"]).duration_s for _ in range(5)]
@@ -274,7 +277,7 @@ def test_ten_calls_on_the_hung_server_return_by_the_deadline_and_others_are_unaf
 
     assert pool.in_flight() == {"vps1": 0, HUNG: 0}
     port = int(spec_of(sandbox, HUNG)["ssh_port"])
-    assert soon(lambda: not transports_to(port), MARGIN)
+    assert soon(lambda: not transports_to(port, besides=earlier), MARGIN)
 
 
 # --- one connection ----------------------------------------------------------------------------
@@ -283,6 +286,7 @@ def test_ten_calls_on_the_hung_server_return_by_the_deadline_and_others_are_unaf
 def test_a_connection_whose_peer_went_silent_fails_by_the_deadline(
     sandbox: dict[str, Any], runner: SSHRunner, sandbox_break: Break
 ) -> None:
+    earlier = set(transports_to(int(spec_of(sandbox, HUNG)["ssh_port"])))
     runner.run(["true"]).check()
     assert runner.connections == 1
 
@@ -295,7 +299,7 @@ def test_a_connection_whose_peer_went_silent_fails_by_the_deadline(
     # The silent connection was dropped, and the one fresh try heard nothing either.
     assert runner.connections == 0 and runner.in_flight == 0
     port = int(spec_of(sandbox, HUNG)["ssh_port"])
-    assert soon(lambda: not transports_to(port), MARGIN)
+    assert soon(lambda: not transports_to(port, besides=earlier), MARGIN)
 
 
 def test_a_silent_connection_is_replaced_once_when_the_server_still_answers(
