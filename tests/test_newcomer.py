@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +23,10 @@ from storage.events import EventLog
 from storage.migrate import current_revision, head_revision
 from tests.pgserver import Databases
 from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, SlackStub, sign, slash_body
+from tests.test_slack_http import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 DBOPS = [sys.executable, "-m", "bot"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bare_env(**extra: str) -> dict[str, str]:
@@ -44,37 +37,6 @@ def bare_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ours}
     env.update(extra)
     return env
-
-
-@contextmanager
-def serving(cwd: Path, env: dict[str, str]) -> Iterator[str]:
-    """`dbops serve` started in ``cwd``; yields its base URL once /healthz answers."""
-    port = free_port()
-    log_path = cwd / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [*DBOPS, "serve", "--port", str(port)],
-            env=env,
-            cwd=cwd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        try:
-            while True:
-                try:
-                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(log_path.read_text())
-                time.sleep(0.05)
-            yield base
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +66,7 @@ def test_env_example_copied_as_it_is_serves_a_signed_help(tmp_path: Path, stub: 
     assert not (tmp_path / "fleet.toml").exists()
     # The one value not from .env: this machine cannot reach slack.com, so the Web API (Bolt's
     # auth.test) is the stub, named in the environment, which .env never overrides.
-    env = bare_env(DBOPS_LOG_LEVEL="WARNING", SLACK_API_URL=stub.base_url)
-    with serving(tmp_path, env) as base:
+    with serving(tmp_path, DBOPS_LOG_LEVEL="WARNING", SLACK_API_URL=stub.base_url) as (base, _):
         health = httpx.get(f"{base}/healthz").json()
         assert health["slack"] == "http", health  # the empty SLACK_APP_TOKEN= is unset
         token = "newcomer-help"
@@ -180,14 +141,14 @@ def test_report_on_a_new_database_without_db_upgrade(
 def test_serve_on_a_new_database_without_db_upgrade(
     new_database: str, stub: SlackStub, tmp_path: Path
 ) -> None:
-    env = bare_env(
+    with serving(
+        tmp_path,
         DATABASE_URL=new_database,
         SLACK_BOT_TOKEN=BOT_TOKEN,
         SLACK_SIGNING_SECRET=SIGNING_SECRET,
         SLACK_API_URL=stub.base_url,
         DBOPS_LOG_LEVEL="WARNING",
-    )
-    with serving(tmp_path, env) as base:
+    ) as (base, _):
         health = httpx.get(f"{base}/healthz").json()
     assert health["ok"] is True and health["schema"]["current"] == head_revision(), health
 

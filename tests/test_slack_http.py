@@ -69,10 +69,13 @@ def events(db_url: str) -> EventLog:
 @contextlib.contextmanager
 def serving(cwd: Path, **settings: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`dbops serve` in a subprocess, run in ``cwd`` (its log: cwd/serve.log) with these
-    settings over a clean environment; yields its base URL once /healthz answers, and the
-    process."""
+    settings over an environment holding none of dbops's own (a .env in ``cwd`` still counts);
+    yields its base URL once /healthz answers, and the process."""
+    from core.settings import Settings
+
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "DBOPS_"))}
+    ours = {name.upper() for name in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith("SLACK_")}
     env.update(settings)
     log = open(cwd / "serve.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -83,7 +86,7 @@ def serving(cwd: Path, **settings: str) -> Iterator[tuple[str, subprocess.Popen[
         stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     try:
         while True:
             try:
