@@ -295,10 +295,6 @@ def execute(
     ``on_error(job_id, error_id, exc)`` is told about a failure (the scheduler posts the
     correlation id to the ops channel); the exception itself never escapes.
     """
-    import logging
-    import time
-    import uuid
-
     owner = owner or owner_id()
     now = clock()
     slot = last_slot(spec.trigger, now, spec.misfire_grace_s)
@@ -333,21 +329,13 @@ def execute(
     try:
         outcome = fn(slot, late_s)
     except Exception as exc:
-        error_id = uuid.uuid4().hex[:10]
-        logging.getLogger("dbops.scheduler").exception("job %s failed [%s]", spec.id, error_id)
-        duration_ms = int((time.monotonic() - started) * 1000)
+        error_id, failed = _failure(spec, base, exc, started, "job")
         if spec.exclusive:
             finish(engine, spec.id, slot, owner=owner, ok=False, now=clock(), error_id=error_id)
         events.append(
             "job.end",
             spec.id,
-            {
-                **base,
-                "outcome": "failed",
-                "error_id": error_id,
-                "error": type(exc).__name__,
-                "duration_ms": duration_ms,
-            },
+            failed,
             actor="scheduler",
             source="scheduler",
             source_id=f"{spec.id}@{slot.isoformat()}#{attempt}:end",
@@ -370,6 +358,22 @@ def execute(
             source_id=f"{spec.id}@{slot.isoformat()}#{attempt}:end",
         )
     return RunResult(spec.id, slot, ran=True, late_s=late_s, attempt=attempt, outcome=outcome)
+
+
+def _failure(
+    spec: JobSpec, base: dict[str, Any], exc: BaseException, started: float, what: str
+) -> tuple[str, dict[str, Any]]:
+    """A failed run's error id (logged with the traceback) and its ``job.end`` payload, which
+    names only the exception's type: its message may hold what an event must not."""
+    error_id = uuid.uuid4().hex[:10]
+    logging.getLogger("dbops.scheduler").exception("%s %s failed [%s]", what, spec.id, error_id)
+    return error_id, {
+        **base,
+        "outcome": "failed",
+        "error_id": error_id,
+        "error": type(exc).__name__,
+        "duration_ms": int((time.monotonic() - started) * 1000),
+    }
 
 
 def missed_slots(
@@ -433,24 +437,10 @@ def execute_manual(
     try:
         outcome = fn(now, 0)
     except Exception as exc:
-        error_id = uuid.uuid4().hex[:10]
-        logging.getLogger("dbops.scheduler").exception(
-            "manual run of %s failed [%s]", spec.id, error_id
-        )
-        duration_ms = int((time.monotonic() - started) * 1000)
+        error_id, failed = _failure(spec, base, exc, started, "manual run of")
+        duration_ms = failed["duration_ms"]
         error = exc.message if isinstance(exc, DbopsError) else type(exc).__name__
-        events.append(
-            "job.end",
-            spec.id,
-            {
-                **base,
-                "outcome": "failed",
-                "error_id": error_id,
-                "error": type(exc).__name__,
-                "duration_ms": duration_ms,
-            },
-            actor=actor,
-        )
+        events.append("job.end", spec.id, failed, actor=actor)
         if on_error is not None:
             on_error(spec.id, error_id, exc)
         return RunResult(
