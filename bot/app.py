@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import re
+import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -31,9 +33,11 @@ from bot.context import Context
 from bot.forms import Forms
 from bot.listeners.delivery import Destination
 from bot.listeners.errors import reply_for
+from bot.notifier import SlackNotifier, web_client
 from bot.roles import Roles
 from bot.router import Command, Invocation, Router
 from bot.slack_client import Replier, make_web_client
+from core.checkpoints import Checkpointer, publish
 from core.errors import DbopsError
 from core.ops import Ops
 from core.settings import Settings
@@ -205,10 +209,13 @@ class Services:
     replier: Replier
     background: Background
     registered: dict[str, list[str]] = field(default_factory=dict)
+    checkpointer: Checkpointer | None = None
 
     async def aclose(self) -> None:
         await self.background.drain()
         self.background.close()
+        if self.checkpointer is not None:
+            await asyncio.to_thread(self.checkpointer.close)
         await self.replier.close()
         self.router.close()
         if isinstance(self.router.events, GroupCommitLog):
@@ -235,11 +242,38 @@ def build_services(
     extra_admins: Iterable[str] = (),
 ) -> Services:
     if router is None:
-        router = make_router(ctx, extra_admins=extra_admins, events=GroupCommitLog(ctx.engine))
+        events = GroupCommitLog(ctx.engine, keys=ctx.keys)
+        router = make_router(ctx, extra_admins=extra_admins, events=events)
     if client is not None and client.token is None and ctx.settings.slack_bot_token:
         client.token = ctx.settings.slack_bot_token.get_secret_value()
     replier = Replier(client or make_web_client(ctx.settings))
-    return Services(ctx.settings, router, replier, Background(router, replier))
+    services = Services(ctx.settings, router, replier, Background(router, replier))
+    services.checkpointer = checkpointer_for(ctx, router.events)
+    return services
+
+
+def checkpointer_for(ctx: Context, events: EventLog) -> Checkpointer | None:
+    """A checkpoint of the log after each destructive action this process runs (from Slack or
+    the shell), appended to DBOPS_CHECKPOINTS and posted to the ops channel as the scheduler
+    posts its own (core.checkpoints); None when there is nowhere to publish."""
+    settings = ctx.settings
+    if settings.slack_bot_token is None and settings.dbops_checkpoints is None:
+        return None
+    with _checkpointers_lock:  # one per event log, however many times services are built
+        made = _checkpointers.get(id(events))
+        if made is not None and not made.closed:
+            return made
+        notifier = SlackNotifier(web_client(settings), events) if settings.slack_bot_token else None
+        made = _checkpointers[id(events)] = Checkpointer(
+            lambda: publish(events, notifier, settings.ops_channel, settings.dbops_checkpoints)
+        ).watch(events)
+        return made
+
+
+# By the log's id: a checkpointer lives exactly as long as the log it listens on (each holds
+# the other), so an entry goes when its log does, before the id can be reused.
+_checkpointers: weakref.WeakValueDictionary[int, Checkpointer] = weakref.WeakValueDictionary()
+_checkpointers_lock = threading.Lock()
 
 
 class _ClientGiven(logging.Filter):

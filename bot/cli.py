@@ -6,7 +6,7 @@ import getpass
 import json
 import logging
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TextIO
 
@@ -17,12 +17,19 @@ from rich.table import Table
 from bot.context import Context
 from bot.tables import report_table
 from core import sandbox
+from core.checkpoints import append_checkpoint, publish, read_checkpoints
 from core.customers import customer_from_mapping, list_customers, read_customers, upsert_customers
 from core.errors import DbopsError
+from core.incident_report import incident_report
+from core.incident_report import render_text as render_incident_report
+from core.incidents import parse_incident_id
 from core.names import closest, not_found
 from core.ops import Ops
 from core.remote import trust_host
 from core.report import render_status_text, render_text
+from storage import eventkeys
+from storage.audit import export, read_export, verify_export
+from storage.chain import Checkpoint
 from storage.events import iso
 from storage.migrate import current_revision, head_revision, upgrade
 
@@ -34,6 +41,7 @@ app = typer.Typer(
 db_app = typer.Typer(help="The dbops database itself.", no_args_is_help=True)
 events_app = typer.Typer(help="The append-only event log.", no_args_is_help=True)
 fleet_app = typer.Typer(help="Servers and customers.", no_args_is_help=True)
+incident_app = typer.Typer(help="Incidents, as the event log records them.", no_args_is_help=True)
 jobs_app = typer.Typer(help="The scheduled jobs: list them, or run one now.")
 sandbox_app = typer.Typer(
     help="A fleet of real PostgreSQL clusters on this machine.", no_args_is_help=True
@@ -41,6 +49,7 @@ sandbox_app = typer.Typer(
 app.add_typer(db_app, name="db")
 app.add_typer(events_app, name="events")
 app.add_typer(fleet_app, name="fleet")
+app.add_typer(incident_app, name="incident")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(sandbox_app, name="sandbox")
 
@@ -103,25 +112,186 @@ def events_tail(
     out.print(table)
 
 
+CheckpointsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoints",
+        help="Published checkpoints to check against (a DBOPS_CHECKPOINTS file, or lines copied "
+        "from the ops channel). Default: DBOPS_CHECKPOINTS when set.",
+    ),
+]
+
+
+def _checkpoints(ctx: Context, path: Path | None) -> list[Checkpoint]:
+    path = path or ctx.settings.dbops_checkpoints
+    if path is None or (not path.exists() and path == ctx.settings.dbops_checkpoints):
+        return []
+    try:
+        return read_checkpoints(path)
+    except OSError as exc:
+        raise DbopsError(f"cannot read checkpoints from {path}: {exc.strerror}") from None
+    except ValueError as exc:  # a damaged witness fails the check, it is not skipped
+        err.print(f"checkpoints refused: {exc}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
+
+
 @events_app.command("verify")
-def events_verify() -> None:
-    """Check the hash chain; exit 0 when intact, 1 naming the first bad event."""
-    ctx = _ctx().ready()
-    verdict = ctx.events.verify()
+def events_verify(
+    checkpoints: CheckpointsOpt = None,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", help="Verify an export (`dbops events export`) instead of the log."),
+    ] = None,
+) -> None:
+    """Check the hash chain, the seals and the published checkpoints; exit 0 when intact, 1
+    naming the first bad event (edited, inserted, deleted, reordered, replaced, or a log cut
+    back past a checkpoint)."""
+    if file is not None:
+        ctx = _ctx()  # offline: an auditor's machine has no dbops database
+        try:
+            with file.open(encoding="utf-8") as lines:
+                exported = read_export(lines, file.name)
+        except OSError as exc:
+            raise DbopsError(f"cannot read {file}: {exc.strerror}") from None
+        except ValueError as exc:
+            err.print(f"export refused: {exc}", highlight=False, markup=False)
+            raise typer.Exit(1) from None
+        verdict = verify_export(exported, ctx.keys, _checkpoints(ctx, checkpoints))
+    else:
+        ctx = _ctx().ready()
+        verdict = ctx.events.verify(_checkpoints(ctx, checkpoints))
     if verdict.ok:
-        out.print(str(verdict))
+        print(verdict)
         return
-    err.print(str(verdict))
+    print(verdict, file=sys.stderr)
     raise typer.Exit(1)
 
 
+def _when(text: str, tz: Any, option: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise DbopsError(
+            f"{option} {text!r} is not a time: use ISO 8601, e.g. 2026-12-01 or "
+            "2026-12-01T08:00:00Z (no offset: TIMEZONE)"
+        ) from None
+    return when.replace(tzinfo=tz) if when.tzinfo is None else when
+
+
 @events_app.command("export")
-def events_export() -> None:
-    """Every event as JSON lines, oldest first (hashes included, so a copy can be verified)."""
+def events_export(
+    since: Annotated[
+        str | None, typer.Option("--from", help="First moment (ISO 8601), inclusive.")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--to", help="Last moment (ISO 8601), exclusive. Default: now.")
+    ] = None,
+    customer: Annotated[
+        str | None, typer.Option("--customer", help="Only this customer's events in full.")
+    ] = None,
+    incident: Annotated[
+        str | None, typer.Option("--incident", help="Only this incident's events in full.")
+    ] = None,
+) -> None:
+    """Events as JSON lines with the checkpoints that vouch for them: verifiable on its own
+    with `dbops events verify --file`. Events the filters leave out are shown by digest only."""
     ctx = _ctx().ready()
-    write = sys.stdout.write
-    for e in ctx.events.iter_all():
-        write(json.dumps(e.as_json(), ensure_ascii=False, sort_keys=True) + "\n")
+    tz = ctx.settings.tz
+    start = _when(since, tz, "--from") if since else datetime(1970, 1, 1, tzinfo=UTC)
+    end = _when(until, tz, "--to") if until else datetime.now(UTC) + timedelta(seconds=1)
+    ref = f"inc-{parse_incident_id(incident)}" if incident else None
+    published = _checkpoints(ctx, None)
+
+    def seal() -> Checkpoint:  # a checkpoint of its own, published like any other
+        checkpoint = ctx.events.checkpoint()
+        if ctx.settings.dbops_checkpoints is not None:
+            append_checkpoint(ctx.settings.dbops_checkpoints, checkpoint)
+        return checkpoint
+
+    export(
+        ctx.events,
+        sys.stdout,
+        since=start,
+        until=end,
+        customer=customer,
+        incident=ref,
+        published=published,
+        seal=seal,
+        now=datetime.now(UTC),
+    )
+
+
+@events_app.command("checkpoint")
+def events_checkpoint(as_json: JsonFlag = False) -> None:
+    """Publish a checkpoint of the log's head now: signed with the current key, appended to
+    DBOPS_CHECKPOINTS and posted to OPS_CHANNEL."""
+    ctx = _ctx().ready()
+    settings = ctx.settings
+    notifier = _worker_notifier(ctx, console=sys.stderr) if settings.slack_bot_token else None
+    checkpoint = publish(ctx.events, notifier, settings.ops_channel, settings.dbops_checkpoints)
+    if as_json:
+        _print_json(
+            {
+                **checkpoint.as_json(),
+                "file": str(settings.dbops_checkpoints) if settings.dbops_checkpoints else None,
+                "posted_to": settings.ops_channel if notifier is not None else None,
+            }
+        )
+        return
+    where = [str(settings.dbops_checkpoints)] if settings.dbops_checkpoints else []
+    where += [settings.ops_channel] if notifier is not None else []
+    signed = f"signed by key {checkpoint.key_id}" if checkpoint.key_id else "unsigned (no key)"
+    print(
+        f"checkpoint: event {checkpoint.id} of {checkpoint.count}, hash {checkpoint.hash}, "
+        f"{signed}; published to {', '.join(where) or 'nowhere (set DBOPS_CHECKPOINTS)'}"
+    )
+    print(checkpoint.line())
+
+
+@events_app.command("keygen")
+def events_keygen() -> None:
+    """Print a new event-log key (evk_...). Append it to the key file DBOPS_EVENTS_KEY names:
+    the last key seals from the next event on, the older ones stay to verify their segments."""
+    print(eventkeys.generate())
+
+
+@events_app.command("keys")
+def events_keys(as_json: JsonFlag = False) -> None:
+    """DBOPS_EVENTS_KEY's keys, oldest first: ids and public keys (give those to an auditor:
+    they verify checkpoints and exports, and cannot write either). Never the secrets."""
+    keys = _ctx().keys
+    rows = [
+        {
+            "key_id": k.id,
+            "public_key": k.public_text,
+            "secret": k.has_secret,
+            "current": keys is not None and keys.current is k,
+        }
+        for k in (keys.keys if keys else ())
+    ]
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        out.print("DBOPS_EVENTS_KEY is not set: the event log is unkeyed.")
+    for r in rows:
+        mark = " (current)" if r["current"] else "" if r["secret"] else " (public only)"
+        print(f"{r['key_id']}  {r['public_key']}{mark}")
+
+
+@incident_app.command("report")
+def incident_report_cmd(
+    incident: Annotated[str, typer.Argument(help="The incident: 12, inc-12 or #12.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """An incident's report from the event log: timeline, time to ack and to resolve, customers
+    affected, emails sent, SLA credits with their Stripe ids."""
+    ctx = _ctx().ready()
+    report = incident_report(ctx.events, f"inc-{parse_incident_id(incident)}")
+    if as_json:
+        _print_json(report.as_json())
+    else:
+        print(render_incident_report(report, ctx.settings.tz))
 
 
 def _print_json(data: Any) -> None:
@@ -270,7 +440,8 @@ def sandbox_down(directory: SandboxDir) -> None:
 @sandbox_app.command("break")
 def sandbox_break(directory: SandboxDir, fault: str, target: str) -> None:
     """Break TARGET (a customer or server) with FAULT: db-down, server-down, connections,
-    idle-txn, lock, log-errors, backup-missing, pgbouncer-down, ssh-hang (a server, --ssh)."""
+    idle-txn, lock, log-errors, backup-missing, pgbouncer-down, ssh-hang (a server, --ssh),
+    disk-full (a server: its backup path on a small full tmpfs; needs root)."""
     _print_json(sandbox.break_fault(directory, fault, target))
 
 
@@ -281,10 +452,11 @@ def sandbox_heal(directory: SandboxDir) -> None:
 
 
 def _worker_notifier(ctx: Context, console: TextIO | None = None) -> Any:
-    from bot.notifier import ConsoleNotifier, SlackNotifier, web_client
+    from bot.notifier import ConsoleNotifier
+    from bot.outbox import outbox_notifier
 
     if ctx.settings.slack_bot_token is not None:
-        return SlackNotifier(web_client(ctx.settings), ctx.events)
+        return outbox_notifier(ctx.settings, ctx.events)
     return ConsoleNotifier(console, events=ctx.events)
 
 
@@ -292,11 +464,18 @@ def _worker_notifier(ctx: Context, console: TextIO | None = None) -> Any:
 def scheduler_cmd() -> None:
     """Run the scheduled jobs (morning report, sweeps, escalation, checklists). Safe to run
     twice against one PostgreSQL: each job run happens once."""
+    from bot.outbox import start_outbox_worker
     from bot.scheduler import Worker, run_forever
 
     ctx = _ctx().ready()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_forever(Worker(ctx, _worker_notifier(ctx)))
+    # The outbox's worker: what a job's own attempt could not send (a 429, a restart) goes
+    # from here, and from `dbops serve`'s.
+    stop_outbox = start_outbox_worker(ctx.settings, ctx.events)
+    try:
+        run_forever(Worker(ctx, _worker_notifier(ctx)))
+    finally:
+        stop_outbox()
 
 
 @jobs_app.callback(invoke_without_command=True)
@@ -357,6 +536,9 @@ def jobs_run(
     worker = Worker(ctx, _worker_notifier(ctx, console=sys.stderr if as_json else None))
     try:
         result = worker.run_manual(name, actor="cli", user=_login())
+        flush = getattr(worker.notifier, "flush", None)
+        if flush is not None:  # what is due now goes before exit; the rest, from the workers
+            flush()
     finally:
         worker.ops.close()
     outcome = {

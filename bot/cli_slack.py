@@ -103,10 +103,11 @@ def _moved_note(directory: Path, state: dict[str, Any]) -> str:
 
 
 def _run_shell(ctx: Context, user: str, extra_admins: list[str] | None = None) -> None:
-    from bot.app import make_router
+    from bot.app import checkpointer_for, make_router
     from bot.shell import HINT, Shell
 
     router = make_router(ctx, extra_admins=extra_admins or [])
+    checkpointer = checkpointer_for(ctx, router.events)
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(HINT)
@@ -115,6 +116,8 @@ def _run_shell(ctx: Context, user: str, extra_admins: list[str] | None = None) -
     except KeyboardInterrupt:
         typer.echo("")
     finally:
+        if checkpointer is not None:
+            checkpointer.close()
         router.close()
 
 

@@ -14,8 +14,10 @@ from core.errors import DbopsError
 from core.fleet import Fleet, load_fleet
 from core.settings import Settings, load_settings
 from storage.db import make_engine
+from storage.eventkeys import Keyring
 from storage.events import EventLog
 from storage.migrate import SchemaError, check_schema, ensure_schema
+from storage.spool import Spool, flush_spool, use_spool
 
 log = logging.getLogger("dbops")
 
@@ -31,11 +33,19 @@ class Context:
 
     @cached_property
     def engine(self) -> Engine:
-        return make_engine(self.settings.database_url)
+        engine = make_engine(self.settings.database_url)
+        # Events the log cannot take (its database down) wait in this file: storage/spool.py.
+        use_spool(engine, Spool(self.settings.spool_path))
+        return engine
+
+    @cached_property
+    def keys(self) -> Keyring | None:
+        """DBOPS_EVENTS_KEY's keys: every event log of the process seals with them."""
+        return self.settings.events_keyring()
 
     @cached_property
     def events(self) -> EventLog:
-        return EventLog(self.engine)
+        return EventLog(self.engine, keys=self.keys)
 
     def ready(self) -> Context:
         """Create the schema on a brand-new database; refuse to go on against an older one."""
@@ -49,6 +59,9 @@ class Context:
             check_schema(self.engine)
         except SchemaError as exc:
             raise DbopsError(str(exc)) from None
+        # What an earlier run (this process's predecessor, or another) kept while the log was
+        # down goes in now; the scheduler's health sweep does it again every minute.
+        flush_spool(self.events)
         return self
 
     @property

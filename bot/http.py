@@ -37,6 +37,7 @@ from bot.http_limits import (
 from bot.slack_health import SlackHealth
 from core.errors import DbopsError
 from core.ops import Ops
+from core.outbox import failures as outbox_failures
 from storage.migrate import current_revision, head_revision
 
 log = logging.getLogger("dbops.http")
@@ -80,6 +81,7 @@ def build_asgi(
         services.replier.client,
         [settings.ops_channel, *_escalation_channel(ctx)],
         socket_connected=socket_connected if socket_mode else None,
+        stored=lambda: outbox_failures(ctx.engine),
     )
 
     async def healthz(request: Request) -> Response:
@@ -182,7 +184,8 @@ def webhook_routes(ctx: Context) -> list[BaseRoute]:
     """POST /alerts/alertmanager (alerts open incidents that page through Slack) and
     POST /stripe/webhook (a paid checkout proposes onboarding in the ops channel)."""
     from bot.incident_cards import as_message
-    from bot.notifier import ConsoleNotifier, SlackNotifier, web_client
+    from bot.notifier import ConsoleNotifier
+    from bot.outbox import outbox_notifier
     from bot.provision_commands import onboarding_for, onboarding_reply
     from bot.stripe_webhook import stripe_routes
     from bot.webhooks import alert_desk, alertmanager_routes, built_once
@@ -190,7 +193,7 @@ def webhook_routes(ctx: Context) -> list[BaseRoute]:
 
     settings = ctx.settings
     notifier = (
-        SlackNotifier(web_client(settings), ctx.events)
+        outbox_notifier(settings, ctx.events)
         if settings.slack_bot_token is not None
         else ConsoleNotifier(events=ctx.events)
     )
@@ -229,4 +232,10 @@ def serve(ctx: Context, host: str = "127.0.0.1", port: int = 3000) -> None:
     # now): no request body, no message over MAX_LOG_BYTES.
     handlers = [logging.getLogger(name).handlers for name in ("", "uvicorn", "uvicorn.access")]
     withhold_bodies(*(h for group in handlers for h in group))
-    server.run()
+    from bot.outbox import start_outbox_worker
+
+    stop_outbox = start_outbox_worker(ctx.settings, ctx.events)
+    try:
+        server.run()
+    finally:
+        stop_outbox()

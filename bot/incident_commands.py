@@ -37,7 +37,7 @@ from bot.incident_cards import (
     resolution_reply,
     restart_reply,
 )
-from bot.notifier import SlackNotifier, web_client
+from bot.outbox import outbox_notifier
 from bot.roles import Role
 from bot.router import KINDS, REGISTRY, Arg, Call, Registry, Spec
 from core import oncall
@@ -45,6 +45,8 @@ from core.customers import list_customers
 from core.errors import DbopsError
 from core.escalation import Escalator
 from core.health import Limits, ServerHealth, check_fleet, fetch_cluster, pg_error_text
+from core.incident_report import duration, incident_report, timeline_lines
+from core.incident_report import render_text as render_incident_report
 from core.incidents import Incident, Incidents, parse_incident_id, parse_severity
 from core.notify import Message, MessageRef, Notifier, NotifyError
 from core.ops import Ops
@@ -169,7 +171,7 @@ def reset_desks() -> None:
 def _build_desk(ops: Ops, settings: Settings) -> Desk:
     notifier: Notifier
     if settings.slack_bot_token is not None:
-        notifier = SlackNotifier(web_client(settings), ops.events)
+        notifier = outbox_notifier(settings, ops.events)
     else:
         notifier = QuietNotifier()
     escalator = Escalator(
@@ -517,6 +519,39 @@ def _email_send(call: Call) -> Reply:
     )
 
 
+def _report(call: Call) -> Reply:
+    report = incident_report(call.ops.events, f"inc-{_incident_id(call)}")
+    text = render_incident_report(report, call.tz)
+    credits = ", ".join(
+        f"{c['customer']} {c['amount_cents'] / 100:.2f} {str(c['currency']).upper()} "
+        f"(`{c['stripe_txn']}`)"
+        for c in report.credits
+        if isinstance(c["amount_cents"], int)
+    )
+    timeline = "\n".join(timeline_lines(report, call.tz))
+    return Reply(
+        text=text,
+        blocks=[
+            blocks.header(f"{report.ref}: {report.title or 'incident report'}"),
+            blocks.fields(
+                [
+                    ("Time to ack", duration(report.time_to_ack_s)),
+                    ("Time to resolve", duration(report.time_to_resolve_s)),
+                    ("Customers affected", escape(", ".join(report.customers)) or "none"),
+                    (
+                        "Restarts / restores",
+                        f"{report.count('restarted')} / {report.count('restored')}",
+                    ),
+                    ("Emails sent", str(len(report.emails))),
+                    ("SLA credits", escape(credits) or "none"),
+                ]
+            ),
+            blocks.section(f"```{escape(timeline)}```"),
+            blocks.context("From the event log alone: `dbops events export --incident` for audit."),
+        ],
+    )
+
+
 INCIDENT = Arg("incident", "subject", metavar="id")
 EMAIL = Arg("which", "word", metavar="investigating|update|resolved")
 SPECS: list[Spec] = [
@@ -573,6 +608,12 @@ SPECS: list[Spec] = [
         role=Role.OPERATOR,
         button="Send",
         destructive=True,
+    ),
+    Spec(
+        "incident report",
+        "the incident from the event log: timeline, time to ack and resolve, emails, credits",
+        _report,
+        (INCIDENT,),
     ),
     Spec("oncall", "who is primary and secondary on call now", _oncall),
     Spec(

@@ -110,6 +110,15 @@ class SlackNotifier:
                 actor="dbops",
             )
 
+    def body(self, message: Message, *, update: bool = False) -> dict[str, Any]:
+        """The Web API body of ``message``: text, blocks, a page's Ack button. An update always
+        carries blocks: chat.update keeps the old ones when none are sent (a page's Ack button
+        would stay). The outbox stores this body and sends it later."""
+        body = self._message(message)
+        if update:
+            body.setdefault("blocks", [blocks.section(message.text).to_dict()])
+        return body
+
     def _message(self, message: Message) -> dict[str, Any]:
         body: dict[str, Any] = {"text": message.text}
         if message.blocks:
@@ -167,9 +176,7 @@ class SlackNotifier:
         return ref
 
     def update(self, ref: MessageRef, message: Message) -> None:
-        body = self._message(message)
-        # chat.update keeps the old blocks when none are sent: a page's Ack button would stay.
-        body.setdefault("blocks", [blocks.section(message.text).to_dict()])
+        body = self.body(message, update=True)
         self._call("chat.update", channel=ref.channel, ts=ref.ts, **body)
         self._record("update", ref.channel, message, ref.ts)
 

@@ -50,6 +50,7 @@ from core.ops import Ops
 from core.provisioning import Provisioner, ProvisionResult, ServerCapacity
 from core.settings import Settings, load_settings
 from storage.events import EventLog
+from storage.spool import RECORD_LATER
 
 SHOWN_SERVERS = 5
 _PLAN = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
@@ -249,6 +250,8 @@ def provisioned_reply(result: ProvisionResult, registry: Registry = REGISTRY) ->
             ]
         ),
     ]
+    if not result.recorded:
+        out.append(blocks.section(f":warning: Provisioned; the event log is down: {RECORD_LATER}."))
     if result.warnings:
         out.append(blocks.section("\n".join(f":warning: {escape(w)}" for w in result.warnings)))
     out.append(

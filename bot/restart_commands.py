@@ -20,6 +20,7 @@ from bot.incident_commands import desk_for, refresh_card
 from bot.roles import Role
 from bot.router import REGISTRY, Arg, Call, Spec
 from core.restarts import Restarted, Restarts
+from storage.spool import RECORD_LATER
 
 
 def _took(result: dict[str, Any]) -> str:
@@ -40,6 +41,8 @@ def restarted_reply(done: Restarted, actor: str, *, in_thread: bool) -> Reply:
             f"restarted every customer on it: {escape(target.scope)}."
         )
     lines.append(f"Why: {escape(done.reason)}.")
+    if not done.recorded:
+        lines.append(f":warning: Restarted; the event log is down: {RECORD_LATER}.")
     if done.incident is not None:
         where = "; the result is in its thread" if in_thread else ""
         lines.append(
@@ -67,7 +70,7 @@ def restarted_reply(done: Restarted, actor: str, *, in_thread: bool) -> Reply:
     text = (
         f"Restarted {target.server}'s PostgreSQL: {r['message']} "
         f"(exit {r.get('exit_code')}, {_took(r)})"
-    )
+    ) + ("" if done.recorded else f"; {RECORD_LATER}")
     return Reply(
         text=text,
         blocks=[

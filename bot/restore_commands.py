@@ -9,8 +9,9 @@ name typed out, then the restore (core/backups.py: a new database, verified, swa
                                    background through the router: role check again, events
     /db restore acme B --confirm acme   (shell, or typed in Slack: the name typed is the guard)
 
-The result goes to the channel the command came from; a failure says whether the customer's
-database was left untouched or swapped back.
+The result goes to the channel the command came from, saying what state was reached: restored
+(and, with the event log down, that its record is written when the log is back), or rolled
+back (the customer's database as before, untouched or swapped back), or not.
 
 Registered on the router on import (bot/surfaces.py); the modal's submit listener is registered
 with the app's other listeners (bot/listeners).
@@ -45,6 +46,7 @@ from bot.router import KINDS, REGISTRY, Arg, Call, Invocation, Spec, shown
 from core.backups import BackupInfo, RestoreFailed, RestorePreview, RestoreResult, parse_stamp
 from core.errors import DbopsError
 from core.health import pretty_age, pretty_bytes
+from storage.spool import RECORD_LATER
 
 if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncAck, AsyncApp
@@ -170,19 +172,28 @@ def _preview_reply(p: RestorePreview) -> Reply:
 def _done_reply(r: RestoreResult, actor: str) -> Reply:
     who = mention(actor)
     reload = "; pgBouncer reloaded" if r.pgbouncer_reloaded else ""
+    later = "" if r.recorded else f" Restored; {RECORD_LATER}."
+    log_line = f"`/db log {escape(r.customer)}` has each" + (
+        "." if r.recorded else " once the event log is back."
+    )
+    out = [
+        blocks.section(
+            f":rewind: {who} restored *{escape(r.customer)}* on *{escape(r.server)}* "
+            f"from backup `{escape(r.backup)}` in {r.duration_s:.1f} s: "
+            f"{r.tables} tables, {r.rows:,} rows, counts checked against the dump{reload}."
+        ),
+    ]
+    if not r.recorded:
+        out.append(blocks.section(f":warning: The event log is down: {RECORD_LATER}."))
+    out.append(
+        blocks.context(
+            f"The database it replaced is kept as `{escape(r.kept_as)}` (no connections). "
+            f"Steps: {escape(' → '.join(r.steps))}. {log_line}"
+        )
+    )
     return Reply(
-        text=f"Restored {r.customer} from {r.backup}: {r.tables} tables, {r.rows:,} rows.",
-        blocks=[
-            blocks.section(
-                f":rewind: {who} restored *{escape(r.customer)}* on *{escape(r.server)}* "
-                f"from backup `{escape(r.backup)}` in {r.duration_s:.1f} s: "
-                f"{r.tables} tables, {r.rows:,} rows, counts checked against the dump{reload}."
-            ),
-            blocks.context(
-                f"The database it replaced is kept as `{escape(r.kept_as)}` (no connections). "
-                f"Steps: {escape(' → '.join(r.steps))}. `/db log {escape(r.customer)}` has each."
-            ),
-        ],
+        text=f"Restored {r.customer} from {r.backup}: {r.tables} tables, {r.rows:,} rows.{later}",
+        blocks=out,
         ephemeral=False,
     )
 
@@ -196,15 +207,20 @@ def _restore(call: Call) -> Reply:
     try:
         result = backups.restore(name, backup, call.arg("confirm"), call.actor)
     except RestoreFailed as exc:
-        kept = {
-            "untouched": "is untouched and serving",
-            "swapped back": "was swapped back and is serving",
-        }.get(exc.original, f"is {exc.original}")
+        # What state it reached first (rolled back, or not), then why it stopped.
+        state = exc.state.replace("database is as before", "database is as before and serving")
+        state = state.replace("the customer's", f"{name}'s", 1)
         raise DbopsError(
-            f"The restore of {name} stopped at {exc.step}: {exc.message} Its database {kept}.",
-            hint=f"`/db log {name}` has each step.",
+            f"The restore of {name} stopped at {exc.step}. {_sentence(state)}. "
+            f"{_sentence(exc.message)}",
+            hint=f"`/db log {name}` has each step"
+            + ("." if exc.recorded else " once the event log is back."),
         ) from None
     return _done_reply(result, call.actor)
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] if text else text
 
 
 REGISTRY.add(

@@ -37,6 +37,7 @@ from bot.render import report_parts, report_summary
 from core import checklists as cl
 from core.alerts import alerts_from_report
 from core.backups import Backups
+from core.checkpoints import Checkpointer, publish
 from core.escalation import Escalator
 from core.incidents import Incidents
 from core.jobs import (
@@ -52,6 +53,8 @@ from core.jobs import (
 from core.notify import Message, Notifier
 from core.oncall import handoff
 from core.ops import Ops
+from storage.chain import Checkpoint
+from storage.spool import flush_spool
 
 log = logging.getLogger("dbops.scheduler")
 CHECKLIST_ACTION = "checklist_tick"
@@ -187,6 +190,8 @@ class Worker:
         )
         self.checklists = cl.load_checklists()
         self.specs = {s.id: s for s in job_specs(tz, self.checklists)}
+        # A checkpoint soon after any restore, provisioning, restart or credit this process runs.
+        self.checkpointer = Checkpointer(self.publish_checkpoint).watch(self.ctx.events)
 
     @property
     def channel(self) -> str:
@@ -207,6 +212,9 @@ class Worker:
         return {"verdict": verdict, "late_s": late_s, "ts": ref.ts, "parts": len(parts)}
 
     def health_sweep(self, slot: datetime, late_s: int) -> dict[str, Any]:
+        # Once a minute, events kept while the log was down (by any process sharing the spool
+        # file) go in, if they have not already: storage/spool.py.
+        flush_spool(self.ctx.events)
         report = self.ops.report(deadline_s=20.0)
         outcomes = self.incidents.ingest(alerts_from_report(report), now=self.clock())
         opened = [o.incident.id for o in outcomes if o.action == "opened" and o.incident]
@@ -277,6 +285,19 @@ class Worker:
             cl.mark_nudged(self.ctx.engine, self.ctx.events, state, now=self.clock())
             nudged.append(state.id)
         return {"nudged": nudged}
+
+    def publish_checkpoint(self) -> Checkpoint:
+        return publish(
+            self.ctx.events,
+            self.notifier,
+            self.channel,
+            self.ctx.settings.dbops_checkpoints,
+            now=self.clock(),
+        )
+
+    def events_checkpoint(self, slot: datetime, late_s: int) -> dict[str, Any]:
+        checkpoint = self.publish_checkpoint()
+        return {"id": checkpoint.id, "hash": checkpoint.hash, "key_id": checkpoint.key_id}
 
     def oncall_handoff(self, slot: datetime, late_s: int) -> dict[str, Any] | None:
         text = handoff(
@@ -415,5 +436,6 @@ def run_forever(worker: Worker, stop: threading.Event | None = None) -> None:
         stop.wait()
     finally:
         scheduler.shutdown(wait=True)
+        worker.checkpointer.close()
         worker.ctx.events.append("scheduler.stop", worker.owner, {}, actor="scheduler")
         worker.ops.close()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot import blocks
 from bot.blocks import Reply, escape
-from bot.notifier import SlackNotifier, web_client
+from bot.outbox import outbox_notifier
 from bot.roles import Role
 from bot.router import REGISTRY, Arg, Call, Spec
 from bot.scheduler import (
@@ -49,8 +49,7 @@ def _checklist(call: Call) -> Reply:
     message = checklist_message(state, call.tz)
     settings = _settings()
     if settings.slack_bot_token is not None:
-        notifier = SlackNotifier(web_client(settings), ops.events)
-        ref = notifier.post(settings.ops_channel, message)
+        ref = outbox_notifier(settings, ops.events).post(settings.ops_channel, message)
         cl.attach_message(ops.engine, state.id, ref.channel, ref.ts)
         return Reply(
             text=f"Posted “{checklist.title}” in {settings.ops_channel}.",
@@ -171,7 +170,7 @@ def _record(services: Services, user: str, block_id: str, selected: set[int]) ->
         if settings.slack_bot_token is not None and state.channel and state.message_ts:
             from core.notify import MessageRef
 
-            SlackNotifier(web_client(settings)).update(
+            outbox_notifier(settings, router.events).update(
                 MessageRef(state.channel, state.message_ts), checklist_message(state, router.tz)
             )
     except DbopsError as exc:  # a denial (already an event) or a checklist that changed

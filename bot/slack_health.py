@@ -9,6 +9,8 @@ Slack's rate limits and latency must not become ours):
   membership. It runs at start and then in the background every ``REFRESH_S``.
 - ``NOTICED``: permanent errors the notifiers met while sending (``channel_not_found``,
   ``not_in_channel``, ``invalid_auth``...), shown until a later send to the same place works.
+- The outbox's failed messages (core/outbox.py), read from the database, so what the scheduler
+  could not send shows in the web process's /healthz too, until a later send there works.
 - Socket Mode's connection, read from its client (no network call).
 """
 
@@ -24,6 +26,8 @@ from typing import Any
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
+
+from core.outbox import Failure
 
 log = logging.getLogger("dbops.slack_health")
 
@@ -81,6 +85,23 @@ class Noticed:
 NOTICED = Noticed()
 
 
+def outbox_reasons(failures: Sequence[Failure]) -> list[str]:
+    """The outbox's failed messages, as /healthz says them."""
+    reasons: list[str] = []
+    for f in failures:
+        many = f"{f.count} messages" if f.count > 1 else "1 message"
+        if f.error in TOKEN_ERRORS:
+            reason = token_reason(f.error)
+        elif f.kind == "dm":
+            reason = f"cannot DM {f.target}: {f.error}"
+        elif f.error in MESSAGE_ERRORS:
+            reason = f"Slack refused a message to {f.target}: {f.error}"
+        else:
+            reason = channel_reason(f.target, f.error)
+        reasons.append(f"{reason} ({many} not sent, kept in the outbox)")
+    return reasons
+
+
 class SlackHealth:
     """The cached Slack checks behind /healthz."""
 
@@ -92,11 +113,13 @@ class SlackHealth:
         socket_connected: Callable[[], Awaitable[bool]] | None = None,
         noticed: Noticed = NOTICED,
         refresh_s: float | None = None,
+        stored: Callable[[], Sequence[Failure]] | None = None,
     ) -> None:
         self.client = client
         self.channels = list(dict.fromkeys(c for c in channels if c))
         self.socket_connected = socket_connected
         self.noticed = noticed
+        self.stored = stored
         self.refresh_s = REFRESH_S if refresh_s is None else refresh_s
         self.checked = False
         self._reasons: list[str] = []
@@ -108,6 +131,13 @@ class SlackHealth:
         """Why dbops is degraded on the Slack side; empty when it is not. No Slack call."""
         reasons = list(self._reasons) if self.checked else ["Slack not checked yet"]
         reasons += [r for r in self.noticed.reasons() if r not in reasons]
+        if self.stored is not None:
+            try:
+                failed = await asyncio.to_thread(self.stored)
+            except Exception as exc:  # an old schema, a database blip: /healthz says those
+                log.debug("healthz: the outbox could not be read: %s", exc)
+                failed = []
+            reasons += [r for r in outbox_reasons(failed) if r not in reasons]
         if self.socket_connected is not None:
             try:
                 connected = await self.socket_connected()

@@ -32,6 +32,7 @@ UTC timestamp and closed to connections.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -40,9 +41,9 @@ import tarfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -56,8 +57,10 @@ from core.errors import DbopsError, NotFound, Unreachable
 from core.fleet import Fleet, Server
 from core.names import validate_name
 from core.remote import CommandResult, FleetAccess, Runner, RunnerPool
+from storage.db import run_inline, run_with_deadline, runs_inline
 from storage.events import EventLog, EventLogUnavailable, NewEvent, is_outage, scrub_text
-from storage.models_billing import LockBusy, op_lock
+from storage.models_billing import LockBusy, acquire_lock, op_lock, release_lock
+from storage.spool import RECORD_LATER, caught_up, record
 
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 GLOBALS = "_globals"  # not a valid customer name, so it never collides with one
@@ -71,6 +74,10 @@ INCOMPLETE_GRACE = timedelta(hours=6)
 # No restore test for this long: backup_verified warns.
 VERIFY_WARN_AGE = timedelta(days=8)
 LOCK_LEASE = timedelta(hours=3)
+# How long taking or releasing a backup's lock may wait for dbops' database: a black-holed
+# database would otherwise hold the nightly run's threads until the route comes back. As long as
+# an event append may take (storage.events.APPEND_DEADLINE_S).
+LOCK_DEADLINE_S = 5.0
 SESSIONS_END_S = 10
 # Free space a dump needs on the backup path's filesystem before it starts: the database's size
 # (pg_database_size: a custom-format dump is compressed and leaves indexes out, so it is nearly
@@ -265,6 +272,10 @@ def put_files(runner: Runner, directory: str, files: Mapping[str, bytes], last: 
     argv = ["bash", "-c", _PUT_FILES_SCRIPT, "put-files", directory, last]
     result = runner.run(argv, stdin=_tar(files))
     if not result.ok:
+        # tar ends with "Exiting with failure status ...": the line before it says why (a
+        # full disk: "Cannot write: No space left on device").
+        said = [ln for ln in result.stderr.splitlines() if "Exiting with failure" not in ln]
+        result = replace(result, stderr="\n".join(said))
         raise script_error(result, f"writing {last} in {directory}")
 
 
@@ -463,9 +474,15 @@ def _record_failure(
     failed = {**status, "finished_at": utcnow().isoformat(), "ok": False}
     failed["error"] = _error_text(error)
     with contextlib.suppress(Exception):
-        runner.run(["rm", "-f", "--", remove, f"{remove}.sha256"])
-    with contextlib.suppress(Exception):
+        runner.run(["rm", "-f", "--", remove, f"{remove}.sha256", f"{dest}/{ROWCOUNTS}"])
+    try:
         write_json_last(runner, f"{dest}/{STATUS}", failed)
+    except Exception:
+        # No status either (a disk full to the last byte): leave no empty directory behind to
+        # read as a backup still running. Not a directory with anything left in it.
+        with contextlib.suppress(Exception):
+            runner.run(["rm", "-f", "--", f"{dest}/{STATUS}.tmp"])
+            runner.run(["rmdir", "--", dest])
 
 
 @dataclass(frozen=True)
@@ -521,9 +538,18 @@ def _bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+# df of the nearest directory that exists: a backup path not made yet (a new server's first
+# night; the dump makes it) is on its parent's filesystem.
+_DF_SCRIPT = r"""p=$1
+while [ ! -e "$p" ] && [ "$p" != / ] && [ -n "$p" ]; do p=$(dirname -- "$p"); done
+exec df -Pk -- "${p:-/}"
+"""
+
+
 def read_free_space(runner: Runner, server: Server, path: str) -> tuple[int, int]:
-    """(total, available) bytes of the filesystem holding ``path``: one ``df -Pk -- path``."""
-    result = runner.run(["df", "-Pk", "--", path]).check()
+    """(total, available) bytes of the filesystem holding ``path`` (or that will hold it: its
+    nearest existing parent's), from one ``df -Pk``."""
+    result = runner.run(["bash", "-c", _DF_SCRIPT, "dbops-df", path]).check()
     lines = result.stdout.splitlines()
     fields = lines[-1].split() if len(lines) > 1 else []
     if len(fields) < 4 or not (fields[1].isdigit() and fields[3].isdigit()):
@@ -584,19 +610,29 @@ def write_backup(
     status: dict[str, Any] = {"customer": customer, "database": database}
     try:
         dest, started, out = _run_into_new_dir(runner, parent, started, argv, "the backup")
-        status["started_at"] = started.isoformat()
-        digest, size, counts = _figures(out)
     except _Failed as failed:
         status["started_at"] = started.isoformat()
         _record_failure(runner, failed.dest, f"{failed.dest}/{name}", status, failed.error)
         raise failed.error from None
-    status.update(
-        finished_at=max(utcnow(), started).isoformat(), size_bytes=size, sha256=digest, ok=True
-    )
-    files = {ROWCOUNTS: _json(counts).encode(), f"{STATUS}.tmp": _json(status).encode()}
-    put_files(runner, dest, files, STATUS)
+    status["started_at"] = started.isoformat()
+    try:
+        digest, size, counts = _figures(out)
+        done = {
+            **status,
+            "finished_at": max(utcnow(), started).isoformat(),
+            "size_bytes": size,
+            "sha256": digest,
+            "ok": True,
+        }
+        files = {ROWCOUNTS: _json(counts).encode(), f"{STATUS}.tmp": _json(done).encode()}
+        put_files(runner, dest, files, STATUS)
+    except Exception as exc:
+        # The dump may be whole, but without its figures and status it is no backup (a disk
+        # that filled after pg_dump, a lost connection): recorded as failed, the dump removed.
+        _record_failure(runner, dest, f"{dest}/{name}", status, exc)
+        raise
     return {
-        **status,
+        **done,
         "path": dest,
         "tables": len(counts),
         "rows": sum(counts.values()),
@@ -608,8 +644,13 @@ def write_globals(runner: Runner, server: Server, *, now: datetime | None = None
     """pg_dumpall --globals-only (roles, tablespaces) into ``<backup_path>/_globals/<stamp>``.
 
     The file keeps the roles' SCRAM secrets, which a rebuilt server needs; pg_dumpall writes it
-    itself (never through a log or a pipe of ours), readable by its owner only.
+    itself (never through a log or a pipe of ours), readable by its owner only. The free-space
+    check comes first, as for a database: the file is small, but the headroom is PostgreSQL's.
     """
+    path = server.backup_path.rstrip("/") or "/"
+    space = SpaceCheck(server.name, path, 0, *read_free_space(runner, server, path))
+    if not space.ok:
+        raise NotEnoughSpace(space)
     started = (now or utcnow()).astimezone(UTC).replace(microsecond=0)
     parent = f"{server.backup_path.rstrip('/')}/{GLOBALS}"
 
@@ -622,15 +663,20 @@ def write_globals(runner: Runner, server: Server, *, now: datetime | None = None
     status: dict[str, Any] = {"server": server.name}
     try:
         dest, started, out = _run_into_new_dir(runner, parent, started, argv, "the globals dump")
-        status["started_at"] = started.isoformat()
-        digest, size, _ = _figures(out)
     except _Failed as failed:
         status["started_at"] = started.isoformat()
         _record_failure(runner, failed.dest, f"{failed.dest}/globals.sql", status, failed.error)
         raise failed.error from None
-    status.update(finished_at=utcnow().isoformat(), size_bytes=size, sha256=digest, ok=True)
-    put_files(runner, dest, {f"{STATUS}.tmp": _json(status).encode()}, STATUS)
-    return {**status, "path": dest}
+    status["started_at"] = started.isoformat()
+    try:
+        digest, size, _ = _figures(out)
+        done = {**status, "finished_at": utcnow().isoformat(), "size_bytes": size}
+        done.update(sha256=digest, ok=True)
+        put_files(runner, dest, {f"{STATUS}.tmp": _json(done).encode()}, STATUS)
+    except Exception as exc:
+        _record_failure(runner, dest, f"{dest}/globals.sql", status, exc)
+        raise
+    return {**done, "path": dest, "space": space.as_json()}
 
 
 # --- reading backups ----------------------------------------------------------------------------
@@ -1319,6 +1365,21 @@ class RestorePreview:
         }
 
 
+# The steps of a restore, in order, each a ``restore.step`` event between ``restore.started``
+# and ``restore.done`` (pgbouncer_reloaded only where the server has pgBouncer).
+RESTORE_STEPS = (
+    "checked",
+    "created",
+    "restored",
+    "verified",
+    "analyzed",
+    "settings_copied",
+    "connections_ended",
+    "swapped",
+    "pgbouncer_reloaded",
+)
+
+
 @dataclass(frozen=True)
 class RestoreResult:
     customer: str
@@ -1331,6 +1392,13 @@ class RestoreResult:
     duration_s: float
     steps: list[str]
     pgbouncer_reloaded: bool
+    # False: the event log was down for some of the restore's events; they are spooled.
+    recorded: bool = True
+
+    @property
+    def state(self) -> str:
+        """What the restore reached, in words."""
+        return "restored" if self.recorded else f"restored; {RECORD_LATER}"
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -1344,17 +1412,36 @@ class RestoreResult:
             "duration_s": round(self.duration_s, 3),
             "steps": self.steps,
             "pgbouncer_reloaded": self.pgbouncer_reloaded,
+            "recorded": self.recorded,
         }
 
 
 class RestoreFailed(DbopsError):
     """A restore stopped; ``step`` says where, ``original`` what became of the customer's
-    database (``untouched`` or ``swapped back``)."""
+    database (``untouched`` or ``swapped back``: rolled back either way, or a sentence saying
+    it is in an unknown state), ``recorded`` whether the log has every event of it yet."""
 
-    def __init__(self, message: str, *, step: str, original: str) -> None:
+    def __init__(self, message: str, *, step: str, original: str, recorded: bool = True) -> None:
         super().__init__(message)
         self.step = step
         self.original = original
+        self.recorded = recorded
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.original in ("untouched", "swapped back")
+
+    @property
+    def state(self) -> str:
+        """What the restore reached, in words."""
+        if self.original == "untouched":
+            said = "rolled back: the customer's database is as before (it was never swapped)"
+        elif self.original == "swapped back":
+            said = "rolled back: the restored copy was swapped out again; the customer's "
+            said += "database is as before"
+        else:
+            said = f"NOT rolled back: the customer's database is {self.original}"
+        return said if self.recorded else f"{said}; {RECORD_LATER}"
 
 
 def _short_name(base: str, suffix: str) -> str:
@@ -1386,9 +1473,13 @@ class Backups(FleetAccess):
         self.on_alert = on_alert
         self.failpoints: set[str] = set()
         self.retry_after_s = RETRY_AFTER_S
+        self.lock_deadline_s = LOCK_DEADLINE_S
         self.sleep: Callable[[float], object] = time.sleep  # a test seam, as clock is
         self._unrecorded: list[NewEvent] = []
         self._unrecorded_lock = threading.Lock()
+        # Backup locks (name, owner) whose release failed (dbops' database down): released
+        # once it answers, not left to their lease.
+        self._kept_locks: list[tuple[str, str]] = []
 
     # -- events, best effort ---------------------------------------------------------------------
 
@@ -1444,6 +1535,64 @@ class Backups(FleetAccess):
         with self._unrecorded_lock:
             return [(e.kind, e.subject) for e in self._unrecorded]
 
+    def _release_kept_locks(self) -> None:
+        """Release the backup locks a failed release left behind (best effort: those that
+        still cannot be released are kept for the next try)."""
+        with self._unrecorded_lock:
+            kept, self._kept_locks = self._kept_locks, []
+        for i, (name, owner) in enumerate(kept):
+            try:
+                self._in_time(functools.partial(release_lock, self.engine, name, owner))
+            except Exception:
+                with self._unrecorded_lock:
+                    self._kept_locks[:0] = kept[i:]
+                return
+
+    def _in_time(self, work: Callable[[], None]) -> None:
+        """``work`` against dbops' database, given up after ``lock_deadline_s``
+        (storage.db.DeadlineExceeded, an outage by ``is_infrastructure``)."""
+        run = run_inline if runs_inline(self.engine) else run_with_deadline
+        run(lambda _attempt: work(), self.lock_deadline_s)
+
+    @contextlib.contextmanager
+    def _backup_lock(self, customer: str, actor: str) -> Iterator[None]:
+        """The lock ``backup:<customer>`` around one backup, each way given ``lock_deadline_s``.
+        A release that fails (dbops' database down or silent at that moment) does not fail the
+        backup, which has happened; the lock is kept and released when the database answers
+        (``_release_kept_locks``: before the nightly run's retry pass and at its end), not left
+        to refuse every backup of that customer for its lease (LOCK_LEASE). So is an acquire
+        that failed: its INSERT may have committed before the connection went."""
+        name, owner = f"backup:{customer}", f"backup:{customer}:{uuid.uuid4().hex}"
+        try:
+            self._in_time(
+                lambda: acquire_lock(self.engine, name, owner, lease=LOCK_LEASE, holder=actor)
+            )
+        except LockBusy as exc:
+            since = f" since {exc.since:%H:%M} UTC" if exc.since else ""
+            raise DbopsError(
+                f"a backup of {customer} is already running"
+                f" (by {exc.holder or 'another process'}{since}).",
+                hint="Wait for it to finish; `/db log` shows its progress.",
+            ) from None
+        except Exception:
+            with self._unrecorded_lock:
+                self._kept_locks.append((name, owner))
+            raise
+        try:
+            yield
+        finally:
+            try:
+                self._in_time(lambda: release_lock(self.engine, name, owner))
+            except Exception as exc:
+                log.warning(
+                    "the lock of a backup of %s was not released (%s); released when dbops'"
+                    " database answers again",
+                    customer,
+                    type(exc).__name__,
+                )
+                with self._unrecorded_lock:
+                    self._kept_locks.append((name, owner))
+
     def _failpoint(self, name: str) -> None:
         if name in self.failpoints:
             raise DbopsError(f"failpoint {name} (a test stopped here on purpose).")
@@ -1468,6 +1617,7 @@ class Backups(FleetAccess):
         (``prune`` applies it here too): a backup taken by hand before a risky change must not
         make the night's disappear, nor the other way round, before the policy says so."""
         c, server, runner = self._where(customer)
+        self._release_kept_locks()
         outcome = self._backup_one(c, server, runner, actor, prune=prune)
         if not outcome.ok:
             raise DbopsError(f"the backup of {c.name} failed: {outcome.error}")
@@ -1490,7 +1640,7 @@ class Backups(FleetAccess):
         raised, so a run goes on to the next customer."""
         started = time.monotonic()
         try:
-            with self._locked(f"backup:{c.name}", actor, f"a backup of {c.name}"):
+            with self._backup_lock(c.name, actor):
                 status = write_backup(runner, server, c.name, c.database, now=self.clock())
                 pruned = self._prune(runner, server, c.name, actor) if prune else []
         except Exception as exc:
@@ -1616,9 +1766,11 @@ class Backups(FleetAccess):
         ``retry_after_s`` (RETRY_AFTER_S) more seconds have passed; the second pass runs the
         same way (servers side by side), globals too. Events the log could not take are kept
         and stored once it is back (at the end of the run, or by the next run); those still
-        kept are listed in ``BackupRun.unrecorded``.
+        kept are listed in ``BackupRun.unrecorded``. Backup locks whose release failed are
+        released at the same moments (``_backup_lock``).
         """
         started_at, t0 = self.clock(), time.monotonic()
+        self._release_kept_locks()
         self.flush_unrecorded()
         customers = [c for c in list_customers(self.engine) if c.status == "active"]
         by_server: dict[str, list[Customer]] = {s.name: [] for s in self.fleet.servers}
@@ -1636,11 +1788,13 @@ class Backups(FleetAccess):
         }
         if any(again.values()) or globals_again:
             self.sleep(self.retry_after_s)
+            self._release_kept_locks()
             self.flush_unrecorded()
             first.update(self._pass(again, globals_again, parallel, actor, attempt=2))
 
         outcomes = [first[c.name] for mine in by_server.values() for c in mine]
         glob = [first[f"{GLOBALS}@{name}"] for name in by_server if name in servers]
+        self._release_kept_locks()
         unrecorded = self.flush_unrecorded()
         run = BackupRun(started_at, time.monotonic() - t0, parallel, outcomes, glob)
         self._note(
@@ -1861,13 +2015,18 @@ class Backups(FleetAccess):
         """Restore ``customer`` from ``backup`` (the modal's choice; None: the preview's default).
 
         ``typed_name`` must be the customer's name exactly. Each step is an event
-        ``restore.step``; a failure is ``restore.failed`` and a RestoreFailed saying whether the
-        customer's database was untouched or swapped back. The old database is kept, renamed
-        ``<db>_pre_<UTC time>``, with connections off.
+        ``restore.step`` (``RESTORE_STEPS``); a failure of any kind is ``restore.failed`` and a
+        RestoreFailed saying whether the customer's database was untouched or swapped back. The
+        old database is kept, renamed ``<db>_pre_<UTC time>``, with connections off.
+
+        The events are written best-effort (storage.spool): an event log that is down never
+        stops a restore half-way; what it could not take is stored when it is back, and
+        ``recorded`` on the result or the error says so.
         """
         validate_name(customer)
         if typed_name.strip() != customer:
-            self.events.append(
+            record(
+                self.events,
                 "restore.refused",
                 customer,
                 {"reason": "typed name does not match", "backup": backup},
@@ -1900,20 +2059,21 @@ class Backups(FleetAccess):
         new, old = names.new, names.old
         ctx = {"server": server.name, "database": db, "backup": info.stamp}
         steps: list[str] = []
+        kept: list[str] = []  # events of this restore the log could not take yet (spooled)
+
+        def note(kind: str, **payload: Any) -> None:
+            if not record(self.events, kind, c.name, {**ctx, **payload}, actor=actor):
+                kept.append(kind)
 
         def step(name: str, **payload: Any) -> None:
             steps.append(name)
-            self.events.append(
-                "restore.step", c.name, {**ctx, "step": name, **payload}, actor=actor
-            )
+            note("restore.step", step=name, **payload)
 
-        self.events.append(
-            "restore.started", c.name, {**ctx, "new_database": new, "keep_as": old}, actor=actor
-        )
         current = "check"
         swapped = False
         allow_before = True
         try:
+            note("restore.started", new_database=new, keep_as=old)
             allow_before = self._allows_connections(runner, server, db)
             seen = _inspect(runner, info)
             if seen.problem is not None:
@@ -1959,20 +2119,25 @@ class Backups(FleetAccess):
                 step("pgbouncer_reloaded")
             current = "check_after"
             run_sql(runner, server, "SELECT 1", dbname=db)
-        except DbopsError as exc:
+        except BaseException as exc:
+            # Whatever stopped it (an SSH error, a bug, an interrupt): put the customer's
+            # database back first, then say so.
             original = self._settle(runner, server, names, allow_before, swapped)
-            self.events.append(
-                "restore.failed",
-                c.name,
-                {**ctx, "step": current, "error": exc.message[:300], "original": original},
-                actor=actor,
-            )
+            if isinstance(exc, DbopsError):
+                error = exc.message
+            else:
+                error = f"an unexpected error ({type(exc).__name__})."
+                log.error("restore of %s failed at %s", c.name, current, exc_info=exc)
+            note("restore.failed", step=current, error=error[:300], original=original)
+            if not isinstance(exc, Exception):
+                raise
             raise RestoreFailed(
                 f"the restore of {c.name} from {info.stamp} failed at {current}: "
-                f"{exc.message[:250]} The customer's database is {original}.",
+                f"{error[:250]} The customer's database is {original}.",
                 step=current,
                 original=original,
-            ) from None
+                recorded=not kept or caught_up(self.events),
+            ) from (None if isinstance(exc, DbopsError) else exc)
         took = time.monotonic() - t0
         result = RestoreResult(
             c.name,
@@ -1986,8 +2151,10 @@ class Backups(FleetAccess):
             steps,
             reloaded,
         )
-        self.events.append("restore.done", c.name, {**ctx, **result.as_json()}, actor=actor)
-        return result
+        done = result.as_json()
+        del done["recorded"]  # known only once this event is written or kept
+        note("restore.done", **done)
+        return replace(result, recorded=not kept or caught_up(self.events))
 
     def _copy_database_settings(self, runner: Runner, server: Server, db: str, new: str) -> None:
         """CONNECT grants, connection limit and per-database settings of ``db`` onto ``new``:
@@ -2130,7 +2297,7 @@ $dbops$
                 new, outcome = failed, "swapped back"
             else:
                 outcome = "untouched"
-            if allow_before:
+            if allow_before and db in names:
                 run_sql(
                     runner,
                     server,
@@ -2141,15 +2308,21 @@ $dbops$
             if swapped or outcome == "swapped back":
                 self._reload_pgbouncer(runner, server)
             return outcome
-        except DbopsError as exc:
-            self.events.append(
+        except Exception as exc:
+            if isinstance(exc, DbopsError):
+                error = exc.message
+            else:
+                error = f"an unexpected error ({type(exc).__name__})"
+                log.error("putting %s back on %s failed", db, server.name, exc_info=exc)
+            record(
+                self.events,
                 "restore.rollback_failed",
                 db,
-                {"server": server.name, "error": exc.message[:300], "new": new, "old": old},
+                {"server": server.name, "error": error[:300], "new": new, "old": old},
                 actor="dbops",
             )
             return (
-                f"in an UNKNOWN state (putting it back failed: {exc.message[:150]}); "
+                f"in an UNKNOWN state (putting it back failed: {error[:150]}); "
                 f"check {server.name} by hand for {db}, {old} and {new}"
             )
 
@@ -2189,7 +2362,17 @@ class _Held:
             ) from None
 
     def __exit__(self, *exc: object) -> None:
-        self._cm.__exit__(None, None, None)
+        # Best effort: what ran under the lock has happened, and dbops' database being down
+        # now must not turn it into a failure; an unreleased lock ends with its lease.
+        try:
+            self._cm.__exit__(None, None, None)
+        except Exception as error:
+            log.warning(
+                "%s: its lock was not released (%s); it ends with its lease (%s)",
+                self._what,
+                type(error).__name__,
+                LOCK_LEASE,
+            )
 
 
 __all__ = [

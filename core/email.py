@@ -44,6 +44,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from core.errors import DbopsError
 from core.fleet import Business
 from storage.events import EventLog
+from storage.spool import record as record_event
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "email"
 INCIDENT_TEMPLATES = ("investigating", "update", "resolved")
@@ -274,13 +275,14 @@ def send(
             refused = smtp.send_message(_message(email, from_addr))
     except (smtplib.SMTPException, OSError, DbopsError) as exc:
         reason = _smtp_error(exc)
-        events.append("email.failed", subject, {**record, "error": reason}, actor=actor)
+        record_event(events, "email.failed", subject, {**record, "error": reason}, actor=actor)
         raise DbopsError(
             f"could not send {email.template!r} to {', '.join(email.to)}: {reason}"
         ) from None
     delivered = [a for a in email.to if a not in refused]
     out = {**record, "delivered": delivered, "refused": sorted(refused)}
-    events.append("email.sent", subject, out, actor=actor)
+    # Best effort (storage.spool): the email went, whatever the event log does now.
+    record_event(events, "email.sent", subject, out, actor=actor)
     return out
 
 

@@ -518,7 +518,13 @@ class Escalator:
 
     def _send(self, t: Timer, inc: Any, oncall: OnCallNow | None, now: datetime) -> _Decision:
         text = page_text(inc, t, now, oncall)
-        meta = {"incident": t.incident_id, "actions": ["ack"] if t.kind == PAGE else []}
+        meta = {
+            "incident": t.incident_id,
+            "actions": ["ack"] if t.kind == PAGE else [],
+            # One message per step, however often the step is tried: a retry after a crash
+            # between the send and the step's event finds the outbox row it made.
+            "outbox_key": f"escalation-{t.source_id}",
+        }
         message = Message(text, meta=meta)
         channel = (oncall.escalation_channel if oncall else None) or self.ops_channel
         user: str | None

@@ -58,6 +58,7 @@ from core.notify import MessageRef
 from core.remote import RunnerPool, quote_argv
 from storage.events import EventLog, NewEvent, StoredEvent
 from storage.models_incidents import IncidentRow, aware, utc, write_session
+from storage.spool import caught_up, record
 
 log = logging.getLogger("dbops.incidents")
 
@@ -802,7 +803,9 @@ class Incidents:
 
         row = self._change(incident_id, ("open",), change, refuse)
         inc = Incident.from_row(row)
-        self.events.append(
+        # Best effort (storage.spool): the ack is made; its record is never the reason it fails.
+        record(
+            self.events,
             "incident.acknowledged",
             inc.ref,
             {"owner": inc.owner, "cancelled_steps": cancelled, "after_s": self._age(inc, now)},
@@ -1117,17 +1120,19 @@ class Incidents:
             recheck_s=recheck_s,
         )
         when = self._now(now)
-        self.events.append("incident.restart", inc.ref, result, actor=actor, ts=when)
+        # After the restart: best-effort records (storage.spool), never the reason it fails.
+        kept = not record(self.events, "incident.restart", inc.ref, result, actor=actor, ts=when)
         if result["answering"]:
             with write_session(self.engine) as session:
                 row = session.get(IncidentRow, inc.id)
                 if row is not None and row.recovered_at is None:
                     row.recovered_at, row.updated_at = when, when
                     session.add(row)
-            self.events.append(
-                "incident.recovered", inc.ref, {"by": "restart"}, actor=actor, ts=when
-            )
-        return result
+            by = {"by": "restart"}
+            recovered = record(self.events, "incident.recovered", inc.ref, by, actor=actor, ts=when)
+            kept = kept or not recovered
+        recorded = bool(result.get("recorded", True)) and not kept
+        return {**result, "recorded": recorded or caught_up(self.events)}
 
     # -- customer emails (SOP-201) -----------------------------------------------------------
 
@@ -1338,7 +1343,10 @@ def restart_server(
     while another restart of ``server`` runs.
 
     Returns ``{server, command, ran, exit_code, error, postgres, answering, databases_online,
-    databases_total, offline, duration_ms, message}``; the event ``server.restart`` says the same.
+    databases_total, offline, duration_ms, message, recorded}``; the event ``server.restart``
+    says the same, written best-effort (storage.spool: ``recorded`` False when it waits for the
+    event log to be back). A failure after the command ran (the re-check) is recorded as what
+    it is, a restart done and not re-checked, and raised as a DbopsError saying so.
     """
     with _one_restart(server):
         return _restart_server(
@@ -1377,25 +1385,39 @@ def _restart_server(
             error = (result.stderr.strip().splitlines() or [""])[-1][:300]
     except DbopsError as exc:
         error = exc.message[:300]
+    except Exception as exc:  # it may have gone out all the same: the re-check tells
+        error = f"an unexpected error ({type(exc).__name__})"
+        log.error("sending the restart of %s failed", server, exc_info=exc)
     postgres, online, offline = "down", 0, [c.name for c in customers]
     deadline = time.monotonic() + max(0.0, recheck_s)
-    while True:
-        (health,) = check_fleet(
-            fleet,
-            customers,
-            runner_pool,
-            deadline_s=check_deadline_s,
-            servers=[server],
-            log_window=timedelta(minutes=5),
-        )
-        postgres = health.postgres
-        offline = [d.customer for d in health.databases if not d.online]
-        online = len(health.databases) - len(offline)
-        if (postgres == "up" and not offline) or time.monotonic() >= deadline:
-            break
-        time.sleep(1.0)  # polling a restarting cluster, not timing a test
+    stopped: BaseException | None = None
+    try:
+        while True:
+            (health,) = check_fleet(
+                fleet,
+                customers,
+                runner_pool,
+                deadline_s=check_deadline_s,
+                servers=[server],
+                log_window=timedelta(minutes=5),
+            )
+            postgres = health.postgres
+            offline = [d.customer for d in health.databases if not d.online]
+            online = len(health.databases) - len(offline)
+            if (postgres == "up" and not offline) or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)  # polling a restarting cluster, not timing a test
+    except BaseException as exc:  # the restart ran: record that before anything else
+        stopped, postgres = exc, "unknown"
+        log.error("the re-check after restarting %s failed", server, exc_info=exc)
     answering = postgres == "up" and not offline
-    if answering:
+    if stopped is not None:
+        ran_text = f"ran (exit {exit_code})" if ran else "was sent"
+        message = (
+            f"the restart of PostgreSQL on {server} {ran_text}, but the re-check after it "
+            f"failed ({type(stopped).__name__}); `/db status` shows the server now."
+        )
+    elif answering:
         message = f"PostgreSQL on {server} answers again" + (
             f"; {online}/{len(customers)} databases online." if customers else "."
         )
@@ -1418,6 +1440,13 @@ def _restart_server(
         "duration_ms": int((time.monotonic() - started) * 1000),
         "message": message,
     }
+    recorded = True
     if events is not None:
-        events.append("server.restart", server, out, actor=actor)
+        recorded = record(events, "server.restart", server, out, actor=actor) or caught_up(events)
+    out["recorded"] = recorded
+    if stopped is not None:
+        if not isinstance(stopped, Exception):
+            raise stopped
+        later = "" if recorded else " The event log is down: its record is written when it is back."
+        raise DbopsError(message[:1].upper() + message[1:] + later) from stopped
     return out

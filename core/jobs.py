@@ -126,6 +126,15 @@ def job_specs(tz: tzinfo, checklists: dict[str, Checklist]) -> list[JobSpec]:
             cron(tz, minute=0),
             misfire_grace_s=1800,
         ),
+        JobSpec(
+            "events_checkpoint",
+            "sign the event log's head; append it to DBOPS_CHECKPOINTS and post it",
+            # Hourly, off the top of the hour the other jobs share (and after every
+            # destructive action, by core.checkpoints.Checkpointer).
+            cron(tz, minute=30),
+            misfire_grace_s=1800,
+            lease_s=300,
+        ),
     ]
     for name, checklist in sorted(checklists.items()):
         if checklist.schedule:

@@ -38,7 +38,7 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -64,6 +64,7 @@ from core.names import (
 from core.remote import FleetAccess, Runner, RunnerPool
 from storage.events import EventLog
 from storage.models_billing import ProvisionJob, link_stripe_customer
+from storage.spool import RECORD_LATER, caught_up, record
 
 log = logging.getLogger("dbops.provisioning")
 
@@ -469,6 +470,14 @@ class ProvisionResult:
     already_done: bool
     welcome_sent_at: datetime | None
     warnings: list[str] = field(default_factory=list)
+    # False: the event log was down for some of this run's events; they are spooled.
+    recorded: bool = True
+
+    @property
+    def state(self) -> str:
+        """What provisioning reached, in words."""
+        said = "already provisioned" if self.already_done else "provisioned"
+        return said if self.recorded else f"{said}; {RECORD_LATER}"
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -485,6 +494,7 @@ class ProvisionResult:
             "already_done": self.already_done,
             "welcome_sent_at": self.welcome_sent_at.isoformat() if self.welcome_sent_at else None,
             "warnings": self.warnings,
+            "recorded": self.recorded,
         }
 
     def summary(self) -> str:
@@ -496,6 +506,8 @@ class ProvisionResult:
             f"{self.database}, role {self.role}, {self.host}:{self.port}; welcome email sent to "
             f"{self.email}."
         )
+        if not self.recorded:
+            text += f" The event log is down: {RECORD_LATER}."
         return text + ("" if not self.warnings else " Warnings: " + "; ".join(self.warnings))
 
 
@@ -655,8 +667,12 @@ class Provisioner(FleetAccess):
     ) -> ProvisionResult:
         """Provision ``customer`` (SOP-103), or finish an earlier run that failed.
 
-        ``server`` None: the one ``propose_server`` picks (on a first run). A DbopsError says
-        what failed and that running it again finishes the job; it never holds the password.
+        ``server`` None: the one ``propose_server`` picks (on a first run). Any failure settles
+        the job as failed and is a DbopsError saying where it stopped, what was done (kept) and
+        that running it again finishes the job; it never holds the password.
+
+        The events are written best-effort (storage.spool): an event log that is down never
+        stops provisioning half-way; ``recorded`` on the result says whether all are stored.
         """
         plan_cfg = self._check_arguments(customer, plan, server, email)
         if self.job(customer) is None:
@@ -674,27 +690,17 @@ class Provisioner(FleetAccess):
         warnings: list[str] = []
         password: str | None = None
         current = "start"
-        self.events.append(
-            "provision.started",
-            customer,
-            {
-                "server": target.name,
-                "plan": plan,
-                "email": email,
-                "resumed": resumed,
-                "steps_done": done,
-            },
-            actor=actor,
-        )
+        kept: list[str] = []  # events of this run the log could not take yet (spooled)
+
+        def note(kind: str, payload: dict[str, Any]) -> None:
+            if not record(self.events, kind, customer, payload, actor=actor):
+                kept.append(kind)
 
         def mark(step: str, **payload: Any) -> None:
             if step not in done:
                 done.append(step)
             self._update(customer, steps=list(done))
-            self.events.append(
-                "provision.step", customer, {"server": target.name, "step": step, **payload},
-                actor=actor,
-            )  # fmt: skip
+            note("provision.step", {"server": target.name, "step": step, **payload})
             if progress is not None:
                 try:
                     progress(step, payload.get("detail", ""))
@@ -704,6 +710,16 @@ class Provisioner(FleetAccess):
                 raise DbopsError(f"failpoint after:{step} (a test stopped here on purpose).")
 
         try:
+            note(
+                "provision.started",
+                {
+                    "server": target.name,
+                    "plan": plan,
+                    "email": email,
+                    "resumed": resumed,
+                    "steps_done": list(done),
+                },
+            )
             if job.welcome == "sending" and not resend_welcome:
                 raise DbopsError(
                     f"an earlier run stopped while sending {customer}'s welcome email to "
@@ -754,10 +770,9 @@ class Provisioner(FleetAccess):
             current = "first_backup"
             try:
                 first_backup = self.backups.take_backup(customer, actor).stamp
-            except DbopsError as exc:  # not worth holding back a paying customer for
-                warnings.append(
-                    f"first backup failed ({exc.message[:120]}); the nightly run retries"
-                )
+            except Exception as exc:  # not worth holding back a paying customer for
+                why = exc.message if isinstance(exc, DbopsError) else type(exc).__name__
+                warnings.append(f"first backup failed ({why[:120]}); the nightly run retries")
                 first_backup = "failed; the nightly run will take it"
             mark("first_backup", detail=first_backup)
             current = "welcome"
@@ -766,25 +781,42 @@ class Provisioner(FleetAccess):
                 self._welcome(job, target, customer, password, host, port, ssl, actor)
             mark("welcome", detail=f"sent to {email}")
         except BaseException as exc:
-            message = exc.message if isinstance(exc, DbopsError) else type(exc).__name__
-            message = _scrub(message, password)
-            self._update(customer, status="failed", last_error=message[:300], owner=None,
-                         lease_until=None)  # fmt: skip
-            self.events.append(
-                "provision.failed",
-                customer,
-                {"server": target.name, "step": current, "error": message[:300]},
-                actor=actor,
-            )
+            # Whatever stopped it: the job settles as failed (a run again finishes it, keeping
+            # what was done), the failure is recorded, and the message says how far it got.
             if isinstance(exc, DbopsError):
-                raise DbopsError(
-                    f"provisioning {customer} stopped at {current}: {message}",
-                    hint=_scrub(exc.hint, password)
-                    if exc.hint
-                    else "Fix the cause and run it again: it finishes the job, keeping what "
-                    "was done.",
-                ) from None
-            raise
+                message = exc.message
+            else:
+                message = f"an unexpected error ({type(exc).__name__})"
+                log.error("provisioning %s failed at %s", customer, current, exc_info=exc)
+            message = _scrub(message, password)
+            try:
+                self._update(customer, status="failed", last_error=message[:300], owner=None,
+                             lease_until=None)  # fmt: skip
+            except Exception as error:  # dbops' own database: the claim's lease ends it
+                log.warning(
+                    "provisioning %s: the job could not be marked failed (%s); its claim ends "
+                    "with its lease (%s)",
+                    customer,
+                    type(error).__name__,
+                    CLAIM_LEASE,
+                )
+            failed = {"server": target.name, "step": current, "error": message[:300]}
+            note("provision.failed", {**failed, "steps_done": list(done)})
+            if not isinstance(exc, Exception):
+                raise
+            so_far = ", ".join(done) if done else "nothing"
+            later = (
+                ""
+                if not kept or caught_up(self.events)
+                else f" The event log is down: {RECORD_LATER}."
+            )
+            raise DbopsError(
+                f"provisioning {customer} stopped at {current}: {message} Done so far "
+                f"(kept): {so_far}.{later}",
+                hint=_scrub(exc.hint, password)
+                if isinstance(exc, DbopsError) and exc.hint
+                else "Fix the cause and run it again: it finishes the job, keeping what was done.",
+            ) from (None if isinstance(exc, DbopsError) else exc)
         finally:
             password = None
         now = self.clock()
@@ -795,8 +827,10 @@ class Provisioner(FleetAccess):
         assert final is not None
         result = self._result(final, done, resumed=resumed, already_done=False, host=host,
                               port=port, warnings=warnings)  # fmt: skip
-        self.events.append("provision.done", customer, result.as_json(), actor=actor)
-        return result
+        finished = result.as_json()
+        del finished["recorded"]  # known only once this event is written or kept
+        note("provision.done", finished)
+        return replace(result, recorded=not kept or caught_up(self.events))
 
     def preview(
         self, customer: str, plan: str, server: str | None = None, *, email: str

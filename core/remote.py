@@ -34,6 +34,7 @@ import paramiko
 
 from core.errors import DbopsError, Unreachable
 from core.fleet import Fleet, Server
+from storage.spool import record
 
 Recorder = Callable[[str, str, dict[str, Any]], None]
 
@@ -918,4 +919,5 @@ class FleetAccess:
             return self._runners
 
     def _record(self, kind: str, subject: str, payload: dict[str, Any]) -> None:
-        self.events.append(kind, subject, payload, actor="dbops")
+        # After the command ran: its record is never the reason it is reported as failed.
+        record(self.events, kind, subject, payload, actor="dbops")

@@ -34,6 +34,7 @@ from core.names import not_found, validate_server_name
 from core.remote import FleetAccess, RunnerPool
 from core.report import server_json
 from storage.events import EventLog
+from storage.spool import RECORD_LATER, record
 
 CHECK_DEADLINE_S = 3.0  # the look before a restart: quick, like the incident card's
 RECHECK_S = 30.0  # after it, how long to wait for PostgreSQL to answer
@@ -62,6 +63,19 @@ class Restarted:
     reason: str  # why it was allowed: what the look before found
     incident: Incident | None  # the incident it was recorded on, as it is afterwards
     result: dict[str, Any]  # restart_server's result: command, exit_code, answering, ...
+
+    @property
+    def recorded(self) -> bool:
+        """False: the event log was down after the restart; its events are spooled."""
+        return bool(self.result.get("recorded", True))
+
+    @property
+    def state(self) -> str:
+        """What the restart reached, in words."""
+        said = "restarted" if self.result.get("ran") else "restart not run"
+        if self.result.get("ran"):
+            said += "; answering" if self.result.get("answering") else "; still not answering"
+        return said if self.recorded else f"{said}; {RECORD_LATER}"
 
 
 class Restarts(FleetAccess):
@@ -141,7 +155,8 @@ class Restarts(FleetAccess):
     def restart(self, name: str, actor: str) -> Restarted:
         """Restart NAME's server when its PostgreSQL does not answer (``check``, again: a
         confirmation may be minutes old), then re-check it. Nothing runs on the server when
-        the check refuses."""
+        the check refuses. Its events after the restart are best-effort (storage.spool): an
+        event log that is down never turns a restart that ran into a reported failure."""
         target, reason = self.check(name, actor)
         server = target.server
         customers = self._customers(target)
@@ -171,7 +186,9 @@ class Restarts(FleetAccess):
     ) -> DbopsError:
         """The refusal: recorded (who asked, why not) and said with what to do instead."""
         server, customer = target.server, target.customer
-        self.events.append(
+        # Best effort (storage.spool): the refusal is what the operator needs to read.
+        record(
+            self.events,
             "restart.refused",
             server,
             {"server": server, "customer": customer, "reason": reason},

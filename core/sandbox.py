@@ -17,6 +17,7 @@ adds log in to pgBouncer with their password, as on a real server.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import getpass
 import json
@@ -83,7 +84,14 @@ FAULTS: dict[str, str] = {
     "pgbouncer-down": "server",
     "ssh-hang": "server",
     "hostile": "customer",
+    "disk-full": "server",
 }
+
+# disk-full: the server's backup path moves onto a tmpfs this much bigger than the backups it
+# already holds (they are copied onto it), then a filler file takes every byte left.
+DISK_FULL_BYTES = 16 << 20
+DISK_FULL_FILLER = ".sandbox-disk-full"
+_PAGE = 4096
 
 CUSTOMER_NAMES = (
     "acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "wonka", "soylent",
@@ -1054,6 +1062,9 @@ def _teardown(directory: Path, remove_contents: bool) -> None:
     for fault in state.get("faults", []):
         if fault.get("pid"):
             _stop_helper(int(fault["pid"]), graceful=False)
+        if fault.get("fault") == "disk-full":
+            with contextlib.suppress(Exception):
+                _release_disk_full(fault)
 
     def stop(spec: dict[str, Any]) -> None:
         if spec.get("sshd_dir"):
@@ -1117,7 +1128,7 @@ def _validate_fault(state: dict[str, Any], fault: str, target: str) -> str:
 
 
 # Faults that can be broken while the server's cluster is down.
-_WITHOUT_CLUSTER = ("server-down", "backup-missing", "pgbouncer-down")
+_WITHOUT_CLUSTER = ("server-down", "backup-missing", "pgbouncer-down", "disk-full")
 
 
 def break_fault(dir: Path, fault: str, target: str) -> dict[str, Any]:
@@ -1431,6 +1442,142 @@ def _heal_hostile(
         hostile_tenant.restore_roles(conn, fault["roles"])
 
 
+def _break_disk_full(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], target: str
+) -> dict[str, Any]:
+    """The server's backup path on a small filesystem of its own, full to the last byte: the
+    path is moved aside (kept as it is, for heal), a tmpfs is mounted in its place with the
+    same owner and mode, the backups are copied onto it, and a filler file takes the rest.
+    df, pg_dump and everything else on the path meet a really full disk (ENOSPC).
+
+    Mounting needs root (CAP_SYS_ADMIN); without it the fault is refused and nothing moves."""
+    path = Path(spec["backup_path"])
+    held = path.with_name(path.name + ".sandbox-disk-full")
+    source = f"dbops-disk-full-{spec['name']}"
+    filler = path / DISK_FULL_FILLER
+    if os.path.ismount(path) or held.exists():
+        raise DbopsError(
+            f"{path} is already a mount point, or {held} is left over from an earlier disk-full.",
+            hint="Run `dbops sandbox heal`, or unmount it and move it back by hand.",
+        )
+    st = path.stat()
+    size = DISK_FULL_BYTES + _tmpfs_bytes(path)
+    path.rename(held)
+    try:
+        path.mkdir()
+        os.chown(path, st.st_uid, st.st_gid)
+        mounted = LocalRunner("sandbox").run(
+            ["mount", "-t", "tmpfs", "-o",
+             f"size={size},mode={st.st_mode & 0o7777:o},uid={st.st_uid},gid={st.st_gid}",
+             source, str(path)]
+        )  # fmt: skip
+        if not mounted.ok:
+            detail = " ".join((mounted.stderr or mounted.stdout).split())[:200]
+            raise DbopsError(
+                f"sandbox: cannot mount a tmpfs for disk-full on {path} ({detail or 'no reason'}).",
+                hint="disk-full needs root (CAP_SYS_ADMIN), as `mount` does.",
+            )
+        try:
+            LocalRunner("sandbox").run(["cp", "-a", "--", f"{held}/.", f"{path}/"]).check()
+            fill(filler)
+        except BaseException:
+            _unmount(path)
+            raise
+    except BaseException:
+        if path.is_dir() and not os.path.ismount(path):
+            shutil.rmtree(path)
+        held.rename(path)
+        raise
+    return {"mount": str(path), "held": str(held), "source": source, "size_bytes": size,
+            "filler": str(filler)}  # fmt: skip
+
+
+def _tmpfs_bytes(root: Path) -> int:
+    """What the files under ``root`` take on a tmpfs (whole pages)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += -(-os.lstat(os.path.join(dirpath, name)).st_size // _PAGE) * _PAGE
+    return total
+
+
+def fill(path: Path) -> int:
+    """Append zeros to ``path`` until its filesystem has no byte left (ENOSPC); the bytes
+    written. Used by disk-full, and by tests that fill a freed disk again."""
+    written = 0
+    chunk = bytes(1 << 16)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            try:
+                n = os.write(fd, chunk if written % len(chunk) == 0 else chunk[:_PAGE])
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+            if n == 0:
+                break
+            written += n
+    finally:
+        os.close(fd)
+    return written
+
+
+def _mount_source(path: Path) -> str | None:
+    """What is mounted on ``path`` (the device column of /proc/mounts; the top one when
+    mounts are stacked), or None."""
+    found = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            # /proc/mounts escapes spaces and the like as octal; the sandbox's paths have none.
+            if len(fields) > 1 and fields[1] == str(path):
+                found = fields[0]
+    return found
+
+
+def _unmount(path: Path) -> None:
+    runner = LocalRunner("sandbox")
+    if not runner.run(["umount", "--", str(path)]).ok:
+        # Something still has a file open there (a dump that hung): detach it now, the kernel
+        # frees it when the last user lets go.
+        runner.run(["umount", "-l", "--", str(path)]).check()
+
+
+def _heal_disk_full(
+    directory: Path, state: dict[str, Any], spec: dict[str, Any], fault: dict[str, Any]
+) -> None:
+    """The filler goes, and the path, back on the real disk, holds what the full disk held: the
+    backups from before, and whatever was written while it was full (as on a disk that was
+    freed). If the mount is already gone, the path gets back what it held before the fault."""
+    path, held = Path(fault["mount"]), Path(fault["held"])
+    if _mount_source(path) == fault["source"]:
+        Path(fault["filler"]).unlink(missing_ok=True)
+        staging = path.with_name(path.name + ".sandbox-healed")
+        shutil.rmtree(staging, ignore_errors=True)
+        LocalRunner("sandbox").run(["cp", "-a", "--", str(path), str(staging)]).check()
+        _unmount(path)
+        path.rmdir()
+        staging.rename(path)
+        shutil.rmtree(held, ignore_errors=True)
+    elif held.exists():
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        held.rename(path)
+
+
+def _release_disk_full(fault: dict[str, Any]) -> None:
+    """For a sandbox going down with disk-full still broken: unmount, and put the original
+    path back, so nothing stays mounted under a directory about to be removed."""
+    path, held = Path(fault["mount"]), Path(fault["held"])
+    if _mount_source(path) == fault.get("source"):
+        _unmount(path)
+    if held.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        held.rename(path)
+
+
 _BREAKERS: dict[str, _Breaker] = {
     "db-down": _break_db_down,
     "server-down": _break_server_down,
@@ -1442,6 +1589,7 @@ _BREAKERS: dict[str, _Breaker] = {
     "pgbouncer-down": _break_pgbouncer_down,
     "ssh-hang": _break_ssh_hang,
     "hostile": _break_hostile,
+    "disk-full": _break_disk_full,
 }
 _HEALERS: dict[str, _Healer] = {
     "db-down": _heal_db_down,
@@ -1454,6 +1602,7 @@ _HEALERS: dict[str, _Healer] = {
     "pgbouncer-down": _heal_pgbouncer_down,
     "ssh-hang": _heal_ssh_hang,
     "hostile": _heal_hostile,
+    "disk-full": _heal_disk_full,
 }
 
 

@@ -1,9 +1,12 @@
 """The append-only, hash-chained event log.
 
 Every command, button press, job run, alert, escalation step, message and remote command is an
-event. Each row's ``hash`` is sha256 over the previous row's hash and a canonical JSON of the row
-(sorted keys, UTC ISO-8601 timestamps, no floats), computed here in Python and never from the
-database's own rendering of JSON, so SQLite and PostgreSQL chains verify the same way.
+event. Each row's ``hash`` covers the previous row's hash and a canonical JSON of the row (sorted
+keys, UTC ISO-8601 timestamps, no floats), computed here in Python and never from the database's
+own rendering of JSON, so SQLite and PostgreSQL chains verify the same way. With a key
+(``DBOPS_EVENTS_KEY``, storage/eventkeys.py) each row is also sealed with an HMAC that nobody
+without the key can make; storage/chain.py says exactly what is hashed and sealed, and checks it.
+The database refuses UPDATE and DELETE on the table (migration 0007).
 
 Writers are serialised so the chain never forks: ``BEGIN IMMEDIATE`` on SQLite, a
 transaction-level advisory lock on PostgreSQL. Inside the lock the head is read, ids are assigned
@@ -19,14 +22,13 @@ a connect timeout, then the next append probes and, if the database answers, all
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -35,11 +37,25 @@ from functools import lru_cache
 from pathlib import PurePath
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy import Engine, and_, func, or_, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from storage.chain import (
+    GENESIS,
+    SEGMENT_KIND,
+    ChainCheck,
+    Checkpoint,
+    Verdict,
+    body_digest,
+    canonical,
+    iso,
+    row_hash,
+    sha_keyed,
+    sha_unkeyed,
+)
+from storage.chain import body as _body
 from storage.db import (
     Aborted,
     Attempt,
@@ -50,11 +66,25 @@ from storage.db import (
     runs_inline,
     watch_pings,
 )
+from storage.eventkeys import EventKey, Keyring
 from storage.models import Event
+
+__all__ = [
+    "GENESIS",
+    "REDACTED",
+    "EventLog",
+    "EventLogKeyError",
+    "EventLogUnavailable",
+    "NewEvent",
+    "StoredEvent",
+    "Verdict",
+    "canonical",
+    "iso",
+    "row_hash",
+]
 
 log = logging.getLogger("dbops.events")
 
-GENESIS = "0" * 64
 # pg_advisory_xact_lock key: the bytes "dbopsevt" read as a signed 64-bit integer.
 PG_LOCK_KEY = int.from_bytes(b"dbopsevt", "big", signed=True)
 REDACTED = "[redacted]"
@@ -79,8 +109,13 @@ _SECRET_KEY = re.compile(
 _URL_PASSWORD = re.compile(r"(?P<pre>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]+)(?=@)", re.I)
 _KV_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.I)
 _BEARER = re.compile(
-    r"(?P<pre>\b(?:bearer\s+|xox[abpr]-|sk_(?:live|test)_|whsec_))(?P<pw>[\w.-]+)", re.I
+    r"(?P<pre>\b(?:bearer\s+|xox[abpr]-|sk_(?:live|test)_|whsec_|evk_))(?P<pw>[\w.-]+)", re.I
 )
+
+
+class EventLogKeyError(RuntimeError):
+    """This process cannot write the log as it stands: the log is sealed with a key that
+    DBOPS_EVENTS_KEY does not hold (or there is none), so a row it wrote would not verify."""
 
 
 class EventLogUnavailable(RuntimeError):
@@ -132,6 +167,9 @@ class Breaker:
         self._backoff = first
         self._down_since = 0.0
         self._cause = ""
+        # Called (on the appending thread, so quick) when the database answers again after an
+        # outage: storage.spool flushes the events it kept meanwhile.
+        self.on_recovery: list[Callable[[], object]] = []
 
     @property
     def is_open(self) -> bool:
@@ -173,6 +211,8 @@ class Breaker:
             self._open_until, self._probe_until = None, 0.0
             self._backoff = self.first
             self._generation += 1
+        for hook in list(self.on_recovery):
+            hook()
 
     def failed(self, ticket: int, exc: BaseException) -> None:
         with self._lock:
@@ -230,7 +270,7 @@ def scrub_text(text: str) -> str:
     return _BEARER.sub(lambda m: m["pre"] + "***", text)
 
 
-_MAYBE_SECRET = re.compile(r"://|password|bearer|xox|sk_|whsec_", re.IGNORECASE)
+_MAYBE_SECRET = re.compile(r"://|password|bearer|xox|sk_|whsec_|evk_", re.IGNORECASE)
 
 
 @lru_cache(maxsize=4096)
@@ -302,66 +342,6 @@ def _sanitise_other(value: Any) -> Any:
     return sanitise(str(value))
 
 
-def iso(ts: datetime) -> str:
-    """UTC ISO-8601 with microseconds and a Z; a naive datetime is taken to be UTC already."""
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-_ENCODER = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-)
-_str = json.encoder.encode_basestring  # the C encoder json.dumps uses with ensure_ascii=False
-
-
-def canonical(obj: Any) -> str:
-    """JSON with sorted keys, no whitespace, UTF-8 as is, and no NaN or infinity."""
-    return _ENCODER.encode(obj)
-
-
-def _opt(value: str | None) -> str:
-    return "null" if value is None else _str(value)
-
-
-def _body(
-    id_: int,
-    ts_iso: str,
-    kind: str,
-    actor: str | None,
-    subject: str | None,
-    payload_json: str,
-    source: str,
-    source_id: str | None,
-) -> str:
-    # Exactly canonical() of the row without its hashes, spelled out because it is the hot path
-    # of append_many; test_events_append checks that the two agree.
-    return (
-        f'{{"actor":{_opt(actor)},"id":{int(id_)},"kind":{_str(kind)},'
-        f'"payload":{payload_json},"source":{_str(source)},'
-        f'"source_id":{_opt(source_id)},"subject":{_opt(subject)},"ts":{_str(ts_iso)}}}'
-    )
-
-
-def _sha(prev_hash: str, body: str) -> str:
-    return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
-
-
-def row_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
-    """sha256 of the previous hash followed by the canonical JSON of the row."""
-    body = _body(
-        row["id"],
-        iso(row["ts"]),
-        row["kind"],
-        row["actor"],
-        row["subject"],
-        canonical(row["payload"]),
-        row["source"],
-        row["source_id"],
-    )
-    return _sha(prev_hash, body)
-
-
 @dataclass(frozen=True)
 class NewEvent:
     kind: str
@@ -393,6 +373,8 @@ class StoredEvent:
     source_id: str | None
     prev_hash: str
     hash: str
+    key_id: str | None = None  # the key that sealed it; None: unkeyed
+    mac: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -406,20 +388,9 @@ class StoredEvent:
             "source_id": self.source_id,
             "prev_hash": self.prev_hash,
             "hash": self.hash,
+            "key_id": self.key_id,
+            "mac": self.mac,
         }
-
-
-@dataclass(frozen=True)
-class Verdict:
-    ok: bool
-    checked: int
-    bad_id: int | None = None
-    reason: str | None = None
-
-    def __str__(self) -> str:
-        if self.ok:
-            return f"event log intact: {self.checked} events, chain verified"
-        return f"event log tampered at event {self.bad_id}: {self.reason}"
 
 
 _T = Event.__table__  # type: ignore[attr-defined]
@@ -434,6 +405,8 @@ _COLUMNS = (
     "source_id",
     "prev_hash",
     "hash",
+    "key_id",
+    "mac",
 )
 
 
@@ -461,7 +434,13 @@ def _stored(row: Any) -> StoredEvent:
         source_id=m["source_id"],
         prev_hash=m["prev_hash"],
         hash=m["hash"],
+        key_id=m["key_id"],
+        mac=m["mac"],
     )
+
+
+# Work done inside an append's transaction, before it commits: (connection, the stored events).
+Within = Callable[[Connection, list[StoredEvent]], None]
 
 
 class EventLog:
@@ -470,14 +449,34 @@ class EventLog:
     ``deadline``: seconds an append may take before its caller gets EventLogUnavailable.
     """
 
-    def __init__(self, engine: Engine, *, deadline: float = APPEND_DEADLINE_S) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        deadline: float = APPEND_DEADLINE_S,
+        keys: Keyring | None = None,
+    ) -> None:
         self.engine = engine
         self._sqlite = is_sqlite(engine)
         self.deadline = deadline
+        self.keys = keys
         self.breaker = breaker_for(engine)
         self._run = run_inline if runs_inline(engine) else run_with_deadline
+        self._listeners: list[Callable[[list[StoredEvent]], None]] = []
         if not self._sqlite:
             watch_pings(engine)  # an engine not made by make_engine
+
+    def listen(self, listener: Callable[[list[StoredEvent]], None]) -> None:
+        """Call ``listener(stored)`` after each append commits, on the appending thread (the
+        writer's, for GroupCommitLog): it must be quick and hand slow work to a thread."""
+        self._listeners.append(listener)
+
+    def _committed(self, stored: list[StoredEvent]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(stored)
+            except Exception:  # a listener's bug must not fail an append that is stored
+                log.exception("an event log listener failed")
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -496,7 +495,11 @@ class EventLog:
         return self.append_many([new])[0]
 
     def append_many(
-        self, events: Sequence[NewEvent], *, deadline: float | None = None
+        self,
+        events: Sequence[NewEvent],
+        *,
+        deadline: float | None = None,
+        within: Within | None = None,
     ) -> list[StoredEvent]:
         """Append a batch in one transaction; returns one stored event per input, in order.
 
@@ -504,6 +507,8 @@ class EventLog:
         same batch, comes back as the event stored first. Raises EventLogUnavailable when the
         database is down or does not answer within ``deadline`` seconds (default: the log's),
         and the error itself (ValueError, IntegrityError, ...) when an event is at fault.
+        ``within(conn, stored)`` runs in the same transaction, before COMMIT (the outbox writes
+        its row there, so the row and its event are stored together or not at all).
         """
         if not events:
             return []
@@ -511,10 +516,12 @@ class EventLog:
         seconds = self.deadline if deadline is None else deadline
         ticket = self.breaker.admit(hold=seconds + 1)
         try:
-            out = self._run(lambda attempt: self._store(prepared, attempt), seconds)
+            out = self._run(lambda attempt: self._store(prepared, attempt, within), seconds)
         except Exception as exc:
             raise self._failure(ticket, exc, seconds) from exc
         self.breaker.succeeded()
+        if self._listeners:
+            self._committed(out)
         return out
 
     def _failure(self, ticket: int, exc: Exception, seconds: float) -> Exception:
@@ -537,14 +544,16 @@ class EventLog:
         payloads = [_sanitise_dict(ev.payload) for ev in events]
         return _Prepared(events, payloads, [canonical(p) for p in payloads])
 
-    def _store(self, prepared: _Prepared, attempt: Attempt) -> list[StoredEvent]:
+    def _store(
+        self, prepared: _Prepared, attempt: Attempt, within: Within | None = None
+    ) -> list[StoredEvent]:
         """One transaction (two on a duplicate), on a worker thread, for ``attempt``."""
         try:
             # Duplicates are rare, so first try without looking for them: the unique constraint
             # catches one, and the retry (still under the writers' lock) returns the stored event.
-            return self._append(*prepared, attempt, look_up=False)
+            return self._append(*prepared, attempt, look_up=False, within=within)
         except IntegrityError:
-            return self._append(*prepared, attempt, look_up=True)
+            return self._append(*prepared, attempt, look_up=True, within=within)
 
     def _append(
         self,
@@ -554,6 +563,7 @@ class EventLog:
         attempt: Attempt,
         *,
         look_up: bool,
+        within: Within | None = None,
     ) -> list[StoredEvent]:
         opts = {"sqlite_begin": "IMMEDIATE"} if self._sqlite else {}
         with self.engine.connect().execution_options(**opts) as conn:
@@ -561,6 +571,8 @@ class EventLog:
             with conn.begin():
                 self._lock(conn, attempt)
                 out = self._insert(conn, events, payloads, payload_json, look_up=look_up)
+                if within is not None:
+                    within(conn, out)
                 attempt.check()  # past the deadline its caller was told it failed: no COMMIT
         return out
 
@@ -576,11 +588,21 @@ class EventLog:
         existing = self._existing(conn, events) if look_up else {}
         head = conn.execute(self._head_sql).first()
         next_id, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
+        seal_key = self._sealing_key(head[2] if head else None)
         now = datetime.now(UTC)
         now_iso, now_param = iso(now), self._ts_param(now)
         params: list[tuple[Any, ...]] = []
         out: list[StoredEvent] = []
-        for ev, payload, pjson in zip(events, payloads, payload_json, strict=True):
+        kid = seal_key.id if seal_key is not None else None
+        extra = 0  # rows this append adds that its caller did not ask for
+        if seal_key is not None and (head is None or head[2] != kid):
+            # A new key starts a segment: recorded in the chain, sealed by the new key.
+            after = head[2] if head is not None else None
+            segment = {"key_id": kid, "public_key": seal_key.public_text, "after": after}
+            events = [NewEvent(SEGMENT_KIND, "events", segment, "dbops"), *events]
+            payloads, payload_json = [segment, *payloads], [canonical(segment), *payload_json]
+            extra = 1
+        for i, (ev, payload, pjson) in enumerate(zip(events, payloads, payload_json, strict=True)):
             key = (ev.source, ev.source_id)
             if ev.source_id is not None and key in existing:
                 out.append(existing[key])
@@ -592,7 +614,11 @@ class EventLog:
             subject = ev.subject[:200] if ev.subject else ev.subject
             actor = ev.actor[:64] if ev.actor else ev.actor
             body = _body(next_id, ts_iso, ev.kind, actor, subject, pjson, ev.source, ev.source_id)
-            digest = _sha(prev, body)
+            if seal_key is None:
+                digest, mac = sha_unkeyed(prev, body), None
+            else:
+                digest = sha_keyed(prev, body_digest(body))
+                mac = seal_key.seal(digest)
             stored = StoredEvent(
                 next_id,
                 ts,
@@ -604,8 +630,11 @@ class EventLog:
                 ev.source_id,
                 prev,
                 digest,
+                kid,
+                mac,
             )
-            out.append(stored)
+            if i >= extra:
+                out.append(stored)
             params.append(
                 (
                     next_id,
@@ -618,6 +647,8 @@ class EventLog:
                     ev.source_id,
                     prev,
                     digest,
+                    kid,
+                    mac,
                 )
             )
             if ev.source_id is not None:
@@ -632,7 +663,30 @@ class EventLog:
 
     @property
     def _head_sql(self) -> Any:
-        return select(_T.c.id, _T.c.hash).order_by(_T.c.id.desc()).limit(1)
+        return select(_T.c.id, _T.c.hash, _T.c.key_id).order_by(_T.c.id.desc()).limit(1)
+
+    def _sealing_key(self, head_key: str | None) -> EventKey | None:
+        """The key new rows are sealed with, or EventLogKeyError when this process cannot
+        write rows that verify after ``head_key`` (the newest row's key)."""
+        if self.keys is None:
+            if head_key is not None:
+                raise EventLogKeyError(
+                    f"the event log is sealed with key {head_key} and this process has no "
+                    "DBOPS_EVENTS_KEY: its events would not verify, so none is written"
+                )
+            return None
+        key = self.keys.current
+        if key is None:
+            raise EventLogKeyError(
+                "DBOPS_EVENTS_KEY holds public keys only: it can verify the log, not write it"
+            )
+        if head_key is not None and head_key != key.id and self.keys.rank(head_key) < 0:
+            raise EventLogKeyError(
+                f"the newest event is sealed with key {head_key}, which DBOPS_EVENTS_KEY does "
+                "not hold: list it before the new key to rotate, or use the key file the other "
+                "dbops processes use"
+            )
+        return key
 
     @property
     def _insert_sql(self) -> str:
@@ -750,8 +804,6 @@ class EventLog:
         return _stored(row) if row else None
 
     def count(self) -> int:
-        from sqlalchemy import func
-
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(_T)).scalar_one())
 
@@ -766,36 +818,36 @@ class EventLog:
 
     # -- verifying -------------------------------------------------------------------------
 
-    def verify(self) -> Verdict:
+    def verify(self, checkpoints: Sequence[Checkpoint] = ()) -> Verdict:
         """Walk the chain from the first event; name the first event that does not fit.
 
-        Catches an edited row (its hash no longer matches), a deleted row (a gap in the ids and
-        a broken link) and rows swapped or re-ordered (the links do not follow).
+        Catches an edited row (its hash, or its seal, no longer matches), an inserted or deleted
+        row (a gap in the ids, a broken link, a row without a valid seal), rows swapped or
+        re-ordered (the links do not follow), a log written under another key, and, given the
+        published ``checkpoints``, a log cut back past one of them. With no keyring it checks
+        order only, and says so (storage/chain.py).
         """
-        prev_hash, expected_id, checked = GENESIS, 1, 0
-        for ev in self.iter_all():
-            row = ev.__dict__
-            if ev.id != expected_id:
-                missing = (
-                    f"{expected_id}" if ev.id == expected_id + 1 else (f"{expected_id}-{ev.id - 1}")
-                )
-                return Verdict(
-                    False,
-                    checked,
-                    ev.id if ev.id > expected_id else expected_id,
-                    f"event(s) {missing} missing before it (deleted)"
-                    if ev.id > expected_id
-                    else "ids out of order",
-                )
-            if ev.prev_hash != prev_hash:
-                return Verdict(
-                    False,
-                    checked,
-                    ev.id,
-                    "its prev_hash does not match the event before it "
-                    "(rows re-ordered, swapped or replaced)",
-                )
-            if row_hash(prev_hash, row) != ev.hash:
-                return Verdict(False, checked, ev.id, "its contents do not match its hash (edited)")
-            prev_hash, expected_id, checked = ev.hash, ev.id + 1, checked + 1
-        return Verdict(True, checked)
+        return ChainCheck(self.keys, checkpoints).feed_all(self.iter_all())
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def start_segment(self) -> None:
+        """Append the ``events.key`` event that starts the current key's segment, unless the
+        newest event is already sealed with it (nothing to do without a keyring)."""
+        if self.keys is None:
+            return
+        prepared = self._prepare([])
+        self._run(lambda attempt: self._store(prepared, attempt), self.deadline)
+
+    def checkpoint(self, now: datetime | None = None) -> Checkpoint:
+        """The head now (id, hash, count), signed with the current key; unsigned when the log
+        is unkeyed. A keyed log is first brought into the current key's segment."""
+        self.start_segment()
+        with self.engine.connect() as conn:
+            head = conn.execute(self._head_sql).first()
+            count = int(conn.execute(select(func.count()).select_from(_T)).scalar_one())
+        at = now or datetime.now(UTC)
+        if head is None:
+            return Checkpoint.make(0, GENESIS, count, at, None)
+        key = self.keys.get(head[2]) if self.keys is not None else None
+        return Checkpoint.make(head[0], head[1], count, at, key)

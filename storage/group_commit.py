@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from storage.db import Attempt
+from storage.eventkeys import Keyring
 from storage.events import (
     APPEND_DEADLINE_S,
     EventLog,
@@ -66,9 +67,14 @@ class GroupCommitLog(EventLog):
     """
 
     def __init__(
-        self, engine: Engine, max_batch: int = 500, *, deadline: float = APPEND_DEADLINE_S
+        self,
+        engine: Engine,
+        max_batch: int = 500,
+        *,
+        deadline: float = APPEND_DEADLINE_S,
+        keys: Keyring | None = None,
     ) -> None:
-        super().__init__(engine, deadline=deadline)
+        super().__init__(engine, deadline=deadline, keys=keys)
         self.max_batch = max_batch
         self._guard = threading.Lock()
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
@@ -178,6 +184,8 @@ class GroupCommitLog(EventLog):
         self.breaker.succeeded()
         for pending, event in zip(live, stored, strict=True):
             pending.future.set_result(event)
+        if self._listeners:
+            self._committed(stored)
 
     def _take(self, batch: list[_Pending]) -> tuple[list[_Pending], Attempt]:
         """The events still waited for, and the attempt that stores them (under the earliest

@@ -30,6 +30,9 @@ class Event(SQLModel, table=True):
     source_id: str | None = Field(default=None, max_length=200)
     prev_hash: str = Field(max_length=64)
     hash: str = Field(max_length=64)
+    # The key that sealed the event and its HMAC; NULL on an unkeyed event (storage/eventkeys.py).
+    key_id: str | None = Field(default=None, max_length=16)
+    mac: str | None = Field(default=None, max_length=64)
 
 
 class Customer(SQLModel, table=True):

@@ -5,7 +5,8 @@ Slack's own answer (HTTP 200, ``ok: false`` and the error code; the reasons in
 ``response_metadata.messages``), so a message that real Slack would drop cannot pass a test:
 
 - Web API methods (``/api/<method>``): auth.test, apps.connections.open, chat.postMessage,
-  chat.update, chat.postEphemeral, chat.delete, conversations.open, views.open, views.update,
+  chat.update, chat.postEphemeral, chat.delete, conversations.open, conversations.info,
+  conversations.list, conversations.history, conversations.replies, views.open, views.update,
   views.push, views.publish; anything else is ``unknown_method``. A bot token is needed
   (``not_authed``, ``invalid_auth``; Socket Mode's app token for apps.connections.open only).
 - Messages and views go through ``bot.slack_rules`` (the checker the Block Kit tests use):
@@ -25,7 +26,16 @@ Slack's own answer (HTTP 200, ``ok: false`` and the error code; the reasons in
   (``expired_trigger_id``, ``exchanged_trigger_id``, ``invalid_trigger_id``).
 - ``fail_next`` injects Slack's failures: 429 ``ratelimited`` with Retry-After (the default), a
   dropped connection (``DROP``), or any error code with HTTP 200 (``channel_not_found``,
-  ``not_in_channel``, ``invalid_auth``, ``msg_too_long``, ``invalid_blocks``...).
+  ``not_in_channel``, ``invalid_auth``, ``msg_too_long``, ``invalid_blocks``...);
+  ``rate_limit(seconds)`` answers 429 with the Retry-After left until that much stub time has
+  passed (``advance`` moves it); ``hold_next`` keeps a call's answer (or the call itself) back
+  until released, for a client killed mid-call.
+- Message metadata (``metadata``: ``event_type`` and ``event_payload``, refused otherwise with
+  ``invalid_metadata_format`` / ``invalid_metadata_schema``) is kept with the message and shown
+  by conversations.history and conversations.replies only with ``include_all_metadata``; those
+  need the history scope of the channel's type (``missing_scope``), the bot in the channel
+  (``not_in_channel``) and a channel id; ``remove_channel`` deletes a channel
+  (``channel_not_found`` from then on).
 
 It records every call (``calls``; ``Call.ok`` and ``Call.error`` say how it was answered) and
 lets a test wait for a call with a deadline instead of sleeping. The pattern is bolt-python's
@@ -59,9 +69,15 @@ RESPONSE_URL_TTL_S = 30 * 60
 TRIGGER_TTL_S = 3.0
 _CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
 _USER_ID = re.compile(r"^[UW][A-Z0-9_]{2,}$")
-_JSON_FIELDS = ("blocks", "attachments", "view")
+_JSON_FIELDS = ("blocks", "attachments", "view", "metadata")
 CHANNELS = ("db-ops", "db-escalations", "esc", "general")  # public, with the bot in them
-SCOPES = "commands,chat:write,chat:write.public,im:write,channels:read,groups:read"
+SCOPES = (
+    "commands,chat:write,chat:write.public,im:write,im:history,channels:read,groups:read,"
+    "channels:history,groups:history"
+)
+# The scope conversations.history / .replies need, by the first letter of the channel id.
+HISTORY_SCOPES = {"C": "channels:history", "G": "groups:history", "D": "im:history"}
+_EVENT_TYPE = re.compile(r"^[A-Za-z0-9_]{1,255}$")
 METHODS = {
     "auth.test",
     "apps.connections.open",
@@ -72,6 +88,8 @@ METHODS = {
     "conversations.open",
     "conversations.info",
     "conversations.list",
+    "conversations.history",
+    "conversations.replies",
     "views.open",
     "views.update",
     "views.push",
@@ -138,6 +156,30 @@ class _ResponseUrl:
     uses: int = 0
 
 
+@dataclass
+class _Window:
+    """Every call matching ``match`` is rate limited until ``until`` (the stub's clock)."""
+
+    match: str
+    until: float
+
+
+@dataclass
+class Hold:
+    """A call kept back (``hold_next``): ``reached`` is set when it arrives; ``release`` lets it
+    go on. With ``accept`` the call is done first and only its answer is kept back (Slack took
+    it; the caller does not know); without, the call is dropped unanswered on release."""
+
+    match: str
+    accept: bool
+    reached: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+    taken: bool = False
+
+    def release(self) -> None:
+        self.released.set()
+
+
 class SlackStub:
     def __init__(self) -> None:
         self.calls: list[Call] = []
@@ -149,6 +191,10 @@ class SlackStub:
         self._messages: dict[tuple[str, str], dict[str, Any]] = {}
         self._views: dict[str, dict[str, Any]] = {}
         self._last_ts = 0.0
+        self._windows: list[_Window] = []
+        self._holds: list[Hold] = []
+        self.scopes = set(SCOPES.split(","))  # what auth.test reports; remove one to test
+        self.latency_s = 0.0  # how long each Web API answer takes (a slow network)
         self._expected: set[str] = set()
         self._channels: dict[str, dict[str, Any]] = {}
         for name in CHANNELS:
@@ -196,6 +242,8 @@ class SlackStub:
         with self._cond:
             for url in self._urls.values():
                 url.issued -= seconds
+            for window in self._windows:
+                window.until -= seconds
         with _triggers_lock:
             for trigger in _triggers:
                 _triggers[trigger] -= seconds
@@ -234,12 +282,41 @@ class SlackStub:
             }
         return channel_id
 
-    def existing(self, channel: str, text: str = "posted before the test") -> str:
+    def remove_channel(self, name: str) -> None:
+        """The channel is deleted: posts, info and history answer ``channel_not_found``."""
+        channel_id = self.channel_id(name)
+        with self._cond:
+            info = self._channels.get(channel_id)
+            if info is None:
+                self.add_channel(name.removeprefix("#"))
+                info = self._channels[channel_id]
+            info["deleted"] = True
+
+    def existing(
+        self,
+        channel: str,
+        text: str = "posted before the test",
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> str:
         """A message already in ``channel`` (posted by the bot earlier): its ts."""
         ts = self._next_ts()
+        body: dict[str, Any] = {"text": text}
+        if metadata is not None:
+            body["metadata"] = metadata
         with self._cond:
-            self._messages[(self.channel_id(channel), ts)] = {"text": text}
+            self._messages[(self.channel_id(channel), ts)] = body
         return ts
+
+    def messages(self, channel: str | None = None) -> list[dict[str, Any]]:
+        """Every message in Slack now (``channel``, ``ts`` and the body), oldest first."""
+        with self._cond:
+            found = sorted(self._messages.items(), key=lambda kv: float(kv[0][1]))
+        return [
+            {**body, "channel": ch, "ts": ts}
+            for (ch, ts), body in found
+            if channel is None or ch == self.channel_id(channel)
+        ]
 
     def start(self) -> SlackStub:
         self._thread.start()
@@ -290,10 +367,24 @@ class SlackStub:
         with self._cond:
             self._failures.append(_Failure(match, n, status, retry_after, error))
 
+    def rate_limit(self, seconds: float, match: str = "chat.") -> None:
+        """Answer every call whose path contains ``match`` with 429 ``ratelimited`` and the
+        Retry-After left, until ``seconds`` of stub time have passed (``advance`` moves it)."""
+        with self._cond:
+            self._windows.append(_Window(match, self._now() + seconds))
+
+    def hold_next(self, match: str, *, accept: bool = True) -> Hold:
+        """Keep back the next call whose path contains ``match`` (see ``Hold``)."""
+        hold = Hold(match, accept)
+        with self._cond:
+            self._holds.append(hold)
+        return hold
+
     def reset(self) -> None:
         with self._cond:
             self.calls.clear()
             self._failures.clear()
+            self._windows.clear()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -361,6 +452,18 @@ class SlackStub:
         if kind != "response" and req.command == "GET":
             body = {**dict(parse_qsl(url.query)), **body}
         headers = {k.lower(): v for k, v in req.headers.items()}
+        hold = self._hold(path)
+        if hold is not None and not hold.accept:
+            hold.reached.set()
+            hold.released.wait(60)
+            call = Call(kind, path, headers, body, DROP, ok=False, error="dropped", injected=True)
+            with self._cond:
+                self.calls.append(call)
+                self._cond.notify_all()
+            req.close_connection = True
+            return
+        if self.latency_s and kind != "response":
+            time.sleep(self.latency_s)
         status, payload, extra, injected = self._answer(path, kind, body, headers)
         call = Call(kind, path, headers, body, status, injected=injected, answer=payload)
         if isinstance(payload, dict):
@@ -374,12 +477,31 @@ class SlackStub:
         with self._cond:  # recorded before the answer: a caller that has it finds the call
             self.calls.append(call)
             self._cond.notify_all()
+        if hold is not None:  # done; the answer waits (its caller may be killed meanwhile)
+            hold.reached.set()
+            hold.released.wait(60)
         if status == DROP:  # hang up without an answer, as a dropped connection does
             req.close_connection = True
         else:
             self._send(req, status, payload, extra)
 
+    def _hold(self, path: str) -> Hold | None:
+        with self._cond:
+            for hold in self._holds:
+                if not hold.taken and hold.match in path:
+                    hold.taken = True
+                    return hold
+        return None
+
     def _send(
+        self, req: BaseHTTPRequestHandler, status: int, payload: Any, headers: dict[str, str]
+    ) -> None:
+        try:
+            self._write(req, status, payload, headers)
+        except OSError:  # the caller hung up (killed) before its answer
+            req.close_connection = True
+
+    def _write(
         self, req: BaseHTTPRequestHandler, status: int, payload: Any, headers: dict[str, str]
     ) -> None:
         data = json.dumps(payload).encode() if not isinstance(payload, bytes) else payload
@@ -409,6 +531,11 @@ class SlackStub:
 
     def _injected(self, path: str, kind: str) -> tuple[int, Any, dict[str, str]] | None:
         with self._cond:
+            now = self._now()
+            for window in self._windows:
+                if window.match in path and now < window.until:
+                    left = str(max(1, int(-(-(window.until - now) // 1))))
+                    return 429, {"ok": False, "error": "ratelimited"}, {"Retry-After": left}
             for rule in self._failures:
                 if rule.remaining > 0 and rule.match in path:
                     rule.remaining -= 1
@@ -448,7 +575,7 @@ class SlackStub:
             error = "not_allowed_token_type" if token.startswith("xapp-") else "invalid_auth"
             return 200, {"ok": False, "error": error}, {}, False
         answer = self._method(kind, _decoded(body))
-        extra = {"X-OAuth-Scopes": SCOPES} if kind == "auth.test" else {}
+        extra = {"X-OAuth-Scopes": ",".join(sorted(self.scopes))} if kind == "auth.test" else {}
         return 200, answer, extra, False
 
     def _method(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -468,6 +595,8 @@ class SlackStub:
                 return _error("channel_not_found")
             with self._cond:
                 info = self._channels.get(channel)
+            if info is not None and info.get("deleted"):
+                return _error("channel_not_found")
             if info is None:  # like chat.postMessage: any other id is a channel we are in
                 info = {"id": channel, "name": channel.lower(), "is_member": True}
                 info |= {"is_private": False, "is_archived": False}
@@ -477,7 +606,7 @@ class SlackStub:
                 shown = [
                     dict(c)
                     for c in self._channels.values()
-                    if not c["is_private"] or c["is_member"]
+                    if not c.get("deleted") and (not c["is_private"] or c["is_member"])
                 ]
             return {"ok": True, "channels": shown, "response_metadata": {"next_cursor": ""}}
         if kind == "conversations.open":
@@ -489,6 +618,8 @@ class SlackStub:
             if any(not _USER_ID.fullmatch(u.strip()) for u in users.split(",")):
                 return _error("user_not_found")
             return {"ok": True, "channel": {"id": self.dm_channel(users)}}
+        if kind in ("conversations.history", "conversations.replies"):
+            return self._history(kind, body)
         if kind in ("chat.postMessage", "chat.postEphemeral"):
             return self._post(kind, body)
         if kind in ("chat.update", "chat.delete"):
@@ -501,12 +632,14 @@ class SlackStub:
             return _error("channel_not_found")
         if kind == "chat.postEphemeral" and not body.get("user"):
             return _error("user_not_found")
-        refused = _refusal(check_message(body))
+        refused = _refusal(check_message(body)) or _metadata_refusal(body)
         if refused is not None:
             return refused
         channel_id = self.channel_id(channel)
         with self._cond:
             info = self._channels.get(channel_id)
+        if info is not None and info.get("deleted"):
+            return _error("channel_not_found")
         if info is not None and info["is_private"] and not info["is_member"]:
             return _error("not_in_channel")
         ts = self._next_ts()
@@ -528,12 +661,72 @@ class SlackStub:
             with self._cond:
                 self._messages.pop((channel, ts), None)
             return {"ok": True, "channel": channel, "ts": ts}
-        refused = _refusal(check_message(body))
+        refused = _refusal(check_message(body)) or _metadata_refusal(body)
         if refused is not None:
             return refused
         with self._cond:
-            self._messages[(channel, ts)] = body
+            old = self._messages[(channel, ts)]
+            kept: dict[str, Any] = {k: old[k] for k in ("thread_ts", "metadata") if k in old}
+            self._messages[(channel, ts)] = {**kept, **body}
         return {"ok": True, "channel": channel, "ts": ts, "text": body.get("text", "")}
+
+    def _history(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """conversations.history (a channel's top-level messages, newest first) and
+        conversations.replies (a thread: its parent, then the replies, oldest first)."""
+        channel = str(body.get("channel") or "")
+        if not _CHANNEL_ID.fullmatch(channel):
+            return _error("channel_not_found")
+        with self._cond:
+            info = self._channels.get(channel)
+        if info is not None and info.get("deleted"):
+            return _error("channel_not_found")
+        needed = HISTORY_SCOPES[channel[0]]
+        if needed not in self.scopes:
+            return {**_error("missing_scope"), "needed": needed, "provided": ",".join(self.scopes)}
+        if info is not None and not info["is_member"]:
+            return _error("not_in_channel")
+        try:
+            oldest = float(body.get("oldest") or 0)
+            latest = float(body.get("latest") or 10**10)
+            limit = int(body.get("limit") or 100)
+            start = int(body.get("cursor") or 0)
+        except ValueError:
+            return _error("invalid_arguments")
+        if not 1 <= limit <= 999:
+            return _error("invalid_limit")
+        inclusive = str(body.get("inclusive", "")).lower() in ("1", "true")
+        metadata = str(body.get("include_all_metadata", "")).lower() in ("1", "true")
+        with self._cond:
+            mine = [(ts, b) for (ch, ts), b in self._messages.items() if ch == channel]
+        if kind == "conversations.replies":
+            parent = str(body.get("ts") or "")
+            if not any(ts == parent for ts, _ in mine):
+                return _error("thread_not_found")
+            found = [(ts, b) for ts, b in mine if ts == parent or b.get("thread_ts") == parent]
+            found.sort(key=lambda m: float(m[0]))
+        else:
+            found = [(ts, b) for ts, b in mine if b.get("thread_ts") in (None, ts)]
+            found.sort(key=lambda m: -float(m[0]))
+        found = [
+            (ts, b)
+            for ts, b in found
+            if (oldest <= float(ts) if inclusive else oldest < float(ts)) and float(ts) <= latest
+        ]
+        page = found[start : start + limit]
+        more = start + limit < len(found)
+        shown = []
+        for ts, b in page:
+            message = {"type": "message", "user": BOT_USER, "bot_id": "B0DBOPSBOT", "ts": ts}
+            message |= {k: b[k] for k in ("text", "blocks", "thread_ts") if k in b}
+            if metadata and "metadata" in b:
+                message["metadata"] = b["metadata"]
+            shown.append(message)
+        return {
+            "ok": True,
+            "messages": shown,
+            "has_more": more,
+            "response_metadata": {"next_cursor": str(start + limit) if more else ""},
+        }
 
     def _view(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
         if kind in ("views.open", "views.push"):
@@ -593,6 +786,22 @@ class SlackStub:
         with self._cond:
             url.uses += 1
         return 200, "ok"
+
+
+def _metadata_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
+    """Slack's answer to bad message metadata, or None: an object with a word for
+    ``event_type`` and an object for ``event_payload``."""
+    if "metadata" not in body:
+        return None
+    meta = body["metadata"]
+    if not isinstance(meta, dict):
+        return _error("invalid_metadata_format")
+    event_type, payload = meta.get("event_type"), meta.get("event_payload")
+    if not isinstance(event_type, str) or not _EVENT_TYPE.fullmatch(event_type):
+        return _error("invalid_metadata_schema", ("event_type must be a word of 1-255",))
+    if not isinstance(payload, dict):
+        return _error("invalid_metadata_schema", ("event_payload must be an object",))
+    return None
 
 
 def _said(answer: Any) -> str:

@@ -10,6 +10,7 @@ also fails whatever command it catches.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine
+from sqlmodel import Session, select
 
 import core.backups as backups_mod
 from core.backups import GLOBALS, HEADROOM_MAX_BYTES, Backups, SpaceCheck
@@ -26,6 +28,9 @@ from core.errors import Unreachable
 from core.fleet import Fleet, Server
 from core.remote import Runner, RunnerPool
 from storage.events import EventLog, EventLogUnavailable
+from storage.models_billing import OpLock
+from tests.blackhole import Mode
+from tests.event_outage import EventOutage
 from tests.test_backups import restore_server_logs  # noqa: F401  (autouse: server logs kept)
 
 MiB = 1 << 20
@@ -148,13 +153,134 @@ def test_nightly_run_goes_on_past_a_failed_dump_a_dropped_ssh_and_an_event_log_o
     first_tries = {e.subject for e in failed if e.payload["attempt"] == 1}
     retried = {o.customer for o in run.outcomes if o.attempts == 2}
     assert dropped.name in retried and retried <= first_tries
-    assert all(e.payload["infrastructure"] for e in failed if e.subject in retried)
+    # A retried customer's first try failed for the infrastructure. (The ghost's first try may
+    # be one the outage caught; its retry then fails for its own reason, recorded as such.)
+    first_failed = [e for e in failed if e.subject in retried and e.payload["attempt"] == 1]
+    assert {e.subject for e in first_failed} == retried
+    assert all(e.payload["infrastructure"] for e in first_failed)
+    assert sorted(e.payload["attempt"] for e in failed if e.subject == GHOST) == list(
+        range(1, ghost.attempts + 1)
+    )
     assert any(e.subject == GHOST and not e.payload["infrastructure"] for e in failed)
     (summary,) = events.query(kind="backup.run", limit=5)
     assert summary.payload["failed"] == [GHOST]
     assert sorted(summary.payload["retried"]) == sorted(o.customer for o in run.retried)
     assert len(events.query(kind="backup.globals", limit=10)) == 3
     assert not [o for o in run.globals if o.customer != GLOBALS]
+
+
+OUTAGE_S = 30.0
+CUT_AT_EVENT = 12  # the log goes down just before the 12th event of the run goes out
+
+
+def _complete_stamps(sandbox: dict[str, Any], customer: Customer) -> set[str]:
+    root = Path(next(s["backup_path"] for s in sandbox["servers"] if s["name"] == customer.server))
+    return {
+        p.parent.name
+        for p in (root / customer.name).glob("*/status")
+        if json.loads(p.read_text()).get("ok") is True
+    }
+
+
+@pytest.mark.parametrize("mode", ["refuse", "blackhole"])
+def test_nightly_run_goes_on_through_a_real_30_s_outage_of_the_event_log_database(
+    sandbox: dict[str, Any],
+    sandbox_fleet: Fleet,
+    event_outage: EventOutage,
+    sandbox_backups_kept: None,
+    mode: Mode,
+) -> None:
+    """The same run against the real thing: dbops' database (its state and its event log, one
+    PostgreSQL database as in production) stops answering for 30 s a dozen events into the run,
+    while one customer's dump fails. ``refuse``: connections refused and reset, as a restart
+    does; ``blackhole``: a dropped route, where every call waits for its deadline.
+
+    Time is moved, not waited: the run's wait before its retry pass (``Backups.sleep``) is
+    where the 30 s run out, so that is where the database comes back. What is really waited for
+    is the event log's breaker (storage.events.Breaker) closing after the database is back: it
+    keeps time with time.monotonic and takes no clock, so that is up to BREAKER_LONGEST_S."""
+    engine = event_outage.engine  # through the proxy: the only way this test reaches it
+    customers = [customer_from_mapping(c) for c in sandbox["customers"]]
+    ghost = Customer(GHOST, "vps2", f"{GHOST}_gone", GHOST, "small")
+    upsert_customers(engine, [*customers, ghost])
+    before = {c.name: _complete_stamps(sandbox, c) for c in customers}
+    # Its own runners, recording every command through the same log, as the scheduler's do.
+    backups = Backups(engine, event_outage.events, sandbox_fleet)
+    backups.lock_deadline_s = event_outage.deadline  # the short deadline its log has here
+    seen: list[str] = []
+    cut_at: list[float] = []
+
+    def nth_event(kind: str, subject: str | None) -> bool:
+        seen.append(kind)
+        if len(seen) == CUT_AT_EVENT:
+            cut_at.append(time.monotonic())
+            return True
+        return False
+
+    cut = event_outage.arm(nth_event, mode=mode, seconds=OUTAGE_S)
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        """The wait before the retry pass, moved rather than slept: once the log has been down
+        for OUTAGE_S by the end of it, the database is back (the proxy heals)."""
+        waits.append(seconds)
+        assert cut.is_set(), "the outage was meant to begin during the first pass"
+        assert time.monotonic() - cut_at[0] + seconds >= OUTAGE_S
+        event_outage.heal()
+        breaker = event_outage.events.breaker
+        deadline = time.monotonic() + 10
+        while breaker.refusing() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    backups.sleep = sleep
+    started = time.monotonic()
+
+    run = backups.backup_all(parallel=True, actor="scheduler")
+
+    took = time.monotonic() - started
+    print(f"\nnightly run through a {OUTAGE_S:g} s {mode} of dbops' database: {took:.1f} s")
+    assert cut.is_set() and waits == [backups.retry_after_s]
+    by_name = {o.customer: o for o in run.outcomes}
+    # Every customer backed up but the ghost; its failure recorded as crit, for its own reason
+    # (a first try the outage caught is retried, and fails the same way as ever).
+    assert [o.customer for o in run.failed] == [GHOST]
+    ghost_out = by_name[GHOST]
+    assert ghost_out.verdict == "crit" and not ghost_out.infrastructure
+    assert ghost_out.error is not None and "does not exist" in ghost_out.error
+    assert all(by_name[c.name].ok for c in customers) and all(g.ok for g in run.globals)
+    # The outage failed someone's first try (a lock on dbops' database); those, and only
+    # those, were tried once more, after the first pass.
+    retried = {o.customer for o in [*run.outcomes, *run.globals] if o.attempts == 2}
+    assert retried and all(o.attempts <= 2 for o in [*run.outcomes, *run.globals])
+    # Each customer has exactly one new complete backup on its server: the one reported (a
+    # dump that was taken and reported failed would be a second).
+    for c in customers:
+        assert _complete_stamps(sandbox, c) - before[c.name] == {by_name[c.name].backup}
+    # Everything recorded once the log was back, exactly once.
+    assert run.unrecorded == [] and backups.flush_unrecorded() == []
+    stored = [e for e in event_outage.stored() if e.kind.startswith("backup.")]
+    taken = [e for e in stored if e.kind == "backup.taken"]
+    assert sorted(e.subject or "" for e in taken) == sorted(c.name for c in customers)
+    assert {e.subject: e.payload["backup"] for e in taken} == {
+        c.name: by_name[c.name].backup for c in customers
+    }
+    failed = [e for e in stored if e.kind in ("backup.failed", "backup.globals_failed")]
+    attempts = [(e.kind, e.subject, e.payload["attempt"]) for e in failed]
+    assert len(attempts) == len(set(attempts))  # each failed try once
+    first_tries = {e.subject for e in failed if e.payload["infrastructure"]}
+    globals_retried = {o.server for o in run.globals if o.attempts == 2}
+    assert first_tries == (retried - {GLOBALS}) | globals_retried
+    ghost_tries = sorted(
+        (e.payload["attempt"], e.payload["infrastructure"]) for e in failed if e.subject == GHOST
+    )
+    assert ghost_tries == ([(1, False)] if ghost_out.attempts == 1 else [(1, True), (2, False)])
+    assert len([e for e in stored if e.kind == "backup.globals"]) == 3
+    (summary,) = [e for e in stored if e.kind == "backup.run"]
+    assert summary.payload["failed"] == [GHOST] and summary.payload["unrecorded"] == 0
+    assert event_outage.verdict().ok
+    # No backup lock outlived the run (one left would refuse `/db backup` for its lease, 3 h).
+    with Session(event_outage.direct) as session:
+        assert session.exec(select(OpLock.name)).all() == []
 
 
 def test_a_dump_without_the_free_space_it_needs_is_refused_as_crit_and_writes_nothing(

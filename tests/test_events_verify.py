@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from storage.events import EventLog
+from tests.tamper import tamper
 
 
 def _fill(events: EventLog, n: int = 6) -> None:
@@ -18,8 +20,8 @@ def _fill(events: EventLog, n: int = 6) -> None:
 
 
 def _sql(engine: Engine, statement: str, **params: object) -> None:
-    with engine.begin() as conn:
-        conn.execute(text(statement), params)
+    # The database refuses UPDATE and DELETE on events: the attacker lifts that guard first.
+    tamper(engine, (statement, params))
 
 
 def test_intact_log_verifies(events: EventLog) -> None:
@@ -100,9 +102,21 @@ def test_cli_export_is_json_lines_that_verify_again(sqlite_engine: Engine) -> No
         text=True,
         check=True,
     )
+    # A header, the events, then the checkpoint that closes the export (storage/audit.py).
     lines = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [r["id"] for r in lines] == [1, 2, 3]
-    assert lines[1]["prev_hash"] == lines[0]["hash"]
+    assert lines[0]["type"] == "dbops.export" and lines[-1]["type"] == "dbops.checkpoint"
+    events = [r for r in lines if r["type"] == "event"]
+    assert [r["id"] for r in events] == [1, 2, 3]
+    assert events[1]["prev_hash"] == events[0]["hash"]
+    exported = Path(str(sqlite_engine.url.database)).with_name("export.jsonl")
+    exported.write_text(res.stdout)
+    again = subprocess.run(
+        [sys.executable, "-m", "bot", "events", "verify", "--file", str(exported)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0 and "3 events" in again.stdout, again.stderr
     tail = subprocess.run(
         [sys.executable, "-m", "bot", "events", "tail", "-n", "2", "--json"],
         env=env,

@@ -3,6 +3,7 @@ error, and nothing run (no remote command, no query) — against the real sandbo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,17 @@ from storage.db import make_engine
 from storage.events import EventLog
 from storage.migrate import upgrade
 
+# What an injected command would leave behind: a path of this run's own, so a /tmp/x some other
+# tool made cannot fail the test (nor hide a real injection).
+MARKER = f"/tmp/dbops-hostile-{os.getpid()}"
+
 HOSTILE = st.one_of(
     st.text(min_size=1, max_size=80),
     st.sampled_from(
         [
             "acme; rm -rf /",
             "acme' OR '1'='1",
-            "$(touch /tmp/x)",
+            f"$(touch {MARKER})",
             "`id`",
             "acme\n",
             "ácme",
@@ -68,4 +73,4 @@ def test_hostile_customer_or_server_names_run_nothing(ops: Ops, name: str) -> No
         assert len(message) < 300, "the error echoes the whole input"
         assert "Traceback" not in message
     assert ops.events.count() == before, "a rejected name reached a runner"
-    assert not Path("/tmp/x").exists()
+    assert not Path(MARKER).exists()

@@ -20,7 +20,15 @@ from sqlalchemy import Engine
 from bot.app import build_services, create_app
 from bot.context import Context
 from bot.router import REGISTRY
-from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, SlackStub, action_body, sign, slash_body
+from tests.slack_stub import (
+    BOT_TOKEN,
+    SCOPES,
+    SIGNING_SECRET,
+    SlackStub,
+    action_body,
+    sign,
+    slash_body,
+)
 
 MANIFEST = Path(__file__).resolve().parents[1] / "manifest.yml"
 
@@ -106,7 +114,11 @@ def test_the_manifest_declares_what_the_app_registers(
         "im:history",
         "channels:read",  # /healthz: the ops and escalation channels are postable
         "groups:read",
+        "channels:history",  # the outbox finds a post whose answer was lost (metadata)
+        "groups:history",
     }
+    # What the strict stub grants is what the manifest asks for.
+    assert set(manifest["oauth_config"]["scopes"]["bot"]) == set(SCOPES.split(","))
     # No users:read: nothing calls users.info. DMs to the bot are commands (message.im).
     assert manifest["settings"]["event_subscriptions"]["bot_events"] == registered["events"]
     assert registered["events"] == ["message.im"]

@@ -78,7 +78,7 @@ def test_help_lists_only_commands_that_exist() -> None:
     assert [s.name for s in REGISTRY.specs] == [
         *("help", "status", "report", "servers", "log", "backups", "backup"),
         *("incident open", "incident list", "incident ack", "incident restart", "incident resolve"),
-        *("incident email", "incident email-send", "oncall", "oncall set"),
+        *("incident email", "incident email-send", "incident report", "oncall", "oncall set"),
         *("provision", "credit apply", "restart", "restore", "checklist", "jobs"),
     ]
 

@@ -8,7 +8,8 @@ from sqlmodel import SQLModel
 import storage.models  # registers the tables on SQLModel.metadata
 import storage.models_billing
 import storage.models_incidents
-import storage.models_jobs  # noqa: F401
+import storage.models_jobs
+import storage.models_outbox  # noqa: F401
 
 target_metadata = SQLModel.metadata
 
