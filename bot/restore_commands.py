@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from slack_sdk.models.blocks import (
+    Block,
     InputBlock,
     MarkdownTextObject,
     Option,
@@ -176,7 +177,7 @@ def _done_reply(r: RestoreResult, actor: str) -> Reply:
     log_line = f"`/db log {escape(r.customer)}` has each" + (
         "." if r.recorded else " once the event log is back."
     )
-    out = [
+    out: list[Block] = [
         blocks.section(
             f":rewind: {who} restored *{escape(r.customer)}* on *{escape(r.server)}* "
             f"from backup `{escape(r.backup)}` in {r.duration_s:.1f} s: "
