@@ -51,12 +51,12 @@ from core.incidents import Incident, Incidents, parse_incident_id, parse_severit
 from core.notify import Message, MessageRef, Notifier, NotifyError
 from core.ops import Ops
 from core.report import database_json, server_json
+from core.restarts import Decision, Refused, Restarts, decide, seen_from_health
 from core.settings import Settings, load_settings
 
 log = logging.getLogger("dbops.incidents.slack")
 
 HEALTH_DEADLINE_S = 3.0  # the card's state and the diagnostics: a quick look, not a sweep
-RECHECK_S = 30.0  # after a restart, how long to wait for PostgreSQL to answer
 TOP_ACTIVITY = 5
 TEXT_WORDS = 40  # a summary or cause, word by word, until the router has a rest-of-line arg
 
@@ -163,6 +163,13 @@ def desk_for(ops: Ops, *, settings: Settings | None = None) -> Desk:
     return _desks.get(ops.engine, lambda: _build_desk(ops, settings or load_settings()))
 
 
+def restarts_for(ops: Ops) -> Restarts:
+    """Restarts (core.restarts: the one restart policy) with this process's incident desk:
+    the card's Restart and `/db restart` both go through it."""
+    desk = desk_for(ops)
+    return Restarts(ops.engine, ops.events, ops.fleet, ops.runners, incidents=desk.incidents)
+
+
 def reset_desks() -> None:
     """Forget the desks (tests that change the settings between cases)."""
     _desks.clear()
@@ -205,14 +212,18 @@ def _server_health(ops: Ops, server: str) -> ServerHealth:
 
 
 def _health_view(inc: Incident, health: ServerHealth) -> dict[str, Any]:
-    """What restart_precondition reads: the server, and the database of a one-customer
-    incident (a database down on a healthy cluster is worth a restart too)."""
+    """The card's view of the server, and the database of a one-customer incident."""
     server = server_json(health)
     if len(inc.customers) == 1:
         db = next((d for d in health.databases if d.customer == inc.customers[0]), None)
         if db is not None:
             return {"server": server, "database": database_json(db)}
     return server
+
+
+def _restart_view(inc: Incident, health: ServerHealth) -> Decision:
+    """The card's Restart as core.restarts decides it for the incident's customers."""
+    return decide(seen_from_health(health), inc.customers)
 
 
 def _buttons(
@@ -256,23 +267,25 @@ def _card(
     *,
     restore: Mapping[str, Any] | None = None,
     note: str = "",
+    restart: Decision | None = None,
 ) -> Reply:
     restore = restore if registry.get("restore") is not None else None
-    card = desk.incidents.card(inc.id, health=health, restore=restore)
+    card = desk.incidents.card(inc.id, health=health, restore=restore, restart=restart)
     return card_reply(card, _buttons(card, registry, restore), note=note)
 
 
 def refresh_card(desk: Desk, call: Call, inc_id: int, *, note: str = "") -> Reply:
     """Re-render the card from the incident and a fresh look at its server; update it in place."""
     inc = desk.incidents.get(inc_id)
-    health = None
+    health, restart = None, None
     if inc.server is not None and inc.active:
         try:
-            health = _health_view(inc, _server_health(call.ops, inc.server))
+            seen = _server_health(call.ops, inc.server)
+            health, restart = _health_view(inc, seen), _restart_view(inc, seen)
         except DbopsError:
             health = None
     hint = restore_hint(call.ops, inc)
-    reply = _card(desk, call.router.registry, inc, health, restore=hint, note=note)
+    reply = _card(desk, call.router.registry, inc, health, restore=hint, note=note, restart=restart)
     if inc.card_ref is not None:
         desk.update(inc.card_ref, reply)
     return reply
@@ -360,7 +373,8 @@ def announce(
         except DbopsError as exc:
             log.warning("no health for %s at open: %s", inc.ref, exc.message)
     view = _health_view(inc, health) if health is not None else None
-    card = _card(desk, registry, inc, view, restore=restore_hint(ops, inc))
+    restart = _restart_view(inc, health) if health is not None else None
+    card = _card(desk, registry, inc, view, restore=restore_hint(ops, inc), restart=restart)
     diag = (
         diagnostics_reply(inc.ref, diagnostics(ops, inc.server, health), tz)
         if health is not None and inc.server is not None
@@ -429,20 +443,24 @@ def _restart(call: Call) -> Reply:
     if inc.server is None or not inc.active:
         why = "it names no server" if inc.server is None else "it is resolved"
         return refused_reply(inc.ref, "Restart", why)
-    health = _health_view(inc, _server_health(call.ops, inc.server))
-    card = desk.incidents.card(inc.id, health=health)
-    button = next((b for b in card["buttons"] if b["action"] == "restart"), None)
-    if button is None or not button["enabled"]:
-        reason = button["reason"] if button else "nothing to restart"
-        return refused_reply(inc.ref, "Restart", reason)
-    # Two people pressed it: core runs one restart per server and refuses the other.
-    result = desk.incidents.restart(inc.id, call.ops.runners, actor=call.actor, recheck_s=RECHECK_S)
+    try:  # core.restarts decides, as for `/db restart`; one restart per server runs at a time
+        result = restarts_for(call.ops).restart_incident(inc.id, call.actor).result
+    except Refused as no:
+        hint = f" {no.hint}" if no.hint else ""
+        return refused_reply(inc.ref, "Restart", f"{no.message.rstrip('.')}.{hint}")
     said = restart_reply(inc.ref, result, call.actor)
     fresh = desk.incidents.get(inc.id)
     if fresh.card_ref is not None:
         desk.post(said, thread=fresh.card_ref)
     refresh_card(desk, call, inc.id, note=str(result.get("message") or ""))
     return said
+
+
+def _restart_look(call: Call) -> str:
+    """Typed `/db incident restart N`: the look before its confirmation, by the same policy
+    as the press (a refusal answers at once)."""
+    inc, target, reason = restarts_for(call.ops).check_incident(_incident_id(call), call.actor)
+    return f"{inc.ref}: {reason}. Restarting {target.server}'s PostgreSQL restarts {target.scope}"
 
 
 def _resolve(call: Call) -> Reply:
@@ -584,6 +602,7 @@ SPECS: list[Spec] = [
         role=Role.OPERATOR,
         button="Restart",
         destructive=True,
+        preflight=_restart_look,
     ),
     _TextSpec(
         "incident resolve",

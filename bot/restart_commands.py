@@ -1,5 +1,9 @@
 """`/db restart <server|customer>` (operator): restart a server's PostgreSQL that does not answer.
 
+Whether to restart is core.restarts' one policy, the same the incident card's Restart uses:
+a cluster that answers is never restarted, even with the named customer's database down (the
+refusal says why it is down and what to do instead).
+
 parse -> core.restarts -> render. A customer stands for its server, and the reply says that
 every customer on it restarted too. With an outage incident open on the server, the restart is
 recorded on it, its result posted in the incident's thread and its card updated, as the card's
@@ -16,7 +20,7 @@ from typing import Any
 from bot import blocks
 from bot.blocks import Reply, escape
 from bot.incident_cards import mention, restart_reply
-from bot.incident_commands import desk_for, refresh_card
+from bot.incident_commands import desk_for, refresh_card, restarts_for
 from bot.roles import Role
 from bot.router import REGISTRY, Arg, Call, Spec
 from core.restarts import Restarted, Restarts
@@ -82,9 +86,7 @@ def restarted_reply(done: Restarted, actor: str, *, in_thread: bool) -> Reply:
 
 
 def _restarts(call: Call) -> Restarts:
-    ops = call.ops
-    desk = desk_for(ops)
-    return Restarts(ops.engine, ops.events, ops.fleet, ops.runners, incidents=desk.incidents)
+    return restarts_for(call.ops)  # the incident card's Restart decides through the same
 
 
 def _preflight(call: Call) -> str:

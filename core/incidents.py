@@ -24,11 +24,8 @@ server-down and database-down incidents, and any P0 opened by hand.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, Literal
@@ -52,10 +49,17 @@ from core.escalation import (
     schedule_reminder,
 )
 from core.fleet import Fleet
-from core.health import check_fleet, pretty_age
+from core.health import pretty_age
 from core.names import not_found, validate_name, validate_server_name
 from core.notify import MessageRef
-from core.remote import RunnerPool, quote_argv
+from core.remote import RunnerPool
+from core.restarts import (
+    Decision,
+    refuse_while_restarting,
+    restart_precondition,
+    restart_server,
+)
+from core.restarts import _one_restart as _one_restart  # tests hold a restart with it
 from storage.events import EventLog, NewEvent, StoredEvent
 from storage.models_incidents import IncidentRow, aware, utc, write_session
 from storage.spool import caught_up, record
@@ -1033,11 +1037,13 @@ class Incidents:
         health: Mapping[str, Any] | None = None,
         restore: Mapping[str, Any] | None = None,
         now: datetime | None = None,
+        restart: Decision | None = None,
     ) -> dict[str, Any]:
         """What the incident card shows, and its buttons with whether each makes sense now.
 
-        ``health``: a core.report.customer_status dict, or a server entry of the report, when
-        the caller has one; ``restore``: the newest verified backup ({"name", "age_s"}) once
+        ``restart``: the restart policy's decision (core.restarts) when the caller took one;
+        else ``health``, a core.report.customer_status dict or a server entry of the report,
+        read by the same policy; ``restore``: the newest verified backup ({"name", "age_s"}) once
         restores exist. A button whose precondition fails carries ``enabled: False`` and the
         reason, which the card shows instead of acting.
         """
@@ -1053,8 +1059,12 @@ class Incidents:
             who = f" by <@{inc.owner}>" if inc.owner else ""
             buttons.append(_button("ack", "Ack", "operator", False, f"{inc.status}{who}"))
         if inc.server is not None and inc.active:
-            pre = (
-                restart_precondition(health) if health is not None else _restart_from_incident(inc)
+            pre: Decision | Precondition = (
+                restart
+                if restart is not None
+                else restart_precondition(health)
+                if health is not None
+                else _restart_from_incident(inc)
             )
             buttons.append(
                 _button("restart", "Restart PostgreSQL", "operator", pre.ok, pre.reason, True)
@@ -1097,10 +1107,13 @@ class Incidents:
         actor: str,
         recheck_s: float = 30.0,
         now: datetime | None = None,
+        reason: str = "",
     ) -> dict[str, Any]:
         """Restart the incident's server, re-check it and say so in the timeline. Pressing it
         acknowledges an open incident (someone is on it); PostgreSQL answering again marks the
-        incident recovered (resolving stays a human's call, with a cause)."""
+        incident recovered (resolving stays a human's call, with a cause). Whether a restart
+        makes sense is core.restarts' decision (``Restarts.restart_incident``); ``reason`` is
+        what it said, kept with the result."""
         inc = self.get(incident_id)
         if inc.server is None:
             raise DbopsError(f"{inc.ref} names no server to restart.")
@@ -1118,6 +1131,7 @@ class Incidents:
             customers=customers,
             events=self.events,
             recheck_s=recheck_s,
+            reason=reason,
         )
         when = self._now(now)
         # After the restart: best-effort records (storage.spool), never the reason it fails.
@@ -1255,198 +1269,3 @@ def _restart_from_incident(inc: Incident) -> Precondition:
     if inc.recovered_at is not None:
         return Precondition(False, "the alert has recovered: PostgreSQL answers again")
     return Precondition(False, "not an outage; check the server's status first")
-
-
-def restart_precondition(health: Mapping[str, Any]) -> Precondition:
-    """Whether Restart makes sense, from a customer_status dict (``server`` and ``database``
-    entries) or a report's server entry: yes when the cluster or the database does not answer,
-    no (and why) when it does, when the server does not answer at all, or when the disk is full.
-    """
-    server = health.get("server") if isinstance(health.get("server"), Mapping) else health
-    database = health.get("database") if isinstance(health.get("database"), Mapping) else None
-    assert isinstance(server, Mapping)
-    name = server.get("name", "the server")
-    checks = {c.get("name"): c for c in server.get("checks", [])}
-    disk = checks.get("disk_space") or {}
-    if isinstance(disk.get("value"), int) and disk["value"] >= 99:
-        return Precondition(
-            False,
-            f"the disk on {name} is {disk['value']}% full: a restart will not help; "
-            "free space first (SOP-201 step 6)",
-        )
-    if not server.get("reachable", True):
-        return Precondition(
-            False,
-            f"{name} does not answer over SSH either: the restart cannot be sent "
-            "(check the VPS; SOP-201 step 7: contact the provider)",
-        )
-    if server.get("postgres") == "down":
-        conn = checks.get("connection") or {}
-        detail = f": {conn['detail']}" if conn.get("detail") else ""
-        return Precondition(True, f"PostgreSQL on {name} is not answering{detail}")
-    if database is not None and not database.get("online", True):
-        return Precondition(True, f"{database.get('customer', 'the')} database is not answering")
-    return Precondition(False, f"PostgreSQL on {name} answers: nothing to restart")
-
-
-# One restart per server at a time in this process, whoever asks (an incident card's button,
-# `/db restart`): a second restart while the first runs would only bounce the cluster again.
-_restarting: dict[str, float] = {}  # server -> when its restart started (monotonic)
-_restarting_lock = threading.Lock()
-
-
-def _busy(server: str, started: float) -> DbopsError:
-    return DbopsError(
-        f"a restart of {server}'s PostgreSQL is already running "
-        f"(started {int(time.monotonic() - started)}s ago).",
-        hint="Its result is posted when it finishes; one restart at a time.",
-    )
-
-
-def refuse_while_restarting(server: str) -> None:
-    """A DbopsError when a restart of ``server`` is running now: the quick look a caller takes
-    before its own slower checks (``restart_server`` enforces it in any case)."""
-    with _restarting_lock:
-        started = _restarting.get(server)
-    if started is not None:
-        raise _busy(server, started)
-
-
-@contextlib.contextmanager
-def _one_restart(server: str) -> Iterator[None]:
-    with _restarting_lock:
-        started = _restarting.get(server)
-        if started is not None:
-            raise _busy(server, started)
-        _restarting[server] = time.monotonic()
-    try:
-        yield
-    finally:
-        with _restarting_lock:
-            _restarting.pop(server, None)
-
-
-def restart_server(
-    fleet: Fleet,
-    runner_pool: RunnerPool,
-    server: str,
-    actor: str,
-    *,
-    customers: Sequence[Customer] = (),
-    events: EventLog | None = None,
-    timeout: float = 120.0,
-    recheck_s: float = 30.0,
-    check_deadline_s: float = 5.0,
-) -> dict[str, Any]:
-    """Run the server's ``restart_command`` through its runner, then re-check it (and the given
-    customers' databases) until PostgreSQL answers or ``recheck_s`` runs out. A DbopsError
-    while another restart of ``server`` runs.
-
-    Returns ``{server, command, ran, exit_code, error, postgres, answering, databases_online,
-    databases_total, offline, duration_ms, message, recorded}``; the event ``server.restart``
-    says the same, written best-effort (storage.spool: ``recorded`` False when it waits for the
-    event log to be back). A failure after the command ran (the re-check) is recorded as what
-    it is, a restart done and not re-checked, and raised as a DbopsError saying so.
-    """
-    with _one_restart(server):
-        return _restart_server(
-            fleet,
-            runner_pool,
-            server,
-            actor,
-            customers=customers,
-            events=events,
-            timeout=timeout,
-            recheck_s=recheck_s,
-            check_deadline_s=check_deadline_s,
-        )
-
-
-def _restart_server(
-    fleet: Fleet,
-    runner_pool: RunnerPool,
-    server: str,
-    actor: str,
-    *,
-    customers: Sequence[Customer],
-    events: EventLog | None,
-    timeout: float,
-    recheck_s: float,
-    check_deadline_s: float,
-) -> dict[str, Any]:
-    started = time.monotonic()
-    config = fleet.server(server)
-    argv = config.argv(config.restart_command)
-    ran, exit_code, error = False, None, ""
-    try:
-        result = runner_pool.get(server).run(argv, timeout=timeout)
-        ran, exit_code = True, result.exit_code
-        if not result.ok:
-            error = (result.stderr.strip().splitlines() or [""])[-1][:300]
-    except DbopsError as exc:
-        error = exc.message[:300]
-    except Exception as exc:  # it may have gone out all the same: the re-check tells
-        error = f"an unexpected error ({type(exc).__name__})"
-        log.error("sending the restart of %s failed", server, exc_info=exc)
-    postgres, online, offline = "down", 0, [c.name for c in customers]
-    deadline = time.monotonic() + max(0.0, recheck_s)
-    stopped: BaseException | None = None
-    try:
-        while True:
-            (health,) = check_fleet(
-                fleet,
-                customers,
-                runner_pool,
-                deadline_s=check_deadline_s,
-                servers=[server],
-                log_window=timedelta(minutes=5),
-            )
-            postgres = health.postgres
-            offline = [d.customer for d in health.databases if not d.online]
-            online = len(health.databases) - len(offline)
-            if (postgres == "up" and not offline) or time.monotonic() >= deadline:
-                break
-            time.sleep(1.0)  # polling a restarting cluster, not timing a test
-    except BaseException as exc:  # the restart ran: record that before anything else
-        stopped, postgres = exc, "unknown"
-        log.error("the re-check after restarting %s failed", server, exc_info=exc)
-    answering = postgres == "up" and not offline
-    if stopped is not None:
-        ran_text = f"ran (exit {exit_code})" if ran else "was sent"
-        message = (
-            f"the restart of PostgreSQL on {server} {ran_text}, but the re-check after it "
-            f"failed ({type(stopped).__name__}); `/db status` shows the server now."
-        )
-    elif answering:
-        message = f"PostgreSQL on {server} answers again" + (
-            f"; {online}/{len(customers)} databases online." if customers else "."
-        )
-    elif postgres == "up":
-        message = f"PostgreSQL on {server} is up, but {', '.join(offline)} still not answering."
-    else:
-        why = f" ({error})" if error else ""
-        message = f"PostgreSQL on {server} still does not answer after the restart{why}."
-    out: dict[str, Any] = {
-        "server": server,
-        "command": quote_argv(argv),
-        "ran": ran,
-        "exit_code": exit_code,
-        "error": error,
-        "postgres": postgres,
-        "answering": answering,
-        "databases_online": online,
-        "databases_total": len(customers),
-        "offline": offline,
-        "duration_ms": int((time.monotonic() - started) * 1000),
-        "message": message,
-    }
-    recorded = True
-    if events is not None:
-        recorded = record(events, "server.restart", server, out, actor=actor) or caught_up(events)
-    out["recorded"] = recorded
-    if stopped is not None:
-        if not isinstance(stopped, Exception):
-            raise stopped
-        later = "" if recorded else " The event log is down: its record is written when it is back."
-        raise DbopsError(message[:1].upper() + message[1:] + later) from stopped
-    return out
