@@ -1,37 +1,30 @@
-"""The `dbops` command line. Each command is parse -> core -> print; read commands take --json."""
+"""The `dbops` command line. Each command is parse -> core -> print; read commands take --json.
+
+Start-up is kept short (bench/startup.py): this module imports typer and what builds the
+command tree; each command imports its machinery (the database, the fleet, SSH, rich) inside
+its own function, so `dbops --help` loads none of it and `dbops status` only what status uses.
+"""
 
 from __future__ import annotations
 
 import getpass
 import json
-import logging
 import sys
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from bot.context import Context
-from bot.tables import report_table
-from core import sandbox
-from core.checkpoints import append_checkpoint, publish, read_checkpoints
-from core.customers import customer_from_mapping, list_customers, read_customers, upsert_customers
 from core.errors import DbopsError
-from core.incident_report import incident_report
-from core.incident_report import render_text as render_incident_report
-from core.incidents import parse_incident_id
-from core.names import closest, not_found
-from core.ops import Ops
-from core.remote import trust_host
-from core.report import render_status_text, render_text
-from storage import eventkeys
-from storage.audit import export, read_export, verify_export
-from storage.chain import Checkpoint
-from storage.events import iso
-from storage.migrate import current_revision, head_revision, upgrade
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from bot.context import Context
+    from core.ops import Ops
+    from storage.chain import Checkpoint
 
 app = typer.Typer(
     help="dbops: ChatOps for a managed-PostgreSQL fleet.",
@@ -53,37 +46,56 @@ app.add_typer(incident_app, name="incident")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(sandbox_app, name="sandbox")
 
-out = Console()
-err = Console(stderr=True)
+
+@cache
+def _console(stderr: bool) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def _out() -> Console:
+    return _console(stderr=False)
+
+
+def _err() -> Console:
+    return _console(stderr=True)
+
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 def _ctx() -> Context:
+    from bot.context import Context
+
     return Context.load()
 
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the dbops schema to this version."""
+    from storage.migrate import upgrade
+
     ctx = _ctx()
     before, after = upgrade(ctx.engine)
     if before == after:
-        out.print(f"Schema already at {after}.")
+        _out().print(f"Schema already at {after}.")
     else:
-        out.print(f"Schema upgraded from {before or 'empty'} to {after}.")
+        _out().print(f"Schema upgraded from {before or 'empty'} to {after}.")
         ctx.events.append("db.upgrade", "schema", {"from": before, "to": after}, actor="cli")
 
 
 @db_app.command("status")
 def db_status(as_json: JsonFlag = False) -> None:
     """Show the schema revision against the one this dbops needs."""
+    from storage.migrate import current_revision, head_revision
+
     ctx = _ctx()
     current, head = current_revision(ctx.engine), head_revision()
     if as_json:
         print(json.dumps({"current": current, "head": head, "ok": current == head}))
     else:
-        out.print(f"schema {current or 'empty'}; this dbops needs {head}")
+        _out().print(f"schema {current or 'empty'}; this dbops needs {head}")
     raise typer.Exit(0 if current == head else 1)
 
 
@@ -93,6 +105,10 @@ def events_tail(
     as_json: JsonFlag = False,
 ) -> None:
     """The newest events, oldest first."""
+    from rich.table import Table
+
+    from storage.events import iso
+
     ctx = _ctx().ready()
     rows = ctx.events.tail(n)
     if as_json:
@@ -109,7 +125,7 @@ def events_tail(
             e.subject or "",
             payload if len(payload) < 80 else payload[:77] + "...",
         )
-    out.print(table)
+    _out().print(table)
 
 
 CheckpointsOpt = Annotated[
@@ -123,6 +139,8 @@ CheckpointsOpt = Annotated[
 
 
 def _checkpoints(ctx: Context, path: Path | None) -> list[Checkpoint]:
+    from core.checkpoints import read_checkpoints
+
     path = path or ctx.settings.dbops_checkpoints
     if path is None or (not path.exists() and path == ctx.settings.dbops_checkpoints):
         return []
@@ -131,7 +149,7 @@ def _checkpoints(ctx: Context, path: Path | None) -> list[Checkpoint]:
     except OSError as exc:
         raise DbopsError(f"cannot read checkpoints from {path}: {exc.strerror}") from None
     except ValueError as exc:  # a damaged witness fails the check, it is not skipped
-        err.print(f"checkpoints refused: {exc}", highlight=False, markup=False)
+        _err().print(f"checkpoints refused: {exc}", highlight=False, markup=False)
         raise typer.Exit(1) from None
 
 
@@ -146,6 +164,8 @@ def events_verify(
     """Check the hash chain, the seals and the published checkpoints; exit 0 when intact, 1
     naming the first bad event (edited, inserted, deleted, reordered, replaced, or a log cut
     back past a checkpoint)."""
+    from storage.audit import read_export, verify_export
+
     if file is not None:
         ctx = _ctx()  # offline: an auditor's machine has no dbops database
         try:
@@ -154,7 +174,7 @@ def events_verify(
         except OSError as exc:
             raise DbopsError(f"cannot read {file}: {exc.strerror}") from None
         except ValueError as exc:
-            err.print(f"export refused: {exc}", highlight=False, markup=False)
+            _err().print(f"export refused: {exc}", highlight=False, markup=False)
             raise typer.Exit(1) from None
         verdict = verify_export(exported, ctx.keys, _checkpoints(ctx, checkpoints))
     else:
@@ -195,6 +215,10 @@ def events_export(
 ) -> None:
     """Events as JSON lines with the checkpoints that vouch for them: verifiable on its own
     with `dbops events verify --file`. Events the filters leave out are shown by digest only."""
+    from core.checkpoints import append_checkpoint
+    from core.incidents import parse_incident_id
+    from storage.audit import export
+
     ctx = _ctx().ready()
     tz = ctx.settings.tz
     start = _when(since, tz, "--from") if since else datetime(1970, 1, 1, tzinfo=UTC)
@@ -225,6 +249,8 @@ def events_export(
 def events_checkpoint(as_json: JsonFlag = False) -> None:
     """Publish a checkpoint of the log's head now: signed with the current key, appended to
     DBOPS_CHECKPOINTS and posted to OPS_CHANNEL."""
+    from core.checkpoints import publish
+
     ctx = _ctx().ready()
     settings = ctx.settings
     notifier = _worker_notifier(ctx, console=sys.stderr) if settings.slack_bot_token else None
@@ -252,6 +278,8 @@ def events_checkpoint(as_json: JsonFlag = False) -> None:
 def events_keygen() -> None:
     """Print a new event-log key (evk_...). Append it to the key file DBOPS_EVENTS_KEY names:
     the last key seals from the next event on, the older ones stay to verify their segments."""
+    from storage import eventkeys
+
     print(eventkeys.generate())
 
 
@@ -273,7 +301,7 @@ def events_keys(as_json: JsonFlag = False) -> None:
         _print_json(rows)
         return
     if not rows:
-        out.print("DBOPS_EVENTS_KEY is not set: the event log is unkeyed.")
+        _out().print("DBOPS_EVENTS_KEY is not set: the event log is unkeyed.")
     for r in rows:
         mark = " (current)" if r["current"] else "" if r["secret"] else " (public only)"
         print(f"{r['key_id']}  {r['public_key']}{mark}")
@@ -286,6 +314,10 @@ def incident_report_cmd(
 ) -> None:
     """An incident's report from the event log: timeline, time to ack and to resolve, customers
     affected, emails sent, SLA credits with their Stripe ids."""
+    from core.incident_report import incident_report
+    from core.incident_report import render_text as render_incident_report
+    from core.incidents import parse_incident_id
+
     ctx = _ctx().ready()
     report = incident_report(ctx.events, f"inc-{parse_incident_id(incident)}")
     if as_json:
@@ -299,12 +331,17 @@ def _print_json(data: Any) -> None:
 
 
 def _ops(ctx: Context) -> Ops:
+    from core.ops import Ops
+
     return Ops(ctx.fleet, ctx.engine, ctx.events)
 
 
 @app.command("report")
 def report_cmd(as_json: JsonFlag = False) -> None:
     """The morning report (SOP-101): servers, databases, backups, disk, log errors."""
+    from bot.tables import report_table
+    from core.report import render_text
+
     ctx = _ctx().ready()
     ops = _ops(ctx)
     try:
@@ -319,8 +356,8 @@ def report_cmd(as_json: JsonFlag = False) -> None:
     )
     if as_json:
         _print_json(report)
-    elif out.is_terminal:
-        out.print(report_table(report, ctx.settings.tz))
+    elif _out().is_terminal:
+        _out().print(report_table(report, ctx.settings.tz))
     else:
         print(render_text(report, ctx.settings.tz))
 
@@ -328,6 +365,8 @@ def report_cmd(as_json: JsonFlag = False) -> None:
 @app.command("status")
 def status_cmd(customer: str, as_json: JsonFlag = False) -> None:
     """One customer's database, its server and its checks."""
+    from core.report import render_status_text
+
     ctx = _ctx().ready()
     ops = _ops(ctx)
     try:
@@ -344,6 +383,9 @@ def status_cmd(customer: str, as_json: JsonFlag = False) -> None:
 def fleet_import(path: Path) -> None:
     """Add or update customers from a file: JSON (a list, or {"customers": [...]}, such as a
     sandbox.json) or TOML with [[customers]] tables."""
+    from core.customers import customer_from_mapping, read_customers, upsert_customers
+    from core.names import not_found
+
     ctx = _ctx().ready()
     customers = [customer_from_mapping(c) for c in read_customers(path)]
     for c in customers:
@@ -356,12 +398,14 @@ def fleet_import(path: Path) -> None:
         {"file": str(path), "customers": [c.name for c in customers]},
         actor="cli",
     )
-    out.print(f"Imported {count} customers.")
+    _out().print(f"Imported {count} customers.")
 
 
 @fleet_app.command("trust")
 def fleet_trust(server: str) -> None:
     """Fetch SERVER's SSH host key, show its fingerprint and record it in known_hosts."""
+    from core.remote import trust_host
+
     ctx = _ctx().ready()
     srv = ctx.fleet.server(server)
     fingerprint = trust_host(srv, ctx.fleet.known_hosts_path)
@@ -371,7 +415,7 @@ def fleet_trust(server: str) -> None:
         {"fingerprint": fingerprint, "known_hosts": str(ctx.fleet.known_hosts_path)},
         actor="cli",
     )
-    out.print(
+    _out().print(
         f"{srv.name} ({srv.host}:{srv.ssh_port}) host key {fingerprint} recorded in "
         f"{ctx.fleet.known_hosts_path}. Compare it with the server's own "
         "`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` before you rely on it.",
@@ -382,6 +426,10 @@ def fleet_trust(server: str) -> None:
 @fleet_app.command("list")
 def fleet_list(as_json: JsonFlag = False) -> None:
     """The servers of fleet.toml and the customers on each."""
+    from rich.table import Table
+
+    from core.customers import list_customers
+
     ctx = _ctx().ready()
     customers = list_customers(ctx.engine)
     rows = [
@@ -401,7 +449,7 @@ def fleet_list(as_json: JsonFlag = False) -> None:
         table.add_row(
             str(r["name"]), str(r["host"]), str(r["transport"]), ", ".join(r["customers"])
         )
-    out.print(table)
+    _out().print(table)
 
 
 SandboxDir = Annotated[Path, typer.Option("--dir", help="The sandbox directory.")]
@@ -418,6 +466,10 @@ def sandbox_up(
 ) -> None:
     """Start a sandbox fleet (or the one already in --dir); print its JSON; seed its customers
     into DATABASE_URL."""
+    from core import sandbox
+    from core.customers import customer_from_mapping, upsert_customers
+    from storage.migrate import upgrade
+
     state = sandbox.up(directory, servers=servers, customers=customers, ssh=ssh)
     ctx = _ctx()
     upgrade(ctx.engine)
@@ -434,6 +486,8 @@ def sandbox_up(
 @sandbox_app.command("down")
 def sandbox_down(directory: SandboxDir) -> None:
     """Stop every cluster, sshd and fault process of the sandbox (its files stay)."""
+    from core import sandbox
+
     _print_json(sandbox.down(directory))
 
 
@@ -442,12 +496,16 @@ def sandbox_break(directory: SandboxDir, fault: str, target: str) -> None:
     """Break TARGET (a customer or server) with FAULT: db-down, server-down, connections,
     idle-txn, lock, log-errors, backup-missing, pgbouncer-down, ssh-hang (a server, --ssh),
     disk-full (a server: its backup path on a small full tmpfs; needs root)."""
+    from core import sandbox
+
     _print_json(sandbox.break_fault(directory, fault, target))
 
 
 @sandbox_app.command("heal")
 def sandbox_heal(directory: SandboxDir) -> None:
     """Undo every fault currently broken."""
+    from core import sandbox
+
     _print_json(sandbox.heal(directory))
 
 
@@ -464,6 +522,8 @@ def _worker_notifier(ctx: Context, console: TextIO | None = None) -> Any:
 def scheduler_cmd() -> None:
     """Run the scheduled jobs (morning report, sweeps, escalation, checklists). Safe to run
     twice against one PostgreSQL: each job run happens once."""
+    import logging
+
     from bot.outbox import start_outbox_worker
     from bot.scheduler import Worker, run_forever
 
@@ -483,6 +543,8 @@ def jobs_cmd(typer_ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """Every scheduled job with its trigger and next run, in UTC and local time."""
     if typer_ctx.invoked_subcommand is not None:
         return
+    from rich.table import Table
+
     from bot.scheduler import jobs_table
     from core.checklists import load_checklists
     from core.jobs import job_specs
@@ -500,7 +562,7 @@ def jobs_cmd(typer_ctx: typer.Context, as_json: JsonFlag = False) -> None:
             (r["next_run_utc"] or "")[:16].replace("T", " "),
             r["description"],
         )
-    out.print(table)
+    _out().print(table)
 
 
 def _login() -> str | None:
@@ -517,9 +579,12 @@ def jobs_run(
 ) -> None:
     """Run one job now, as a recorded manual run; exit 0 when it went well, 1 when it failed.
     What it posts goes to OPS_CHANNEL as the scheduled run's would."""
+    import logging
+
     from bot.scheduler import Worker
     from core.checklists import load_checklists
     from core.jobs import job_specs
+    from core.names import closest
 
     ctx = _ctx()
     names = sorted(s.id for s in job_specs(ctx.settings.tz, load_checklists()))
@@ -555,12 +620,12 @@ def jobs_run(
     if as_json:
         _print_json(outcome)
     elif result.ok:
-        out.print(f"{name}: ok in {result.duration_ms} ms", highlight=False, markup=False)
+        _out().print(f"{name}: ok in {result.duration_ms} ms", highlight=False, markup=False)
         if result.outcome is not None:
             print(json.dumps(result.outcome, ensure_ascii=False, default=str))
     else:
         why = f"error id {result.error_id}: {result.error}" if result.error_id else "see its result"
-        err.print(f"{name}: failed ({why})", highlight=False, markup=False)
+        _err().print(f"{name}: failed ({why})", highlight=False, markup=False)
         if result.outcome is not None:
             print(json.dumps(result.outcome, ensure_ascii=False, default=str))
     raise typer.Exit(0 if result.ok else 1)
@@ -582,5 +647,5 @@ def main() -> None:
     try:
         app()
     except DbopsError as exc:
-        err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        _err().print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)

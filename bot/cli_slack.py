@@ -8,11 +8,12 @@ import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from bot.context import Context
+if TYPE_CHECKING:  # each command imports what it runs: `dbops --help` loads none of it
+    from bot.context import Context
 
 DEMO_DIR = Path(".demo")
 DEMO_USER = "U_DEMO"
@@ -47,6 +48,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The Slack app: POST /slack/events, GET /healthz (Socket Mode with SLACK_APP_TOKEN)."""
         from bot import http
+        from bot.context import Context
         from bot.provision_commands import require_email_branding
 
         _logging()
@@ -61,6 +63,7 @@ def register(app: typer.Typer) -> None:
         ] = "U_SHELL",
     ) -> None:
         """The bot in a terminal: type `/db ...` lines, `press N` to press a button."""
+        from bot.context import Context
         from bot.provision_commands import require_email_branding
 
         ctx = Context.load().ready()
@@ -122,6 +125,7 @@ def _run_shell(ctx: Context, user: str, extra_admins: list[str] | None = None) -
 
 
 def _demo_context(directory: Path) -> tuple[Context, dict[str, Any]]:
+    from bot.context import Context
     from core import sandbox
     from core.customers import customer_from_mapping, upsert_customers
     from storage.migrate import upgrade
