@@ -58,9 +58,9 @@ from core.fleet import Fleet, Server
 from core.names import validate_name
 from core.remote import CommandResult, FleetAccess, Runner, RunnerPool
 from storage.db import run_inline, run_with_deadline, runs_inline
-from storage.events import EventLog, EventLogUnavailable, NewEvent, is_outage, scrub_text
+from storage.events import EventLog, EventLogUnavailable, is_outage, scrub_text
 from storage.models_billing import LockBusy, acquire_lock, op_lock, release_lock
-from storage.spool import RECORD_LATER, caught_up, record
+from storage.spool import RECORD_LATER, caught_up, flush_spool, record, spool_for
 
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 GLOBALS = "_globals"  # not a valid customer name, so it never collides with one
@@ -90,8 +90,6 @@ HEADROOM_MAX_BYTES = 1 << 30
 # after the first pass over every customer has finished: long enough for an event database
 # restart or an SSH blip to pass.
 RETRY_AFTER_S = 120.0
-# Events the log could not take during a run, kept in memory until it is back (bounded).
-MAX_UNRECORDED = 10_000
 
 log = logging.getLogger(__name__)
 
@@ -1262,8 +1260,9 @@ class BackupRun:
     parallel: bool
     outcomes: list[BackupOutcome]
     globals: list[BackupOutcome]
-    # Events the log could not take by the end of the run (kind, subject): kept by Backups and
-    # stored by its next run, or the next flush_unrecorded().
+    # Events the log could not take by the end of the run (kind, subject): kept in the spool
+    # (storage.spool), stored when the log is back, by its recovery, the next run or the next
+    # flush_unrecorded(). Everything the spool of this log holds, the run's or not.
     unrecorded: list[tuple[str, str | None]] = field(default_factory=list)
 
     @property
@@ -1475,76 +1474,56 @@ class Backups(FleetAccess):
         self.retry_after_s = RETRY_AFTER_S
         self.lock_deadline_s = LOCK_DEADLINE_S
         self.sleep: Callable[[float], object] = time.sleep  # a test seam, as clock is
-        self._unrecorded: list[NewEvent] = []
-        self._unrecorded_lock = threading.Lock()
         # Backup locks (name, owner) whose release failed (dbops' database down): released
         # once it answers, not left to their lease.
         self._kept_locks: list[tuple[str, str]] = []
+        self._kept_locks_lock = threading.Lock()
 
     # -- events, best effort ---------------------------------------------------------------------
 
     def _note(self, kind: str, subject: str | None, payload: Mapping[str, Any], actor: str) -> bool:
-        """Append an event; when the log cannot take it, log that and keep it to store later
-        (``flush_unrecorded``): a backup that was taken stays taken whatever the log does.
+        """Append an event (True), or, when the log is down, keep it in the log's spool
+        (storage.spool.record: on disk in production) to be stored when it is back (False): a
+        backup that was taken stays taken whatever the log does, and its record survives the
+        process. An event the log refuses for its own sake is logged, not kept (False).
 
-        Each event carries a source_id, so one stored by an append that timed out is not
-        stored twice when it is sent again."""
-        new = NewEvent(kind, subject, dict(payload), actor, source_id=f"backups:{uuid.uuid4().hex}")
-        try:
-            self._append(new)
-            return True
-        except Exception as exc:
-            log.warning(
-                "event %s for %s not stored (%s); kept to store when the log is back",
-                kind,
-                subject,
-                type(exc).__name__,
-            )
-            with self._unrecorded_lock:
-                if len(self._unrecorded) < MAX_UNRECORDED:
-                    self._unrecorded.append(
-                        NewEvent(kind, subject, new.payload, actor, source_id=new.source_id,
-                                 ts=self.clock())
-                    )  # fmt: skip
-            return False
+        Each event carries a source_id and the time it happened, given before the first try,
+        so one stored by an append that timed out, or by a flush that died before forgetting
+        it, is not stored twice, nor with the time of the flush."""
+        return record(
+            self.events,
+            kind,
+            subject,
+            payload,
+            actor=actor,
+            source_id=f"backups:{uuid.uuid4().hex}",
+        )
 
     def _record(self, kind: str, subject: str, payload: dict[str, Any]) -> None:
         # The records of the commands this class's own runners run: never the reason a command
         # that ran is reported as failed.
         self._note(kind, subject, payload, "dbops")
 
-    def _append(self, e: NewEvent) -> None:
-        self.events.append(
-            e.kind, e.subject, e.payload, actor=e.actor, source_id=e.source_id, ts=e.ts
-        )
-
     def flush_unrecorded(self) -> list[tuple[str, str | None]]:
-        """Store the events kept while the log was down, oldest first, in one batch; returns
-        (kind, subject) of those still kept (the log is still down)."""
-        with self._unrecorded_lock:
-            kept, self._unrecorded = self._unrecorded, []
-        for i, event in enumerate(kept):
-            try:
-                self._append(event)
-            except Exception as exc:
-                left = kept[i:]
-                log.warning("%d kept events still not stored (%s)", len(left), type(exc).__name__)
-                with self._unrecorded_lock:
-                    self._unrecorded[:0] = left
-                break
-        with self._unrecorded_lock:
-            return [(e.kind, e.subject) for e in self._unrecorded]
+        """Store what the spool of this event log holds (events kept while the log was down,
+        this object's or any other's, this process's or one that died), oldest first; returns
+        (kind, subject) of those still kept (the log is still down), oldest first."""
+        flush_spool(self.events)
+        return self._still_kept()
+
+    def _still_kept(self) -> list[tuple[str, str | None]]:
+        return [(e.kind, e.subject) for e in spool_for(self.events.engine).pending()]
 
     def _release_kept_locks(self) -> None:
         """Release the backup locks a failed release left behind (best effort: those that
         still cannot be released are kept for the next try)."""
-        with self._unrecorded_lock:
+        with self._kept_locks_lock:
             kept, self._kept_locks = self._kept_locks, []
         for i, (name, owner) in enumerate(kept):
             try:
                 self._in_time(functools.partial(release_lock, self.engine, name, owner))
             except Exception:
-                with self._unrecorded_lock:
+                with self._kept_locks_lock:
                     self._kept_locks[:0] = kept[i:]
                 return
 
@@ -1575,7 +1554,7 @@ class Backups(FleetAccess):
                 hint="Wait for it to finish; `/db log` shows its progress.",
             ) from None
         except Exception:
-            with self._unrecorded_lock:
+            with self._kept_locks_lock:
                 self._kept_locks.append((name, owner))
             raise
         try:
@@ -1590,7 +1569,7 @@ class Backups(FleetAccess):
                     customer,
                     type(exc).__name__,
                 )
-                with self._unrecorded_lock:
+                with self._kept_locks_lock:
                     self._kept_locks.append((name, owner))
 
     def _failpoint(self, name: str) -> None:
@@ -1765,9 +1744,11 @@ class Backups(FleetAccess):
         in the same run, after the first pass over every server has finished and then
         ``retry_after_s`` (RETRY_AFTER_S) more seconds have passed; the second pass runs the
         same way (servers side by side), globals too. Events the log could not take are kept
-        and stored once it is back (at the end of the run, or by the next run); those still
-        kept are listed in ``BackupRun.unrecorded``. Backup locks whose release failed are
-        released at the same moments (``_backup_lock``).
+        in its spool (storage.spool, on disk in production: they outlive the process) and
+        stored once it is back (before the retry pass, at the end of the run, by the log's
+        recovery, or by the next run); those still kept at the end are listed in
+        ``BackupRun.unrecorded``. Backup locks whose release failed are released at the same
+        moments (``_backup_lock``).
         """
         started_at, t0 = self.clock(), time.monotonic()
         self._release_kept_locks()
@@ -1812,8 +1793,7 @@ class Backups(FleetAccess):
             },
             actor,
         )
-        with self._unrecorded_lock:
-            run.unrecorded.extend((e.kind, e.subject) for e in self._unrecorded)
+        run.unrecorded.extend(self._still_kept())  # the run's own record among them, if kept
         return run
 
     def _pass(

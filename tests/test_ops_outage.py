@@ -428,10 +428,10 @@ def test_provisioning_cut_off_from_the_log_at_any_step_ends_provisioned(
     assert RECORD_LATER in result.summary()
     assert RECORD_LATER in str(provisioned_reply(result).message()["blocks"])
 
-    # The first backup's events wait in Backups' own memory (not yet the spool): sent again
-    # the way its nightly run does.
+    # The first backup's events wait in the same spool as the rest: stored with them, so the
+    # nightly run's flush finds nothing left.
     stored = assert_cut_then_stored(logged, fired, kind, step)
-    p.backups.flush_unrecorded()
+    assert p.backups.flush_unrecorded() == []
     stored = [e for e in logged.outage.stored() if e.kind != "probe"]
     keys = [(e.source, e.source_id) for e in stored]
     assert len(keys) == len(set(keys)), "an event was stored twice"
