@@ -633,10 +633,8 @@ def jobs_run(
 
 def _register_surfaces() -> None:
     """Commands that live beside the surfaces they start (Slack app, shell, demo)."""
-    try:
-        from bot import cli_slack
-    except ImportError:  # the Slack surface has not landed yet
-        return
+    from bot import cli_slack
+
     cli_slack.register(app)
 
 

@@ -10,13 +10,12 @@ Registered on the router on import (bot/surfaces.py imports this module).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from slack_sdk.models.blocks import ButtonElement
@@ -58,52 +57,13 @@ log = logging.getLogger("dbops.incidents.slack")
 
 HEALTH_DEADLINE_S = 3.0  # the card's state and the diagnostics: a quick look, not a sweep
 TOP_ACTIVITY = 5
-TEXT_WORDS = 40  # a summary or cause, word by word, until the router has a rest-of-line arg
 
 
 # --- argument kinds --------------------------------------------------------------------------
 
 
-def _text_word(value: str) -> str:
-    """One word of free text (a summary, a cause): kept as typed, printable, not too long."""
-    if len(value) > 100 or not value.isprintable():
-        raise DbopsError("That text has a word I cannot keep; use plain words.")
-    return value
-
-
-KINDS.setdefault("text", _text_word)
 KINDS.setdefault("severity", lambda v: str(parse_severity(v)))
 KINDS.setdefault("slack_user", oncall.parse_user)
-
-
-# Until the router takes a rest-of-line argument (Arg(rest=True)), free text is one optional
-# argument per word; once it does, one argument holds it all.
-_REST = "rest" in {f.name for f in dataclasses.fields(Arg)}
-
-
-def _text_args(name: str) -> tuple[Arg, ...]:
-    if _REST:
-        return (cast(Any, Arg)(name, "text", rest=True),)
-    first = Arg(name, "text")
-    return (first, *(Arg(f"{name}_{i}", "text", optional=True) for i in range(2, TEXT_WORDS + 1)))
-
-
-def _text(call: Call, name: str) -> str:
-    args = call.command.args
-    words = [args[name], *(args.get(f"{name}_{i}", "") for i in range(2, TEXT_WORDS + 1))]
-    return " ".join(w for w in words if w)
-
-
-@dataclass(frozen=True)
-class _TextSpec(Spec):
-    """A command whose last argument is free text (one optional arg per word, for now)."""
-
-    text_arg: str = ""
-
-    @property
-    def usage(self) -> str:
-        head = [a.usage for a in self.args if not a.name.startswith(self.text_arg + "_")]
-        return " ".join(["/db", self.name, *head[:-1], f"<{self.text_arg}...>"])
 
 
 # --- the desk --------------------------------------------------------------------------------
@@ -391,7 +351,7 @@ def announce(
 def _open(call: Call) -> Reply:
     desk = desk_for(call.ops)
     inc = desk.incidents.open_for(
-        call.arg("target"), call.arg("severity"), _text(call, "summary"), actor=call.actor
+        call.arg("target"), call.arg("severity"), call.arg("summary"), actor=call.actor
     )
     said = announce(call.ops, inc.id, call.tz, registry=call.router.registry)
     if desk.slack:
@@ -465,7 +425,7 @@ def _restart_look(call: Call) -> str:
 
 def _resolve(call: Call) -> Reply:
     desk = desk_for(call.ops)
-    res = desk.incidents.resolve(_incident_id(call), _text(call, "cause"), actor=call.actor)
+    res = desk.incidents.resolve(_incident_id(call), call.arg("cause"), actor=call.actor)
     said = resolution_reply(res, call.actor, credit_buttons(res, call.router.registry))
     if res.incident.card_ref is not None:
         desk.post(said, thread=res.incident.card_ref)
@@ -573,17 +533,16 @@ def _report(call: Call) -> Reply:
 INCIDENT = Arg("incident", "subject", metavar="id")
 EMAIL = Arg("which", "word", metavar="investigating|update|resolved")
 SPECS: list[Spec] = [
-    _TextSpec(
+    Spec(
         "incident open",
         "open an incident: card in the ops channel, diagnostics in its thread, page on-call",
         _open,
         (
             Arg("target", "server", metavar="customer|server"),
             Arg("severity", "severity", metavar="P0-P3"),
-            *_text_args("summary"),
+            Arg("summary", "text", rest=True),
         ),
         role=Role.OPERATOR,
-        text_arg="summary",
     ),
     Spec("incident list", "the open incidents, most severe first", _list),
     Spec(
@@ -604,13 +563,12 @@ SPECS: list[Spec] = [
         destructive=True,
         preflight=_restart_look,
     ),
-    _TextSpec(
+    Spec(
         "incident resolve",
         "resolve with the root cause; downtime and SLA credits go in the thread",
         _resolve,
-        (INCIDENT, *_text_args("cause")),
+        (INCIDENT, Arg("cause", "text", rest=True)),
         role=Role.OPERATOR,
-        text_arg="cause",
     ),
     Spec(
         "incident email",
