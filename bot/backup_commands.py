@@ -15,8 +15,8 @@ from bot.blocks import Reply, escape
 from bot.roles import Role
 from bot.router import REGISTRY, Arg, Call, Spec
 from core.backups import BackupInfo, Backups
-from core.health import pretty_age, pretty_bytes
 from core.ops import Ops
+from core.units import pretty_age, pretty_bytes
 
 SHOWN = 15
 

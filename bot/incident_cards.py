@@ -19,11 +19,11 @@ from slack_sdk.models.blocks import Block, ButtonElement
 from bot import blocks
 from bot.blocks import Reply, escape
 from bot.router import REGISTRY, Registry
-from core.health import pretty_age
 from core.incidents import Incident, Resolution
 from core.notify import Message, inert
 from core.oncall import OnCallNow
 from core.settings import SLACK_USER_ID
+from core.units import pretty_age
 
 SEVERITY_ICON = {"P0": ":red_circle:", "P1": ":large_orange_circle:"}
 TARGET = {"P0": "respond now", "P1": "respond within 1 h", "P2": "within 4 h", "P3": "within 24 h"}

@@ -43,12 +43,12 @@ from core import email as mail
 from core.billing import Billing, CreditResult, OnboardingProposal
 from core.errors import DbopsError
 from core.fleet import Fleet
-from core.health import pretty_bytes
 from core.incidents import parse_incident_id
 from core.names import validate_new_name
 from core.ops import Ops
 from core.provisioning import Provisioner, ProvisionResult, ServerCapacity
 from core.settings import Settings, load_settings
+from core.units import pretty_bytes
 from storage.events import EventLog
 from storage.spool import RECORD_LATER
 

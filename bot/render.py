@@ -23,9 +23,9 @@ from slack_sdk.models.blocks import Block, ButtonElement
 from bot import blocks
 from bot.blocks import Reply, escape
 from core.errors import DbopsError
-from core.health import pretty_age, pretty_bytes
 from core.report import text_view
 from core.settings import SLACK_USER_ID
+from core.units import pretty_age, pretty_bytes
 from storage.events import StoredEvent
 
 if TYPE_CHECKING:

@@ -46,7 +46,7 @@ from bot.roles import Role
 from bot.router import KINDS, REGISTRY, Arg, Call, Invocation, Spec, shown
 from core.backups import BackupInfo, RestoreFailed, RestorePreview, RestoreResult, parse_stamp
 from core.errors import DbopsError
-from core.health import pretty_age, pretty_bytes
+from core.units import pretty_age, pretty_bytes
 from storage.spool import RECORD_LATER
 
 if TYPE_CHECKING:

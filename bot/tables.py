@@ -10,7 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from core.health import pretty_bytes
+from core.units import pretty_bytes
 
 STYLE = {"ok": "green", "warn": "yellow", "crit": "bold red", "unknown": "dim"}
 

@@ -57,6 +57,7 @@ from core.errors import DbopsError, NotFound, Unreachable
 from core.fleet import Fleet, Server
 from core.names import validate_name
 from core.remote import CommandResult, FleetAccess, Runner, RunnerPool
+from core.units import pretty_age
 from storage.db import run_inline, run_with_deadline, runs_inline
 from storage.events import EventLog, EventLogUnavailable, is_outage, scrub_text
 from storage.models_billing import LockBusy, acquire_lock, op_lock, release_lock
@@ -129,17 +130,6 @@ def parse_time(value: object) -> datetime | None:
 
 def _json(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
-def pretty_age(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    if s < 172800:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600}h"
 
 
 # --- talking to PostgreSQL on the server ------------------------------------------------------

@@ -59,6 +59,7 @@ from core.customers import Customer
 from core.errors import DbopsError, Unreachable
 from core.fleet import Fleet, Server
 from core.remote import CommandResult, Runner
+from core.units import pretty_age, pretty_bytes
 
 Verdict = Literal["ok", "warn", "crit", "unknown"]
 Number = int | str | None
@@ -66,30 +67,7 @@ Number = int | str | None
 APP_NAME = "dbops-health"
 VERDICT_RANK: dict[str, int] = {"ok": 0, "unknown": 0, "warn": 1, "crit": 2}
 
-# Server-level checks, in the order a report shows them (pgbouncer only where configured).
-SERVER_CHECKS = (
-    "connection",
-    "backends",
-    "txn_wraparound",
-    "txn_idle",
-    "txn_time",
-    "query_time",
-    "locks",
-    "prepared_txns",
-    "disk_space",
-    "logfile",
-    "backup_perms",
-    "pgbouncer",
-)
-CLUSTER_CHECKS = SERVER_CHECKS[1:8]
-DATABASE_CHECKS = (
-    "connection",
-    "database_size",
-    "hitratio",
-    "last_vacuum",
-    "backup_age",
-    "backup_verified",
-)
+# The checks a report shows, and their order, are the table CHECKS (after the check functions).
 
 # Below this many block reads since the statistics reset a hit ratio says nothing: a database
 # that was just created or restored reads everything from disk once.
@@ -699,16 +677,7 @@ def check_prepared_txns(stats: ClusterStats, warn: object, crit: object) -> Chec
 
 
 def cluster_checks(stats: ClusterStats, fleet: Fleet) -> list[Check]:
-    funcs: dict[str, Callable[[ClusterStats, object, object], Check]] = {
-        "backends": check_backends,
-        "txn_wraparound": check_txn_wraparound,
-        "txn_idle": check_txn_idle,
-        "txn_time": check_txn_time,
-        "query_time": check_query_time,
-        "locks": check_locks,
-        "prepared_txns": check_prepared_txns,
-    }
-    return [funcs[name](stats, *_limits(fleet, name)) for name in CLUSTER_CHECKS]
+    return [spec.fn(stats, *_limits(fleet, *spec.thresholds)) for spec in CLUSTER_CHECKS]
 
 
 def check_cluster(server: Server, fleet: Fleet, limits: Limits | None = None) -> list[Check]:
@@ -732,7 +701,7 @@ def cluster_down(error: str) -> list[Check]:
     check_postgres's backends calls it critical too.
     """
     checks = [check_server_connection(None, error)]
-    for name in CLUSTER_CHECKS:
+    for name in (spec.name for spec in CLUSTER_CHECKS):
         if name == "backends" and is_full(error):
             checks.append(Check(name, "crit", detail=f"no free connection slots: {error}"))
         else:
@@ -1173,25 +1142,6 @@ def check_backup_age(
     return Check(name, verdict, age, sw, sc, detail), good.finished_at
 
 
-def pretty_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
-def pretty_age(seconds: int) -> str:
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    if seconds < 172800:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
-
-
 # --- pgBouncer -------------------------------------------------------------------------------
 
 # Names shown in a detail before "+N more".
@@ -1343,6 +1293,59 @@ def _int(value: object) -> int:
 
 
 # --- a sweep ---------------------------------------------------------------------------------
+
+Scope = Literal["server", "cluster", "database"]
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """One row of the check table.
+
+    ``scope`` says where the check runs: ``server`` checks read the host (or its pgBouncer),
+    ``cluster`` checks read the cluster connection's one pipeline and share its failure (see
+    :func:`cluster_down`), ``database`` checks run once per customer database. ``thresholds``
+    are the ``fleet.threshold()`` keys the check reads, none for a check without thresholds.
+    """
+
+    name: str
+    scope: Scope
+    fn: Callable[..., Any]
+    thresholds: tuple[str, ...] = ()
+
+
+# Every check, in the order a report shows it: a server's checks first (pgbouncer only where the
+# server has it configured), then each database's.
+CHECKS: tuple[CheckSpec, ...] = (
+    CheckSpec("connection", "server", check_server_connection),
+    CheckSpec("backends", "cluster", check_backends, ("backends",)),
+    CheckSpec("txn_wraparound", "cluster", check_txn_wraparound, ("txn_wraparound",)),
+    CheckSpec("txn_idle", "cluster", check_txn_idle, ("txn_idle",)),
+    CheckSpec("txn_time", "cluster", check_txn_time, ("txn_time",)),
+    CheckSpec("query_time", "cluster", check_query_time, ("query_time",)),
+    CheckSpec("locks", "cluster", check_locks, ("locks",)),
+    CheckSpec("prepared_txns", "cluster", check_prepared_txns, ("prepared_txns",)),
+    CheckSpec("disk_space", "server", check_disk_space, ("disk_space",)),
+    CheckSpec("logfile", "server", check_logfile, ("logfile",)),
+    CheckSpec("backup_perms", "server", check_backup_perms),
+    CheckSpec("pgbouncer", "server", check_pgbouncer, ("pgb_pool_cl_waiting", "pgb_pool_maxwait")),
+    CheckSpec("connection", "database", check_database_connection),
+    CheckSpec("database_size", "database", check_database_size, ("database_size",)),
+    CheckSpec("hitratio", "database", check_hitratio, ("hitratio",)),
+    CheckSpec("last_vacuum", "database", check_last_vacuum, ("last_vacuum",)),
+    CheckSpec("backup_age", "database", check_backup_age, ("backup_age",)),
+    CheckSpec("backup_verified", "database", backup_verified_check),
+)
+# A server's checks by name, in report order; its cluster-wide ones; a database's.
+SERVER_CHECKS = tuple(c.name for c in CHECKS if c.scope != "database")
+CLUSTER_CHECKS = tuple(c for c in CHECKS if c.scope == "cluster")
+DATABASE_CHECKS = tuple(c.name for c in CHECKS if c.scope == "database")
+
+
+def in_report_order(checks: Iterable[Check], order: Sequence[str]) -> list[Check]:
+    """``checks`` sorted the way the table orders them (a name not in ``order`` is a bug)."""
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(checks, key=lambda c: rank[c.name])
+
 
 T = TypeVar("T")
 
@@ -1634,14 +1637,14 @@ def finish_server(
                 size_bytes=db.size_bytes if db else None,
                 last_backup_at=last,
                 connections=connections,
-                checks=[conn, size, ratio, vacuum, age, verified],
+                checks=in_report_order([conn, size, ratio, vacuum, age, verified], DATABASE_CHECKS),
             )
         )
     return ServerHealth(
         name=server.name,
         reachable=reachable,
         postgres="up" if stats is not None or is_full(cluster_error) else "down",
-        checks=checks,
+        checks=in_report_order(checks, SERVER_CHECKS),
         databases=databases,
         filesystems=filesystems,
     )

@@ -49,7 +49,6 @@ from core.escalation import (
     schedule_reminder,
 )
 from core.fleet import Fleet
-from core.health import pretty_age
 from core.names import not_found, validate_name, validate_server_name
 from core.notify import MessageRef
 from core.remote import RunnerPool
@@ -60,6 +59,7 @@ from core.restarts import (
     restart_server,
 )
 from core.restarts import _one_restart as _one_restart  # tests hold a restart with it
+from core.units import pretty_age
 from storage.events import EventLog, NewEvent, StoredEvent
 from storage.models_incidents import IncidentRow, aware, utc, write_session
 from storage.spool import caught_up, record

@@ -31,11 +31,10 @@ from core.health import (
     ServerHealth,
     check_fleet,
     log_warnings,
-    pretty_age,
-    pretty_bytes,
     worst,
 )
 from core.remote import Runner
+from core.units import pretty_age, pretty_bytes
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
