@@ -263,8 +263,11 @@ def test_ten_calls_on_the_hung_server_return_by_the_deadline_and_others_are_unaf
     time.sleep(0.1)
     for _ in range(10 - SESSIONS_PER_SERVER):  # ...and more waiting for one, with less time
         calls.start(lambda: hung.run(["true"], timeout=DEADLINE / 2))
-    calls.start(lambda: healthy.run(["true"]))  # meanwhile, another server
-    *on_hung, (other_took, other) = calls.finish(DEADLINE + MARGIN)
+    # Meanwhile, another server: three calls one after another, while the hung server's calls
+    # wait (their median, not one sample, against the baseline's: a 2-core machine running the
+    # suite on two workers stalls any single call now and then).
+    calls.start(lambda: [healthy.run(["true"]) for _ in range(3)])
+    *on_hung, (_, others) = calls.finish(DEADLINE + MARGIN)
 
     for took, outcome in on_hung:
         assert isinstance(outcome, Unreachable) and HUNG in outcome.message, outcome
@@ -273,7 +276,9 @@ def test_ten_calls_on_the_hung_server_return_by_the_deadline_and_others_are_unaf
     for took, outcome in waited:
         assert "all 8 SSH sessions to vps2 stayed busy for 1s" in outcome.message
         assert took < DEADLINE / 2 + MARGIN, took
-    assert other.ok and other_took < FACTOR * statistics.median(baseline) + FLOOR_S
+    assert isinstance(others, list) and all(other.ok for other in others), others
+    during = statistics.median(other.duration_s for other in others)
+    assert during < FACTOR * statistics.median(baseline) + FLOOR_S, (during, baseline)
 
     assert pool.in_flight() == {"vps1": 0, HUNG: 0}
     port = int(spec_of(sandbox, HUNG)["ssh_port"])
