@@ -552,26 +552,8 @@ class Outbox:
             source_id=f"{row.key}/sent"[:200],
         )
         places = {row.target, landed.channel}
-        out: list[Row] = []
 
-        def mark(conn: Connection, _stored: list[StoredEvent]) -> None:
-            done = conn.execute(
-                update(T)
-                .where(self._mine(row))
-                .values(
-                    status="sent",
-                    channel=landed.channel[:64],
-                    ts=landed.ts[:64],
-                    sent_at=now,
-                    updated_at=now,
-                    lease_owner=None,
-                    lease_until=None,
-                    in_doubt=False,
-                    error=None,
-                )
-            )
-            if done.rowcount != 1:
-                raise LeaseLost(f"outbox row {row.id} was taken over")
+        def clear_fixed(conn: Connection) -> None:
             fixed = or_(T.c.target.in_(places), T.c.channel.in_(places))
             if clears:
                 fixed = or_(fixed, T.c.error.in_(list(clears)))
@@ -580,12 +562,21 @@ class Outbox:
                 .where(T.c.status == "failed", T.c.cleared_at.is_(None), fixed)
                 .values(cleared_at=now)
             )
-            found = self._row(conn, row.id)
-            assert found is not None
-            out.append(found)
 
-        self.events.append_many([event], within=mark)
-        return out[0]
+        return self._settle(
+            row,
+            [event],
+            now,
+            {
+                "status": "sent",
+                "channel": landed.channel[:64],
+                "ts": landed.ts[:64],
+                "sent_at": now,
+                "in_doubt": False,
+                "error": None,
+            },
+            then=clear_fixed,
+        )
 
     def fail(self, row: Row, error: str, notices: Sequence[_New] = ()) -> Row:
         """Mark ``row`` failed for good, with its ``message.failed`` event and the notices that
@@ -600,22 +591,8 @@ class Outbox:
             source="outbox",
             source_id=f"{row.key}/failed"[:200],
         )
-        out: list[Row] = []
 
-        def mark(conn: Connection, _stored: list[StoredEvent]) -> None:
-            done = conn.execute(
-                update(T)
-                .where(self._mine(row))
-                .values(
-                    status="failed",
-                    error=error[:300],
-                    lease_owner=None,
-                    lease_until=None,
-                    updated_at=now,
-                )
-            )
-            if done.rowcount != 1:
-                raise LeaseLost(f"outbox row {row.id} was taken over")
+        def fail_waiting(conn: Connection) -> None:
             conn.execute(
                 update(T)
                 .where(T.c.parent_id == row.id, T.c.status == "pending")
@@ -623,11 +600,42 @@ class Outbox:
             )
             for notice in notices:
                 self._insert(conn, notice, now, claim=False)
+
+        return self._settle(
+            row,
+            [event, *(self._queued(n) for n in notices)],
+            now,
+            {"status": "failed", "error": error[:300]},
+            then=fail_waiting,
+        )
+
+    def _settle(
+        self,
+        row: Row,
+        events: list[NewEvent],
+        now: datetime,
+        values: dict[str, Any],
+        *,
+        then: Callable[[Connection], None],
+    ) -> Row:
+        """Give up ``row``'s lease with ``values`` and ``then``'s changes, in the transaction
+        that stores ``events``; LeaseLost when another worker has taken the row over."""
+        out: list[Row] = []
+
+        def mark(conn: Connection, _stored: list[StoredEvent]) -> None:
+            done = conn.execute(
+                update(T)
+                .where(self._mine(row))
+                .values(lease_owner=None, lease_until=None, updated_at=now, **values)
+            )
+            if done.rowcount != 1:
+                raise LeaseLost(f"outbox row {row.id} was taken over")
+            then(conn)
             found = self._row(conn, row.id)
             assert found is not None
             out.append(found)
 
-        self.events.append_many([event, *(self._queued(n) for n in notices)], within=mark)
+        self.events.append_many(events, within=mark)
         return out[0]
 
     def open_failure(self, row: Row, error: str) -> bool:
