@@ -7,6 +7,7 @@ from sqlmodel import SQLModel
 
 import storage.models  # registers the tables on SQLModel.metadata
 import storage.models_billing
+import storage.models_history
 import storage.models_incidents
 import storage.models_jobs
 import storage.models_outbox  # noqa: F401
