@@ -28,13 +28,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
-
-import paramiko
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from core.errors import DbopsError, Unreachable
 from core.fleet import Fleet, Server
 from storage.spool import record
+
+if TYPE_CHECKING:  # imported where an SSH server is contacted: local fleets never load it
+    import paramiko
 
 Recorder = Callable[[str, str, dict[str, Any]], None]
 
@@ -282,11 +283,16 @@ class _UnknownHostKey(Exception):
         self.key = key
 
 
-class _RejectUnknown(paramiko.RejectPolicy):  # type: ignore[misc]  # paramiko is untyped
-    """RejectPolicy that keeps the offered key, so the error can show its fingerprint."""
+def _reject_unknown() -> paramiko.MissingHostKeyPolicy:
+    """RejectPolicy that keeps the offered key, so the error can show its fingerprint. Made
+    here rather than at import time: importing this module must not import paramiko."""
+    import paramiko
 
-    def missing_host_key(self, client: Any, hostname: str, key: paramiko.PKey) -> None:
-        raise _UnknownHostKey(key)
+    class RejectUnknown(paramiko.RejectPolicy):  # type: ignore[misc]  # paramiko is untyped
+        def missing_host_key(self, client: Any, hostname: str, key: paramiko.PKey) -> None:
+            raise _UnknownHostKey(key)
+
+    return RejectUnknown()
 
 
 class _Alarm:
@@ -518,11 +524,13 @@ class SSHRunner(_RecordingRunner):
     def _open(
         self, deadline: float, generation: int
     ) -> tuple[paramiko.SSHClient, paramiko.Transport]:
+        import paramiko
+
         cfg = self.config
         client = paramiko.SSHClient()
         if self.known_hosts.exists():
             client.load_host_keys(str(self.known_hosts))
-        client.set_missing_host_key_policy(_RejectUnknown())
+        client.set_missing_host_key_policy(_reject_unknown())
         key = os.path.expanduser(cfg.ssh_key) if cfg.ssh_key else None
         started = time.monotonic()
         limit = min(self.connect_timeout, _left(deadline))
@@ -590,6 +598,8 @@ class SSHRunner(_RecordingRunner):
         return client, transport
 
     def _connect_error(self, exc: Exception, limit: float) -> DbopsError:
+        import paramiko
+
         name, port = self.server, self.config.ssh_port
         if isinstance(exc, _UnknownHostKey):
             # The remedy is in the message itself: callers often show only `message`.
@@ -685,6 +695,8 @@ class SSHRunner(_RecordingRunner):
 
     @staticmethod
     def _try_session(link: _Link, timeout: float) -> tuple[paramiko.Channel | None, str]:
+        import paramiko
+
         if timeout <= 0:
             return None, "no time left"
         try:
@@ -695,6 +707,8 @@ class SSHRunner(_RecordingRunner):
     def _exec(
         self, chan: paramiko.Channel, link: _Link, command: str, deadline: float, timeout: float
     ) -> None:
+        import paramiko
+
         # paramiko waits for the reply to an exec request without a limit: at the deadline the
         # watchdog closes the connection, which ends that wait (and the peer has had the whole
         # deadline to answer, so it is not a slow one being cut short).
@@ -717,6 +731,8 @@ class SSHRunner(_RecordingRunner):
             )
 
     def _close_channel(self, chan: paramiko.Channel, link: _Link) -> None:
+        import paramiko
+
         # Closing sends a message; to a peer that stopped reading, paramiko may wait for ever to
         # send it. Past a short grace, the whole connection is closed under it.
         alarm = _WATCHDOG.arm(time.monotonic() + _CLOSE_GRACE, lambda: self._kill(link))
@@ -728,6 +744,8 @@ class SSHRunner(_RecordingRunner):
 
     @staticmethod
     def _feed(chan: paramiko.Channel, stdin: bytes | None) -> threading.Thread | None:
+        import paramiko
+
         if stdin is None:
             chan.shutdown_write()
             return None
@@ -792,6 +810,8 @@ def _shut(sock: socket.socket) -> None:
 
 def fetch_host_key(host: str, port: int = 22, timeout: float = 5.0) -> paramiko.PKey:
     """The host key a server offers, read from the SSH handshake without logging in."""
+    import paramiko
+
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
@@ -808,6 +828,8 @@ def fetch_host_key(host: str, port: int = 22, timeout: float = 5.0) -> paramiko.
 
 
 def _names_host(entry: paramiko.hostkeys.HostKeyEntry, name: str) -> bool:
+    import paramiko
+
     for pattern in entry.hostnames:
         if pattern == name:
             return True
@@ -822,6 +844,8 @@ def trust_host(server: Server, known_hosts_path: Path, timeout: float = 5.0) -> 
     Returns the SHA256 fingerprint, for the operator to compare with the server's own
     (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the console).
     """
+    import paramiko
+
     key = fetch_host_key(server.host, server.ssh_port, timeout)
     name = known_hosts_name(server.host, server.ssh_port)
     path = Path(known_hosts_path).expanduser()

@@ -23,11 +23,10 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+if TYPE_CHECKING:  # imported where a key signs or verifies: an unkeyed log never loads it
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 SECRET_PREFIX = "evk_"  # noqa: S105 (a prefix, not a secret)
 PUBLIC_PREFIX = "evp_"
@@ -75,6 +74,9 @@ class EventKey:
     def from_secret(cls, secret: bytes) -> EventKey:
         if len(secret) != 32:
             raise BadEventKey("an events key is 32 bytes")
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
         mac_key = hmac.digest(secret, _MAC_LABEL, "sha256")
         signer = Ed25519PrivateKey.from_private_bytes(hmac.digest(secret, _SIGN_LABEL, "sha256"))
         public = signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -112,6 +114,9 @@ class EventKey:
         return _b64(self._signer.sign(message))
 
     def signature_ok(self, message: bytes, signature: str) -> bool:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         try:
             Ed25519PublicKey.from_public_bytes(self.public).verify(_unb64(signature), message)
         except (InvalidSignature, ValueError):
