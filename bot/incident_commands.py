@@ -230,7 +230,7 @@ def _card(
     restart: Decision | None = None,
 ) -> Reply:
     restore = restore if registry.get("restore") is not None else None
-    card = desk.incidents.card(inc.id, health=health, restore=restore, restart=restart)
+    card = desk.incidents.card(inc.id, restore=restore, restart=restart)
     return card_reply(card, _buttons(card, registry, restore), note=note)
 
 

@@ -7,7 +7,7 @@ what to do instead. A customer stands for its server (one cluster holds all its 
 
 One policy (``decide``, pure, over what ``observe`` saw) for `/db restart` and the incident
 card's Restart alike. With an outage incident open on the server, the restart goes through the
-incident (``Incidents.restart``: on its timeline, acknowledging it, marking it recovered);
+incident (``restart_on_incident``: on its timeline, acknowledging it, marking it recovered);
 without one, straight to the server. Both end in ``restart_server``: one restart per server at
 a time, every remote command an event, and a ``server.restart`` event with the result and the
 policy's reason. A refusal from either is a ``restart.refused`` event with the same reason.
@@ -22,8 +22,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -31,13 +31,11 @@ from core.customers import Customer, list_customers
 from core.errors import DbopsError
 from core.fleet import Fleet
 from core.health import Check, ServerHealth, check_fleet
+from core.incidents import Incident, Incidents
 from core.names import not_found, validate_server_name
 from core.remote import FleetAccess, RunnerPool, quote_argv
 from storage.events import EventLog
 from storage.spool import RECORD_LATER, caught_up, record
-
-if TYPE_CHECKING:  # core.incidents imports this module: the restart machinery lives here
-    from core.incidents import Incident, Incidents
 
 log = logging.getLogger("dbops.incidents")
 
@@ -468,6 +466,46 @@ class Target:
         return f"{n} database{'s' if n != 1 else ''}" + (f" ({names})" if n else "")
 
 
+def restart_on_incident(
+    desk: Incidents,
+    incident_id: int | str,
+    runners: RunnerPool,
+    *,
+    actor: str,
+    recheck_s: float = 30.0,
+    now: datetime | None = None,
+    reason: str = "",
+) -> dict[str, Any]:
+    """Restart the incident's server, re-check it and say so in the timeline. Pressing it
+    acknowledges an open incident (someone is on it); PostgreSQL answering again marks the
+    incident recovered (resolving stays a human's call, with a cause). Whether a restart
+    makes sense is ``decide``'s call (``Restarts.restart_incident``); ``reason`` is what it
+    said, kept with the result."""
+    inc = desk.get(incident_id)
+    if inc.server is None:
+        raise DbopsError(f"{inc.ref} names no server to restart.")
+    if not inc.active:
+        raise DbopsError(f"{inc.ref} is resolved.")
+    refuse_while_restarting(inc.server)  # before the ack: a refused press changes nothing
+    if inc.status == "open":
+        desk.ack(inc.id, actor=actor, now=now)
+    customers = [c for c in list_customers(desk.engine, inc.server) if c.name in inc.customers]
+    result = restart_server(
+        desk.fleet,
+        runners,
+        inc.server,
+        actor,
+        customers=customers,
+        events=desk.events,
+        recheck_s=recheck_s,
+        reason=reason,
+    )
+    # After the restart: best-effort records (storage.spool), never the reason it fails.
+    logged = desk.restarted(inc.id, result, actor=actor, now=now)
+    recorded = bool(result.get("recorded", True)) and logged
+    return {**result, "recorded": recorded or caught_up(desk.events)}
+
+
 class Refused(DbopsError):
     """A restart the policy said no to: ``decision`` holds its reason and what to do instead."""
 
@@ -598,8 +636,13 @@ class Restarts(FleetAccess):
 
     def _on_incident(self, inc: Incident, target: Target, reason: str, actor: str) -> Restarted:
         assert self.incidents is not None
-        result = self.incidents.restart(
-            inc.id, self.runners, actor=actor, recheck_s=self.recheck_s, reason=reason
+        result = restart_on_incident(
+            self.incidents,
+            inc.id,
+            self.runners,
+            actor=actor,
+            recheck_s=self.recheck_s,
+            reason=reason,
         )
         return Restarted(target, reason, self.incidents.get(inc.id), result)
 

@@ -23,15 +23,11 @@ from core.customers import Customer, customer_from_mapping, upsert_customers
 from core.errors import DbopsError, NotFound
 from core.escalation import Escalator
 from core.fleet import Fleet, load_fleet, parse_fleet
-from core.incidents import (
-    Incidents,
-    credit_cents,
-    parse_incident_id,
-    restart_precondition,
-)
+from core.incidents import Incidents, credit_cents, parse_incident_id
 from core.notify import MessageRef, RecordingNotifier
 from core.remote import RunnerPool
 from core.report import customer_status
+from core.restarts import restart_on_incident, restart_precondition
 from storage.events import EventLog
 
 ALICE, BOB, CAROL = "U0ALICE", "U0BOB", "U0CAROL"
@@ -334,11 +330,11 @@ def test_restart_from_the_card_brings_a_stopped_server_back(
         status = customer_status(fleet, acme, pool.get(acme.server), deadline_s=5)
         inc = desk.raise_alert(server_down(acme.server)).incident
         assert inc is not None and "acme" in inc.customers
-        card = desk.card(inc.id, health=status)
+        card = desk.card(inc.id, restart=restart_precondition(status))
         restart = next(b for b in card["buttons"] if b["action"] == "restart")
         assert restart["enabled"], restart["reason"]
 
-        result = desk.restart(inc.id, pool, actor=ALICE, recheck_s=20)
+        result = restart_on_incident(desk, inc.id, pool, actor=ALICE, recheck_s=20)
         assert result["answering"], result
         assert result["message"].startswith(f"PostgreSQL on {acme.server} answers again")
         after = desk.get(inc.id)
@@ -346,7 +342,9 @@ def test_restart_from_the_card_brings_a_stopped_server_back(
         status = customer_status(fleet, acme, pool.get(acme.server), deadline_s=5)
         assert status["database"]["online"]
         restart = next(
-            b for b in desk.card(inc.id, health=status)["buttons"] if b["action"] == "restart"
+            b
+            for b in desk.card(inc.id, restart=restart_precondition(status))["buttons"]
+            if b["action"] == "restart"
         )
         assert not restart["enabled"] and "answers" in restart["reason"]
     timeline = kinds(desk, inc.id)

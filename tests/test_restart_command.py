@@ -27,9 +27,9 @@ from bot.router import REGISTRY, Invocation, Router, UsageError, parse
 from core.customers import customer_from_mapping, upsert_customers
 from core.errors import DbopsError, NotFound
 from core.fleet import Fleet
-from core.incidents import _one_restart
 from core.ops import Ops
 from core.remote import quote_argv
+from core.restarts import _one_restart
 from core.sandbox import customer_conninfo
 from core.settings import load_settings
 from storage.db import make_engine

@@ -1,0 +1,78 @@
+"""SLA: a customer's downtime read from an incident's timeline, and the credit it earns.
+
+A customer is down from when an outage incident starts touching it (open, joined, a new
+firing) to when it recovers (its alert or the incident's resolves, mitigated, resolved). Above
+one hour of downtime, resolving proposes a credit of the plan's monthly price pro-rated to the
+downtime (price * downtime / 30 days, in cents, rounded to the nearest cent). Outages are
+server-down and database-down incidents, and any P0 opened by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from storage.events import StoredEvent
+
+SLA_THRESHOLD = timedelta(hours=1)
+SLA_MONTH = timedelta(days=30)
+
+
+# Timeline events that start or end a customer's downtime.
+_DOWN = ("incident.opened", "incident.customer_added", "alert.refired")
+_UP = ("alert.recovered", "incident.recovered", "incident.mitigated", "incident.resolved")
+
+
+def credit_cents(price_usd_month: int, downtime: timedelta) -> int:
+    """The plan's monthly price pro-rated to ``downtime``: price * downtime / 30 days, in
+    cents, rounded to the nearest cent (integer arithmetic, no floats)."""
+    secs = max(0, int(downtime.total_seconds()))
+    month = int(SLA_MONTH.total_seconds())
+    return (price_usd_month * 100 * secs * 2 + month) // (2 * month)
+
+
+def downtime_from_timeline(
+    timeline: Iterable[StoredEvent], customers: Iterable[str], until: datetime
+) -> dict[str, int]:
+    """Seconds down per customer, walking an outage incident's events in order (see the module
+    docstring for which events start and end a customer's downtime). Still down at the end of
+    the timeline counts up to ``until``."""
+    listed = list(customers)
+    down_since: dict[str, datetime] = {}
+    total: dict[str, float] = dict.fromkeys(listed, 0.0)
+
+    def down(names: Iterable[str], at: datetime) -> None:
+        for n in names:
+            total.setdefault(n, 0.0)
+            down_since.setdefault(n, at)
+
+    def up(names: Iterable[str], at: datetime) -> None:
+        for n in names:
+            start = down_since.pop(n, None)
+            if start is not None:
+                total[n] = total.get(n, 0.0) + max(0.0, (at - start).total_seconds())
+
+    known: list[str] = []
+    for ev in timeline:
+        p = ev.payload
+        one = p.get("customer")
+        if ev.kind == "incident.opened":
+            known = list(p.get("customers") or [])
+            down(known, ev.ts)
+        elif ev.kind == "incident.customer_added" and one:
+            known.append(one)
+            down([one], ev.ts)
+        elif ev.kind == "alert.refired":
+            down([one] if one else known, ev.ts)
+        elif ev.kind in _UP:
+            up([one] if one and ev.kind == "alert.recovered" else list(down_since), ev.ts)
+    up(list(down_since), until)
+    return {n: int(s) for n, s in total.items()}
+
+
+def _merge_downtime(parts: Iterable[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in parts:
+        for name, secs in part.items():
+            out[name] = out.get(name, 0) + secs
+    return out
