@@ -27,7 +27,7 @@ from storage.events import EventLog, StoredEvent
 log = logging.getLogger("dbops.checkpoints")
 
 # The events that end a destructive action: a checkpoint follows each (storage/events.py kinds
-# as core/backups.py, core/provisioning.py, core/incidents.py and core/billing.py record them).
+# as core/backups/, core/provisioning.py, core/incidents/ and core/billing.py record them).
 DESTRUCTIVE_KINDS = frozenset(
     {
         "restore.done",

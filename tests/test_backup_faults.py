@@ -22,6 +22,8 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 import core.backups as backups_mod
+import core.backups.dump
+import core.backups.service
 from core.backups import GLOBALS, HEADROOM_MAX_BYTES, Backups, SpaceCheck
 from core.customers import Customer, customer_from_mapping, upsert_customers
 from core.errors import Unreachable
@@ -101,7 +103,7 @@ def test_nightly_run_goes_on_past_a_failed_dump_a_dropped_ssh_and_an_event_log_o
             raise Unreachable(f"the SSH connection to {server.name} was closed.")
         return real_write_backup(runner, server, customer, *a, **kw)
 
-    monkeypatch.setattr(backups_mod, "write_backup", write_backup)
+    monkeypatch.setattr(core.backups.service, "write_backup", write_backup)  # where it is called
     # The event log goes down for a second, a dozen events into the run.
     outage = Outage(after=12, seconds=1.0)
     real_append = EventLog.append
@@ -301,7 +303,7 @@ def test_a_dump_without_the_free_space_it_needs_is_refused_as_crit_and_writes_no
         seen.append(path)
         return 100 * MiB, 1 * MiB
 
-    monkeypatch.setattr(backups_mod, "read_free_space", read_free_space)
+    monkeypatch.setattr(core.backups.dump, "read_free_space", read_free_space)  # check_space's
     backups.sleep = lambda s: pytest.fail("a full disk is not retried")
 
     run = backups.backup_all(parallel=False, actor="scheduler")

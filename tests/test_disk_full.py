@@ -26,6 +26,8 @@ import pytest
 from sqlalchemy import Engine
 
 import core.backups as backups_mod
+import core.backups.dump
+import core.backups.server
 from core import health
 from core import sandbox as sandbox_mod
 from core.backups import GLOBALS, Backups
@@ -251,8 +253,10 @@ def test_a_disk_that_fills_after_the_check_leaves_no_partial_dump_and_the_failur
             filled.append(when)
         return real_put(runner, directory, *args, **kwargs)
 
-    monkeypatch.setattr(backups_mod, "check_space", check_space)
-    monkeypatch.setattr(backups_mod, "put_files", put_files)
+    # Where they are looked up: write_backup's module, and write_json_last's for put_files.
+    monkeypatch.setattr(core.backups.dump, "check_space", check_space)
+    monkeypatch.setattr(core.backups.dump, "put_files", put_files)
+    monkeypatch.setattr(core.backups.server, "put_files", put_files)
 
     run = backups.backup_all(parallel=True, actor="scheduler")
 
