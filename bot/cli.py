@@ -463,6 +463,14 @@ def sandbox_up(
     ssh: Annotated[
         bool, typer.Option("--ssh", help="Reach each server through its own sshd.")
     ] = False,
+    pg_version: Annotated[
+        int | None,
+        typer.Option(
+            "--pg-version",
+            help="PostgreSQL major, 13 to 18 (default: the machine's own);"
+            " one Debian lacks is fetched first with `make pg-bin PG=V`.",
+        ),
+    ] = None,
 ) -> None:
     """Start a sandbox fleet (or the one already in --dir); print its JSON; seed its customers
     into DATABASE_URL."""
@@ -470,14 +478,22 @@ def sandbox_up(
     from core.customers import customer_from_mapping, upsert_customers
     from storage.migrate import upgrade
 
-    state = sandbox.up(directory, servers=servers, customers=customers, ssh=ssh)
+    state = sandbox.up(
+        directory, servers=servers, customers=customers, ssh=ssh, pg_version=pg_version
+    )
     ctx = _ctx()
     upgrade(ctx.engine)
     upsert_customers(ctx.engine, [customer_from_mapping(c) for c in state["customers"]])
     ctx.events.append(
         "sandbox.up",
         "sandbox",
-        {"dir": str(directory), "servers": servers, "customers": customers, "ssh": ssh},
+        {
+            "dir": str(directory),
+            "servers": servers,
+            "customers": customers,
+            "ssh": ssh,
+            "pg_version": pg_version,
+        },
         actor="cli",
     )
     _print_json(state)

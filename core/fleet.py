@@ -45,12 +45,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from psycopg import ProgrammingError
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import DbopsError
 from core.names import NAME_RE, SERVER_RE
 
 _DURATION = re.compile(r"^(\d+)\s*([smhd])$")
+# Every session dbops opens to a fleet server says so (pg_stat_activity, the server log's %a):
+# ``dsn`` and ``admin_dsn`` get it unless they name an application_name of their own, so what
+# connects through them (psql, pg_dump, pg_restore) carries it too.
+APP_NAME = "dbops"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -99,6 +105,11 @@ class Server(_Strict):
     # only from here), "prefer" (offered, not enforced) or "off" (not offered). Unset: what
     # the customer's first connection (through pgBouncer when there is one) negotiated.
     ssl: Literal["require", "prefer", "off"] | None = None
+    # Continuous WAL archiving with pgBackRest (core.pitr): the configuration file of the
+    # cluster's stanza on the server, and the stanza's name (the server's name when unset).
+    # Unset: the server has no archiving, so no point-in-time recovery and no recovery window.
+    pgbackrest_config: str | None = None
+    pgbackrest_stanza: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -106,6 +117,18 @@ class Server(_Strict):
         if not SERVER_RE.fullmatch(value):
             raise ValueError("a server name is a lowercase letter then letters, digits, - or _")
         return value
+
+    @field_validator("dsn", "admin_dsn")
+    @classmethod
+    def _dsn(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            named = "application_name" in conninfo_to_dict(value)
+        except ProgrammingError:
+            # Not the parser's message: it quotes the string, password and all.
+            raise ValueError("cannot parse the libpq connection string") from None
+        return value if named else make_conninfo(value, application_name=APP_NAME)
 
     @field_validator(
         "restart_command", "start_command", "reload_command", "pgbouncer_reload_command"

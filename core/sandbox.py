@@ -1,7 +1,9 @@
 """A sandbox fleet on this machine: real PostgreSQL clusters, optional real sshds, and faults.
 
 ``up`` builds N clusters (initdb + pg_ctl, each on its own loopback port) with customer
-databases, a first backup of each, a pgBouncer in front of each cluster (Debian's
+databases, a first backup of each, continuous WAL archiving with a first full base backup
+(pgBackRest, one stanza per cluster, its repository in the sandbox directory), a pgBouncer in
+front of each cluster (Debian's
 /usr/sbin/pgbouncer, on a port of its own, every customer database registered) and a
 fleet.toml that points at them; with ``ssh=True`` every server also gets its own OpenSSH sshd so
 the SSH transport is exercised for real.
@@ -42,7 +44,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from core import hostile_tenant
+from core import hostile_tenant, pgbins
 from core.backups import write_backup
 from core.errors import DbopsError
 from core.fleet import Server, load_fleet
@@ -52,6 +54,10 @@ from core.remote import CommandResult, LocalRunner, quote_argv
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SSHD = Path("/usr/sbin/sshd")
 PGBOUNCER = Path("/usr/sbin/pgbouncer")
+PGBACKREST = Path("/usr/bin/pgbackrest")
+# WAL written is archived within this long (archive_timeout): the recovery point a lost server
+# would cost, at most, while the archiver works.
+ARCHIVE_TIMEOUT_S = 60
 # Server connections per database and user: the clusters are small (MAX_CONNECTIONS) and
 # shared by several customers.
 PGBOUNCER_POOL_SIZE = 5
@@ -336,11 +342,88 @@ def _cluster_conf(spec: dict[str, Any], socket_dir: Path) -> str:
         "timezone": "UTC",
         "lc_messages": "C",
     }
+    if spec.get("pgbackrest_dir"):
+        settings.update(_archive_settings(spec))
     lines = ["# Written by dbops sandbox; sandbox only, never for production."]
     for key, value in settings.items():
         shown = value if isinstance(value, int) else "'" + str(value).replace("'", "''") + "'"
         lines.append(f"{key} = {shown}")
     return "\n".join(lines) + "\n"
+
+
+# --- WAL archiving (pgBackRest) ----------------------------------------------------------------
+
+
+def _pgbackrest_conf(spec: dict[str, Any]) -> Path:
+    return Path(spec["pgbackrest_dir"]) / "pgbackrest.conf"
+
+
+def _pgbackrest_argv(spec: dict[str, Any], *args: str) -> list[str]:
+    config = f"--config={_pgbackrest_conf(spec)}"
+    return [str(PGBACKREST), config, f"--stanza={spec['name']}", *args]
+
+
+def _archive_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "archive_mode": "on",
+        "archive_command": quote_argv(_pgbackrest_argv(spec, "archive-push")) + " %p",
+        "archive_timeout": f"{ARCHIVE_TIMEOUT_S}s",
+        # New segments, not recycled ones: the rest of a segment switched by archive_timeout is
+        # then zeros, which the repository stores in a few kilobytes instead of 16 MB of old WAL.
+        "wal_recycle": "off",
+        # As production runs: a point-in-time restore of one database (pgbackrest restore
+        # --db-include) leaves the others' files zeroed, and replaying WAL onto them needs the
+        # full-page images this writes after each checkpoint.
+        "full_page_writes": "on",
+    }
+
+
+def _write_pgbackrest_conf(spec: dict[str, Any], socket_dir: Path) -> None:
+    """The stanza's configuration: the repository, logs, locks and spool in the server's
+    directory, and how pgBackRest reaches the cluster (its socket, as the admin role). No
+    password anywhere: the clusters trust their own socket. Rewritten when the port changes."""
+    base = Path(spec["pgbackrest_dir"])
+    paths = {sub: base / sub for sub in ("repo", "log", "lock", "spool")}
+    for path in (base, *paths.values()):
+        path.mkdir(mode=0o700, exist_ok=True)
+    options = {
+        "global": {
+            "repo1-path": paths["repo"],
+            "repo1-retention-full": 2,
+            "log-path": paths["log"],
+            "lock-path": paths["lock"],
+            "spool-path": paths["spool"],
+            "log-level-console": "warn",
+            "log-level-file": "info",
+            "compress-type": "lz4",
+            # Small files bundled into larger ones: a new cluster's ~1,600 files otherwise cost a
+            # repository file (and an fsync) each, which doubles the first backup's time.
+            "repo1-bundle": "y",
+            # Checkpoint at once when a backup starts, rather than spread over minutes.
+            "start-fast": "y",
+        },
+        spec["name"]: {
+            "pg1-path": spec["data_path"],
+            "pg1-port": spec["port"],
+            "pg1-socket-path": socket_dir,
+            "pg1-user": ADMIN_ROLE,
+        },
+    }
+    text = "# Written by dbops sandbox; sandbox only, never for production.\n"
+    for section, values in options.items():
+        text += f"\n[{section}]\n" + "".join(f"{k}={v}\n" for k, v in values.items())
+    conf = _pgbackrest_conf(spec)
+    conf.write_text(text, encoding="utf-8")
+    conf.chmod(0o600)
+    _chown_postgres(base)
+
+
+def _first_base_backup(spec: dict[str, Any]) -> None:
+    """stanza-create, then a full backup: the start of the server's recovery window."""
+    runner = _pg_runner(spec["name"])
+    runner.run(_pgbackrest_argv(spec, "stanza-create")).check()
+    runner.run(_pgbackrest_argv(spec, "--type=full", "backup"), timeout=300).check()
+    spec["first_base_backup_at"] = _utc_now().isoformat()
 
 
 def _cluster_running(spec: dict[str, Any]) -> bool:
@@ -368,6 +451,8 @@ def _start_cluster(spec: dict[str, Any], taken: set[int], socket_dir: Path) -> N
         spec["port"] = _free_port(taken)
         conf.write_text(_cluster_conf(spec, socket_dir), encoding="utf-8")
         _chown_postgres(conf)
+        if spec.get("pgbackrest_dir"):
+            _write_pgbackrest_conf(spec, socket_dir)
     raise DbopsError(
         f"sandbox: PostgreSQL {spec['name']} did not start: "
         f"{_log_tail(spec['log_path'], 3) or result.stderr.strip()}"
@@ -382,7 +467,9 @@ def _init_cluster(spec: dict[str, Any], taken: set[int], socket_dir: Path) -> No
     _chown_postgres(base)
     _pg_runner(spec["name"]).run(
         [f"{spec['pg_bin']}/initdb", "-D", spec["data_path"], "-U", ADMIN_ROLE, "--auth=trust",
-         "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"],
+         "-E", "UTF8", "--locale=C", "--no-sync",
+         # 14 added --no-instructions; 13's initdb refuses it.
+         *(["--no-instructions"] if pgbins.major_of(spec["pg_bin"]) >= 14 else [])],
     ).check()  # fmt: skip
     data = Path(spec["data_path"])
     # Loopback only, and only in the sandbox, is trusted without a password.
@@ -393,6 +480,8 @@ def _init_cluster(spec: dict[str, Any], taken: set[int], socket_dir: Path) -> No
     with open(data / "postgresql.conf", "a", encoding="utf-8") as conf:
         conf.write("\ninclude 'sandbox.conf'\n")
     _chown_postgres(data / "pg_hba.conf", data / "sandbox.conf")
+    if spec.get("pgbackrest_dir"):
+        _write_pgbackrest_conf(spec, socket_dir)
     _start_cluster(spec, taken, socket_dir)
 
 
@@ -455,6 +544,8 @@ def _build_server(
     for index, customer in customers:
         _seed_customer(spec, customer, index)
         write_backup(runner, server, customer["name"], customer["database"])
+    if spec.get("pgbackrest_dir"):
+        _first_base_backup(spec)
     _write_pgbouncer_files(spec, [c for _, c in customers])
     _start_pgbouncer(spec, taken)
 
@@ -810,6 +901,8 @@ def _server_config(spec: dict[str, Any], ssh: bool, client_key: Path | None = No
         ),
         "run_as": run_as,
     }
+    if spec.get("pgbackrest_dir"):
+        fields.update(pgbackrest_config=str(_pgbackrest_conf(spec)), pgbackrest_stanza=spec["name"])
     if spec.get("pgbouncer_dir"):
         paths = _pgbouncer_paths(spec)
         fields.update(
@@ -865,6 +958,8 @@ def _fleet_toml(servers: list[Server], known_hosts: Path | None) -> str:
         "pgbouncer_port",
         "pgbouncer_reload_command",
         "run_as",
+        "pgbackrest_config",
+        "pgbackrest_stanza",
     ]
     for server in servers:
         dumped = server.model_dump()
@@ -890,9 +985,18 @@ def _fleet_toml(servers: list[Server], known_hosts: Path | None) -> str:
 
 def up(
     dir: Path, servers: int = 3, customers: int = 15, ssh: bool = False,
-    pg_bin: Path = DEFAULT_PG_BIN,
+    pg_bin: Path = DEFAULT_PG_BIN, pg_version: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Create and start a sandbox fleet in ``dir`` (or start the one already there)."""
+    """Create and start a sandbox fleet in ``dir`` (or start the one already there).
+    ``pg_version`` (13 to 18) picks that major's programs (core.pgbins) over ``pg_bin``."""
+    if pg_version is not None:
+        pg_bin = pgbins.server_bin(pg_version)
+    closed = _closed_parent(Path(pg_bin))
+    if closed is not None:
+        raise DbopsError(
+            f"the postgres user cannot run the programs in {pg_bin}: {closed} is closed to others.",
+            hint="Unset DBOPS_PG_CACHE (root's cache is /var/cache/dbops/pg) and fetch again.",
+        )
     if not 1 <= servers <= 20:
         raise DbopsError("a sandbox has 1 to 20 servers.")
     if not 1 <= customers <= 200:
@@ -901,6 +1005,12 @@ def up(
     with _locked(directory, create=True):
         if (directory / STATE_FILE).exists():
             if (directory / FLEET_FILE).exists():
+                had = {s["pg_bin"] for s in load_state(directory)["servers"]}
+                if pg_version is not None and had != {str(pg_bin)}:
+                    raise DbopsError(
+                        f"{directory} already holds a sandbox running {', '.join(sorted(had))}.",
+                        hint="Reuse it without --pg-version, or bring one up in another dir.",
+                    )
                 return _restart(directory, servers, customers, ssh)
             # An `up` that was killed half-way (the fleet file is written last): start over.
             _teardown(directory, remove_contents=True)
@@ -925,9 +1035,31 @@ def up(
             raise
 
 
+# The newest PostgreSQL major each pgBackRest release reads (its release notes); bookworm's
+# 2.45 stops at 15 (stanza-create on 16 fails: "are all available clusters in recovery?").
+_PGBACKREST_MAJORS = (((2, 56), 18), ((2, 53), 17), ((2, 46), 16))
+
+
+def _pgbackrest_newest_major() -> int:
+    out = subprocess.run(
+        [str(PGBACKREST), "version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout
+    match = re.search(r"(\d+)\.(\d+)", out)
+    release = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    return next((major for since, major in _PGBACKREST_MAJORS if release >= since), 15)
+
+
 def _create(
     directory: Path, servers: int, customers: int, ssh: bool, pg_bin: Path
 ) -> dict[str, Any]:
+    if not PGBACKREST.exists():
+        raise DbopsError(
+            f"sandbox: {PGBACKREST} is missing (WAL archiving).",
+            hint="Install it: apt-get install pgbackrest (or `make system-deps` as root).",
+        )
+    # A major newer than the installed pgBackRest knows runs without WAL archiving (no
+    # point-in-time recovery on it); its stanza-create would fail.
+    archiving = pgbins.major_of(pg_bin) <= _pgbackrest_newest_major()
     taken: set[int] = set()
     socket_dir = directory / "run"
     socket_dir.mkdir()
@@ -946,6 +1078,8 @@ def _create(
             "pgbouncer_port": _free_port(taken),
             "pgbouncer_dir": str(base / "pgbouncer"),
         }
+        if archiving:
+            spec["pgbackrest_dir"] = str(base / "pgbackrest")
         if ssh:
             spec["ssh_port"] = _free_port(taken)
             spec["sshd_dir"] = str(base / "sshd")

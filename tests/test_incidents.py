@@ -39,7 +39,10 @@ def make_fleet() -> Fleet:
     plan = {"ram_mb": 1024, "storage_gb": 10, "connection_limit": 20}
     return parse_fleet(
         {
-            "servers": [{"name": "vps1", "dsn": "host=127.0.0.1"}, {"name": "vps2", "dsn": "x=1"}],
+            "servers": [
+                {"name": "vps1", "dsn": "host=127.0.0.1"},
+                {"name": "vps2", "dsn": "host=127.0.0.2"},
+            ],
             "plans": {
                 "small": {**plan, "price_usd_month": 15},
                 "big": {**plan, "price_usd_month": 720},
