@@ -8,7 +8,8 @@ work to ``Background``, which runs the router in threads and replies through res
           -> thread: Router.execute (core call, render; identical reads in flight share one)
           -> response_url, at most DELIVERIES at once (429s retried) -> event "message.sent"
 
-Events go through ``GroupCommitLog``: appends from many threads share one transaction.
+In `dbops serve` events go through ``GroupCommitLog`` (``Runtime(group_commit=True)``): appends
+from many threads share one transaction.
 """
 
 from __future__ import annotations
@@ -27,25 +28,22 @@ from typing import Any
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import listeners, surfaces
+from bot import listeners
 from bot.blocks import Reply
-from bot.context import Context
 from bot.forms import Forms
 from bot.listeners.delivery import Destination
 from bot.listeners.errors import reply_for
 from bot.notifier import SlackNotifier, web_client
 from bot.roles import Roles
 from bot.router import Command, Invocation, Router
+from bot.runtime import Runtime
 from bot.slack_client import Replier, make_web_client
 from core.checkpoints import Checkpointer, publish
 from core.errors import DbopsError
-from core.ops import Ops
 from core.settings import Settings
 from storage.events import EventLog
 from storage.group_commit import GroupCommitLog
 
-# Every capability's commands are on the router before the app registers its listeners.
-_SURFACES = surfaces.SURFACES
 log = logging.getLogger("dbops.bot")
 WORKERS = 16  # threads for core calls (I/O-bound: SSH, libpq) and event-log writes
 DELIVERIES = 8  # replies being sent at once: a read shared by 200 people fans out gently
@@ -202,9 +200,9 @@ class Background:
 
 @dataclass
 class Services:
-    """What the listeners need, built once per process."""
+    """What the listeners need, built once per process around its Runtime."""
 
-    settings: Settings
+    rt: Runtime
     router: Router
     replier: Replier
     background: Background
@@ -217,46 +215,40 @@ class Services:
         if self.checkpointer is not None:
             await asyncio.to_thread(self.checkpointer.close)
         await self.replier.close()
-        self.router.close()
-        if isinstance(self.router.events, GroupCommitLog):
-            self.router.events.close()
+
+    @property
+    def settings(self) -> Settings:
+        return self.rt.settings
 
 
-def make_router(
-    ctx: Context, *, extra_admins: Iterable[str] = (), events: EventLog | None = None
-) -> Router:
-    events = events or ctx.events
+def make_router(rt: Runtime, *, extra_admins: Iterable[str] = ()) -> Router:
+    """The router over ``rt``: its commands, and the roles from its settings."""
     return Router(
-        ops=lambda: Ops(ctx.fleet, ctx.engine, events),
-        events=events,
-        roles=Roles.from_settings(ctx.settings, extra_admins=extra_admins),
-        tz=ctx.settings.tz,
+        rt, roles=Roles.from_settings(rt.settings, extra_admins=extra_admins), registry=rt.registry
     )
 
 
 def build_services(
-    ctx: Context,
+    rt: Runtime,
     *,
     client: AsyncWebClient | None = None,
     router: Router | None = None,
     extra_admins: Iterable[str] = (),
 ) -> Services:
-    if router is None:
-        events = GroupCommitLog(ctx.engine, keys=ctx.keys)
-        router = make_router(ctx, extra_admins=extra_admins, events=events)
-    if client is not None and client.token is None and ctx.settings.slack_bot_token:
-        client.token = ctx.settings.slack_bot_token.get_secret_value()
-    replier = Replier(client or make_web_client(ctx.settings))
-    services = Services(ctx.settings, router, replier, Background(router, replier))
-    services.checkpointer = checkpointer_for(ctx, router.events)
+    router = router or make_router(rt, extra_admins=extra_admins)
+    if client is not None and client.token is None and rt.settings.slack_bot_token:
+        client.token = rt.settings.slack_bot_token.get_secret_value()
+    replier = Replier(client or make_web_client(rt.settings))
+    services = Services(rt, router, replier, Background(router, replier))
+    services.checkpointer = checkpointer_for(rt, router.events)
     return services
 
 
-def checkpointer_for(ctx: Context, events: EventLog) -> Checkpointer | None:
+def checkpointer_for(rt: Runtime, events: EventLog) -> Checkpointer | None:
     """A checkpoint of the log after each destructive action this process runs (from Slack or
     the shell), appended to DBOPS_CHECKPOINTS and posted to the ops channel as the scheduler
     posts its own (core.checkpoints); None when there is nowhere to publish."""
-    settings = ctx.settings
+    settings = rt.settings
     if settings.slack_bot_token is None and settings.dbops_checkpoints is None:
         return None
     with _checkpointers_lock:  # one per event log, however many times services are built
@@ -336,13 +328,13 @@ _bolt_log.addFilter(NoBodies())
 
 
 def create_app(
-    ctx: Context | Services,
+    rt: Runtime | Services,
     *,
     client: AsyncWebClient | None = None,
     extra_admins: Iterable[str] = (),
 ) -> AsyncApp:
-    """The Bolt app with every listener registered; ``ctx`` may be prebuilt Services."""
-    services = ctx
+    """The Bolt app with every listener registered; ``rt`` may be prebuilt Services."""
+    services = rt
     if not isinstance(services, Services):
         services = build_services(services, client=client, extra_admins=extra_admins)
     settings = services.settings

@@ -1,6 +1,7 @@
 """`/db backups <customer>` and `/db backup <customer>` (operator).
 
-Registered on the router on import (bot/surfaces.py). Restores are bot/restore_commands.py.
+``SPECS`` go on the router through bot/commands/catalog.py. Restores are
+bot/restore_commands.py.
 """
 
 from __future__ import annotations
@@ -13,17 +14,11 @@ from slack_sdk.models.blocks import ButtonElement
 from bot import blocks
 from bot.blocks import Reply, escape
 from bot.roles import Role
-from bot.router import REGISTRY, Arg, Call, Spec
-from core.backups import BackupInfo, Backups
-from core.ops import Ops
+from bot.router import Arg, Call, Spec
+from core.backups import BackupInfo
 from core.units import pretty_age, pretty_bytes
 
 SHOWN = 15
-
-
-def backups_for(ops: Ops) -> Backups:
-    """core's Backups over the router's fleet, runners and event log (cheap to make)."""
-    return Backups(ops.engine, ops.events, ops.fleet, ops.runners)
 
 
 def _line(b: BackupInfo, now: datetime) -> str:
@@ -41,7 +36,7 @@ def _line(b: BackupInfo, now: datetime) -> str:
 
 def _list(call: Call) -> Reply:
     name = call.arg("customer")
-    found = backups_for(call.ops).list_backups(name)
+    found = call.rt.backups.list_backups(name)
     return backups_reply(
         name, found, datetime.now(UTC), call.router.registry.button(f"backup {name}")
     )
@@ -74,7 +69,7 @@ def backups_reply(
 
 def _take(call: Call) -> Reply:
     name = call.arg("customer")
-    info = backups_for(call.ops).take_backup(name, call.actor)
+    info = call.rt.backups.take_backup(name, call.actor)
     size = pretty_bytes(info.size_bytes) if info.size_bytes is not None else "?"
     return Reply(
         text=f"Backed up {name}: {info.stamp}, {size}.",
@@ -87,16 +82,14 @@ def _take(call: Call) -> Reply:
     )
 
 
-REGISTRY.add(
+SPECS: list[Spec] = [
     Spec(
         "backups",
         "a customer's backups: age, size, restore-test result",
         _list,
         (Arg("customer", "customer"),),
         shared=True,
-    )
-)
-REGISTRY.add(
+    ),
     Spec(
         "backup",
         "take a backup of a customer's database now",
@@ -104,5 +97,5 @@ REGISTRY.add(
         (Arg("customer", "customer"),),
         role=Role.OPERATOR,
         button="Back up now",
-    )
-)
+    ),
+]

@@ -22,7 +22,7 @@ from core.errors import DbopsError
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from bot.context import Context
+    from bot.runtime import Runtime as Context
     from core.ops import Ops
     from storage.chain import Checkpoint
 
@@ -66,9 +66,9 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a 
 
 
 def _ctx() -> Context:
-    from bot.context import Context
+    from bot.runtime import Runtime
 
-    return Context.load()
+    return Runtime.load()
 
 
 @db_app.command("upgrade")
@@ -530,7 +530,7 @@ def _worker_notifier(ctx: Context, console: TextIO | None = None) -> Any:
     from bot.outbox import outbox_notifier
 
     if ctx.settings.slack_bot_token is not None:
-        return outbox_notifier(ctx.settings, ctx.events)
+        return outbox_notifier(ctx.settings, ctx.events, registry=ctx.registry)
     return ConsoleNotifier(console, events=ctx.events)
 
 
@@ -547,9 +547,9 @@ def scheduler_cmd() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # The outbox's worker: what a job's own attempt could not send (a 429, a restart) goes
     # from here, and from `dbops serve`'s.
-    stop_outbox = start_outbox_worker(ctx.settings, ctx.events)
+    stop_outbox = start_outbox_worker(ctx.settings, ctx.events, ctx.registry)
     try:
-        run_forever(Worker(ctx, _worker_notifier(ctx)))
+        run_forever(Worker(ctx.with_notifier(_worker_notifier(ctx))))
     finally:
         stop_outbox()
 
@@ -614,14 +614,16 @@ def jobs_run(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     # With --json, stdout holds the outcome alone: the console notifier (no Slack token) and
     # the log go to stderr.
-    worker = Worker(ctx, _worker_notifier(ctx, console=sys.stderr if as_json else None))
+    worker = Worker(
+        ctx.with_notifier(_worker_notifier(ctx, console=sys.stderr if as_json else None))
+    )
     try:
         result = worker.run_manual(name, actor="cli", user=_login())
         flush = getattr(worker.notifier, "flush", None)
         if flush is not None:  # what is due now goes before exit; the rest, from the workers
             flush()
     finally:
-        worker.ops.close()
+        ctx.close()
     outcome = {
         "job": result.job_id,
         "manual": True,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:  # each command imports what it runs: `dbops --help` loads none of it
-    from bot.context import Context
+    from bot.runtime import Runtime
 
 DEMO_DIR = Path(".demo")
 DEMO_USER = "U_DEMO"
@@ -48,13 +48,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The Slack app: POST /slack/events, GET /healthz (Socket Mode with SLACK_APP_TOKEN)."""
         from bot import http
-        from bot.context import Context
         from bot.provision_commands import require_email_branding
+        from bot.runtime import Runtime
 
         _logging()
-        ctx = Context.load().ready()
-        require_email_branding(ctx.settings, lambda: ctx.fleet)
-        http.serve(ctx, host, port)
+        # Appends from many threads go in together (storage/group_commit.py).
+        rt = Runtime.load(group_commit=True).ready()
+        require_email_branding(rt.settings, lambda: rt.fleet)
+        http.serve(rt, host, port)
 
     @app.command("shell")
     def shell(
@@ -63,19 +64,19 @@ def register(app: typer.Typer) -> None:
         ] = "U_SHELL",
     ) -> None:
         """The bot in a terminal: type `/db ...` lines, `press N` to press a button."""
-        from bot.context import Context
         from bot.provision_commands import require_email_branding
+        from bot.runtime import Runtime
 
-        ctx = Context.load().ready()
-        require_email_branding(ctx.settings, lambda: ctx.fleet)
-        _run_shell(ctx, user)
+        rt = Runtime.load().ready()
+        require_email_branding(rt.settings, lambda: rt.fleet)
+        _run_shell(rt, user)
 
     @app.command("demo")
     def demo(
         directory: Annotated[Path, typer.Option("--dir", help="Where the demo lives.")] = DEMO_DIR,
     ) -> None:
         """A sandbox fleet, a SQLite event log and the shell, in one command."""
-        ctx, state = _demo_context(directory)
+        rt, state = _demo_runtime(directory)
         first = state["customers"][0]["name"]
         typer.echo(
             WELCOME.format(
@@ -84,15 +85,15 @@ def register(app: typer.Typer) -> None:
                 user=DEMO_USER,
                 first=first,
                 dir=state["dir"],
-                db=ctx.settings.database_url,
+                db=rt.settings.database_url,
                 moved=_moved_note(directory, state),
             )
         )
-        if ctx.settings.slack_bot_token and (
-            ctx.settings.slack_signing_secret or ctx.settings.slack_app_token
+        if rt.settings.slack_bot_token and (
+            rt.settings.slack_signing_secret or rt.settings.slack_app_token
         ):
-            _serve_in_background(ctx)
-        _run_shell(ctx, DEMO_USER, extra_admins=[DEMO_USER])
+            _serve_in_background(rt)
+        _run_shell(rt, DEMO_USER, extra_admins=[DEMO_USER])
 
 
 def _moved_note(directory: Path, state: dict[str, Any]) -> str:
@@ -105,12 +106,12 @@ def _moved_note(directory: Path, state: dict[str, Any]) -> str:
     )
 
 
-def _run_shell(ctx: Context, user: str, extra_admins: list[str] | None = None) -> None:
+def _run_shell(rt: Runtime, user: str, extra_admins: list[str] | None = None) -> None:
     from bot.app import checkpointer_for, make_router
     from bot.shell import HINT, Shell
 
-    router = make_router(ctx, extra_admins=extra_admins or [])
-    checkpointer = checkpointer_for(ctx, router.events)
+    router = make_router(rt, extra_admins=extra_admins or [])
+    checkpointer = checkpointer_for(rt, router.events)
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(HINT)
@@ -121,11 +122,11 @@ def _run_shell(ctx: Context, user: str, extra_admins: list[str] | None = None) -
     finally:
         if checkpointer is not None:
             checkpointer.close()
-        router.close()
+        rt.close()
 
 
-def _demo_context(directory: Path) -> tuple[Context, dict[str, Any]]:
-    from bot.context import Context
+def _demo_runtime(directory: Path) -> tuple[Runtime, dict[str, Any]]:
+    from bot.runtime import Runtime
     from core import sandbox
     from core.customers import customer_from_mapping, upsert_customers
     from storage.migrate import upgrade
@@ -142,20 +143,21 @@ def _demo_context(directory: Path) -> tuple[Context, dict[str, Any]]:
         servers, customers, ssh = len(old["servers"]), len(old["customers"]), bool(old["ssh"])
     typer.echo(f"Starting the sandbox fleet in {box} ...")
     state = sandbox.up(box, servers=servers, customers=customers, ssh=ssh)
-    settings = Context.load().settings
-    if not settings.smtp_url:
-        # Welcome emails and customer notices go somewhere you can read them. Set in the
-        # environment: the desks that send email read their settings from it.
-        os.environ["SMTP_URL"] = _demo_outbox(base / "outbox")
+    settings = Runtime.load().settings
+    smtp_url = settings.smtp_url
+    if not smtp_url:
+        # Welcome emails and customer notices go somewhere you can read them.
+        smtp_url = _demo_outbox(base / "outbox")
         typer.echo(f"Emails the demo sends are saved in {base / 'outbox'} (no SMTP_URL set).")
-    ctx = Context.load(
+    rt = Runtime.load(
         database_url=f"sqlite:///{base / 'dbops.db'}",
         dbops_fleet=state["fleet"],
         dbops_admins=[*settings.dbops_admins, DEMO_USER],
+        smtp_url=smtp_url,
     )
-    upgrade(ctx.engine)
-    upsert_customers(ctx.engine, [customer_from_mapping(c) for c in state["customers"]])
-    return ctx, state
+    upgrade(rt.engine)
+    upsert_customers(rt.engine, [customer_from_mapping(c) for c in state["customers"]])
+    return rt, state
 
 
 def _demo_outbox(outbox: Path) -> str:
@@ -186,13 +188,11 @@ def _demo_outbox(outbox: Path) -> str:
     return f"smtp://127.0.0.1:{port}?from=dbops-demo@localhost"
 
 
-def _serve_in_background(ctx: Context) -> None:
+def _serve_in_background(rt: Runtime) -> None:
     from bot.http import uvicorn_server
 
     port = int(os.environ.get("PORT", "3000"))
-    server = uvicorn_server(ctx, "127.0.0.1", port)
+    server = uvicorn_server(rt, "127.0.0.1", port)
     threading.Thread(target=server.run, name="dbops-serve", daemon=True).start()
-    mode = (
-        "Socket Mode" if ctx.settings.slack_app_token else f"http://127.0.0.1:{port}/slack/events"
-    )
+    mode = "Socket Mode" if rt.settings.slack_app_token else f"http://127.0.0.1:{port}/slack/events"
     typer.echo(f"Slack transport started ({mode}).")

@@ -26,7 +26,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bot.app import Services, build_services, create_app, withhold_bodies
-from bot.context import Context
 from bot.http_limits import (
     KEEP_ALIVE_S,
     LIMIT_CONCURRENCY,
@@ -34,29 +33,29 @@ from bot.http_limits import (
     BodyLimits,
     shedding_protocol,
 )
+from bot.runtime import Runtime
 from bot.slack_health import SlackHealth
 from core.errors import DbopsError
-from core.ops import Ops
 from core.outbox import failures as outbox_failures
 from storage.migrate import current_revision, head_revision
 
 log = logging.getLogger("dbops.http")
 
 
-def schema_state(ctx: Context) -> dict[str, Any]:
-    current, head = current_revision(ctx.engine), head_revision()
+def schema_state(rt: Runtime) -> dict[str, Any]:
+    current, head = current_revision(rt.engine), head_revision()
     return {"current": current, "head": head, "ok": current == head}
 
 
 def build_asgi(
-    ctx: Context,
+    rt: Runtime,
     *,
     services: Services | None = None,
     socket_mode: bool | None = None,
     extra_routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
-    settings = ctx.settings
-    services = services or build_services(ctx)
+    settings = rt.settings
+    services = services or build_services(rt)
     bolt = create_app(services)
     if socket_mode is None:
         socket_mode = settings.slack_app_token is not None
@@ -79,9 +78,9 @@ def build_asgi(
 
     health = SlackHealth(
         services.replier.client,
-        [settings.ops_channel, *_escalation_channel(ctx)],
+        [settings.ops_channel, *_escalation_channel(rt)],
         socket_connected=socket_connected if socket_mode else None,
-        stored=lambda: outbox_failures(ctx.engine),
+        stored=lambda: outbox_failures(rt.engine),
     )
 
     async def healthz(request: Request) -> Response:
@@ -89,7 +88,7 @@ def build_asgi(
         # not current); "status" is for alerting: "degraded" names what a person must fix in
         # Slack. Nothing here calls Slack: those checks are cached by SlackHealth.
         try:
-            schema = await asyncio.to_thread(schema_state, ctx)
+            schema = await asyncio.to_thread(schema_state, rt)
         except Exception as exc:
             log.warning("healthz: database unreachable: %s", type(exc).__name__)
             return JSONResponse(
@@ -112,7 +111,7 @@ def build_asgi(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal socket
-        socket = _start_socket_mode(bolt, ctx) if socket_mode else None
+        socket = _start_socket_mode(bolt, rt) if socket_mode else None
         await health.start()
         # Everything built so far lives as long as the process: keep it out of the collector's
         # full passes, which otherwise stall the loop (and every ack) for ~100 ms at a time.
@@ -135,20 +134,20 @@ def build_asgi(
     return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(BodyLimits)])
 
 
-def _escalation_channel(ctx: Context) -> list[str]:
+def _escalation_channel(rt: Runtime) -> list[str]:
     """fleet.toml's escalation channel, if it names one (and a fleet is configured)."""
     try:
-        channel = ctx.fleet.oncall.escalation_channel
+        channel = rt.fleet.oncall.escalation_channel
     except Exception as exc:  # /healthz must come up even when the fleet file does not
         log.warning("healthz: no escalation channel to check: %s", exc)
         return []
     return [channel] if channel else []
 
 
-def _start_socket_mode(bolt: AsyncApp, ctx: Context) -> tuple[Any, asyncio.Task[None]]:
+def _start_socket_mode(bolt: AsyncApp, rt: Runtime) -> tuple[Any, asyncio.Task[None]]:
     from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
-    token = ctx.settings.slack_app_token
+    token = rt.settings.slack_app_token
     assert token is not None
     handler = AsyncSocketModeHandler(bolt, token.get_secret_value())
     # In the background: slack_sdk keeps retrying until Slack answers, and /healthz should
@@ -162,9 +161,9 @@ def _start_socket_mode(bolt: AsyncApp, ctx: Context) -> tuple[Any, asyncio.Task[
     return handler, connecting
 
 
-def uvicorn_server(ctx: Context, host: str, port: int, **kwargs: Any) -> uvicorn.Server:
+def uvicorn_server(rt: Runtime, host: str, port: int, **kwargs: Any) -> uvicorn.Server:
     config = uvicorn.Config(
-        build_asgi(ctx, **kwargs),
+        build_asgi(rt, **kwargs),
         host=host,
         port=port,
         log_level="warning",
@@ -180,62 +179,52 @@ def uvicorn_server(ctx: Context, host: str, port: int, **kwargs: Any) -> uvicorn
     return uvicorn.Server(config)
 
 
-def webhook_routes(ctx: Context) -> list[BaseRoute]:
+def webhook_routes(rt: Runtime) -> list[BaseRoute]:
     """POST /alerts/alertmanager (alerts open incidents that page through Slack) and
     POST /stripe/webhook (a paid checkout proposes onboarding in the ops channel)."""
     from bot.incident_cards import as_message
-    from bot.notifier import ConsoleNotifier
-    from bot.outbox import outbox_notifier
-    from bot.provision_commands import onboarding_for, onboarding_reply
+    from bot.incident_commands import announce
+    from bot.provision_commands import onboarding_reply
     from bot.stripe_webhook import stripe_routes
-    from bot.webhooks import alert_desk, alertmanager_routes, built_once
+    from bot.webhooks import AlertDesk, alertmanager_routes
     from core.billing import Billing, OnboardingProposal
 
-    settings = ctx.settings
-    notifier = (
-        outbox_notifier(settings, ctx.events)
-        if settings.slack_bot_token is not None
-        else ConsoleNotifier(events=ctx.events)
-    )
-
-    # One Ops (its SSH connections) for both routes, made at the first request that needs it.
-    ops = built_once(lambda: Ops(ctx.fleet, ctx.engine, ctx.events))
-
     def billing() -> Billing:
-        # The onboarding desk the Provision button's command uses too (one per engine).
-        return onboarding_for(ops(), settings).billing
+        # The onboarding desk the Provision button's command uses too.
+        return rt.onboarding.billing
 
     def onboarding(proposal: OnboardingProposal) -> None:
         # The card (customer, email, plan, server and its capacity, warnings) with a Provision
         # button (admins) that runs `/db provision ...` through the router.
-        notifier.post(settings.ops_channel, as_message(onboarding_reply(proposal)))
+        card = onboarding_reply(proposal, rt.registry)
+        rt.notifier.post(rt.settings.ops_channel, as_message(card))
 
     def card(incident_id: int) -> None:
-        from bot.incident_commands import announce
-
         try:
-            announce(ops(), incident_id, settings.tz)
+            announce(rt, incident_id)
         except Exception:
             log.exception("could not post the card of incident %s", incident_id)
 
-    routes: list[BaseRoute] = list(
-        alertmanager_routes(lambda: alert_desk(ctx, notifier, on_opened=card))
-    )
+    def alert_desk() -> AlertDesk:
+        return AlertDesk(rt.settings, rt.events, rt.incidents, on_opened=card)
+
+    routes: list[BaseRoute] = list(alertmanager_routes(alert_desk))
     routes += stripe_routes(billing, onboarding)
     return routes
 
 
-def serve(ctx: Context, host: str = "127.0.0.1", port: int = 3000) -> None:
+def serve(rt: Runtime, host: str = "127.0.0.1", port: int = 3000) -> None:
     """Run until interrupted (uvicorn handles SIGINT/SIGTERM and drains the lifespan)."""
-    server = uvicorn_server(ctx, host, port, extra_routes=webhook_routes(ctx))
+    server = uvicorn_server(rt, host, port, extra_routes=webhook_routes(rt))
     # Every line this process writes, uvicorn's included (its Config has made its handlers by
     # now): no request body, no message over MAX_LOG_BYTES.
     handlers = [logging.getLogger(name).handlers for name in ("", "uvicorn", "uvicorn.access")]
     withhold_bodies(*(h for group in handlers for h in group))
     from bot.outbox import start_outbox_worker
 
-    stop_outbox = start_outbox_worker(ctx.settings, ctx.events)
+    stop_outbox = start_outbox_worker(rt.settings, rt.events, rt.registry)
     try:
         server.run()
     finally:
         stop_outbox()
+        rt.close()

@@ -18,7 +18,7 @@ from slack_sdk.models.blocks import Block, ButtonElement
 
 from bot import blocks
 from bot.blocks import Reply, escape
-from bot.router import REGISTRY, Registry
+from bot.router import Registry
 from core.incidents import Incident, Resolution
 from core.notify import Message, inert
 from core.oncall import OnCallNow
@@ -169,11 +169,10 @@ def refused_reply(ref: str, action: str, reason: str) -> Reply:
     )
 
 
-def credit_buttons(res: Resolution, registry: Registry | None = None) -> list[ButtonElement]:
+def credit_buttons(res: Resolution, registry: Registry) -> list[ButtonElement]:
     """An Apply button (admins, behind a confirm dialog) for each proposed credit with an amount,
     when the router has `credit apply`. The button names the incident and the customer only: the
     amount is the one core recorded at resolve time, so a button cannot carry another."""
-    registry = registry or REGISTRY
     if registry.get("credit apply") is None:
         return []
     out = []
@@ -197,13 +196,10 @@ def credit_buttons(res: Resolution, registry: Registry | None = None) -> list[Bu
     return out
 
 
-def resolution_reply(
-    res: Resolution, actor: str, buttons: Sequence[ButtonElement] | None = None
-) -> Reply:
+def resolution_reply(res: Resolution, actor: str, buttons: Sequence[ButtonElement]) -> Reply:
     """The resolve note: cause, downtime, proposed SLA credits with their Apply buttons
-    (``buttons``; by default ``credit_buttons`` on the router's registry)."""
+    (``buttons``: ``credit_buttons`` on the router's registry)."""
     inc = res.incident
-    buttons = credit_buttons(res) if buttons is None else buttons
     lines = [
         f":white_check_mark: {mention(actor)} resolved *{escape(inc.ref)}* "
         f"after {pretty_age(_age(inc))}. Cause: {escape(inc.cause or '')}"

@@ -1,32 +1,29 @@
 """`/db incident open|list|ack|resolve|restart` and `/db oncall [set primary|secondary @user]`.
 
-The incident desk (core.incidents.Incidents with its pager) is built once per process and
-engine. With SLACK_BOT_TOKEN set it posts the card to OPS_CHANNEL, the diagnostics and results
-in the card's thread, and updates the card in place; without it (the shell) those posts go
-nowhere and the command's own reply carries the card.
+The incident desk (core.incidents.Incidents with its pager) is the runtime's, ``call.rt.desk``
+(bot/runtime.py), shared with the alert webhook and the scheduler. With SLACK_BOT_TOKEN set it
+posts the card to OPS_CHANNEL, the diagnostics and results in the card's thread, and updates the
+card in place; without it (the shell) those posts go nowhere and the command's own reply carries
+the card.
 
-Registered on the router on import (bot/surfaces.py imports this module).
+``SPECS`` go on the router through bot/commands/catalog.py (with ``KINDS``: a severity and a
+Slack user).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
-from zoneinfo import ZoneInfo
+from typing import TYPE_CHECKING, Any
 
 from slack_sdk.models.blocks import ButtonElement
 
 from bot import blocks
-from bot.backup_commands import backups_for
 from bot.blocks import Reply, escape
-from bot.desks import PerEngine
 from bot.incident_cards import (
     acked_note,
-    as_message,
     card_reply,
     credit_buttons,
     diagnostics_reply,
@@ -36,22 +33,22 @@ from bot.incident_cards import (
     resolution_reply,
     restart_reply,
 )
-from bot.outbox import outbox_notifier
 from bot.roles import Role
-from bot.router import KINDS, REGISTRY, Arg, Call, Registry, Spec
+from bot.router import Arg, Call, Kind, Registry, Rt, Spec
 from core import oncall
 from core.customers import list_customers
 from core.errors import DbopsError
-from core.escalation import Escalator
 from core.health import Limits, ServerHealth, check_fleet, fetch_cluster, pg_error_text
 from core.incident_report import duration, incident_report, timeline_lines
 from core.incident_report import render_text as render_incident_report
-from core.incidents import Incident, Incidents, parse_incident_id, parse_severity
-from core.notify import Message, MessageRef, Notifier, NotifyError
+from core.incidents import Incident, parse_incident_id, parse_severity
+from core.notify import MessageRef
 from core.ops import Ops
 from core.report import database_json, server_json
-from core.restarts import Decision, Refused, Restarts, decide, seen_from_health
-from core.settings import Settings, load_settings
+from core.restarts import Decision, Refused, decide, seen_from_health
+
+if TYPE_CHECKING:
+    from bot.desk import Desk
 
 log = logging.getLogger("dbops.incidents.slack")
 
@@ -62,97 +59,11 @@ TOP_ACTIVITY = 5
 # --- argument kinds --------------------------------------------------------------------------
 
 
-KINDS.setdefault("severity", lambda v: str(parse_severity(v)))
-KINDS.setdefault("slack_user", oncall.parse_user)
+def _severity(value: str) -> str:
+    return str(parse_severity(value))
 
 
-# --- the desk --------------------------------------------------------------------------------
-
-
-class QuietNotifier:
-    """Sends nothing (the shell, or no Slack token): the command's reply shows the card."""
-
-    def __init__(self) -> None:
-        self._seq = 0
-        self._lock = threading.Lock()
-
-    def _ref(self, to: str) -> MessageRef:
-        with self._lock:
-            self._seq += 1
-            return MessageRef(to, f"quiet.{self._seq:06d}")
-
-    def dm(self, user: str, message: Message) -> MessageRef:
-        return self._ref(user)
-
-    def post(self, channel: str, message: Message, thread_ts: str | None = None) -> MessageRef:
-        return self._ref(channel)
-
-    def update(self, ref: MessageRef, message: Message) -> None:
-        return None
-
-
-@dataclass
-class Desk:
-    incidents: Incidents
-    notifier: Notifier
-    channel: str
-    slack: bool  # the card and thread are visible in Slack
-
-    def post(self, message: Reply, thread: MessageRef | None = None) -> MessageRef | None:
-        """Post in OPS_CHANNEL (in ``thread`` when given); a failed post is logged, not fatal."""
-        try:
-            if thread is not None:
-                return self.notifier.post(thread.channel, as_message(message), thread.ts)
-            return self.notifier.post(self.channel, as_message(message))
-        except NotifyError as exc:
-            log.warning("could not post to Slack: %s", exc.message)
-            return None
-
-    def update(self, ref: MessageRef, message: Reply) -> None:
-        try:
-            self.notifier.update(ref, as_message(message))
-        except NotifyError as exc:
-            log.warning("could not update the incident card: %s", exc.message)
-
-
-_desks: PerEngine[Desk] = PerEngine()
-
-
-def desk_for(ops: Ops, *, settings: Settings | None = None) -> Desk:
-    """The process's incident desk for ``ops.engine``, built on first use."""
-    return _desks.get(ops.engine, lambda: _build_desk(ops, settings or load_settings()))
-
-
-def restarts_for(ops: Ops) -> Restarts:
-    """Restarts (core.restarts: the one restart policy) with this process's incident desk:
-    the card's Restart and `/db restart` both go through it."""
-    desk = desk_for(ops)
-    return Restarts(ops.engine, ops.events, ops.fleet, ops.runners, incidents=desk.incidents)
-
-
-def reset_desks() -> None:
-    """Forget the desks (tests that change the settings between cases)."""
-    _desks.clear()
-
-
-def _build_desk(ops: Ops, settings: Settings) -> Desk:
-    notifier: Notifier
-    if settings.slack_bot_token is not None:
-        notifier = outbox_notifier(settings, ops.events)
-    else:
-        notifier = QuietNotifier()
-    escalator = Escalator(
-        ops.engine,
-        ops.events,
-        lambda: ops.fleet,
-        notifier,
-        ops_channel=settings.ops_channel,
-        tz=settings.tz,
-    )
-    incidents = Incidents(
-        ops.engine, ops.events, lambda: ops.fleet, escalator=escalator, tz=settings.tz
-    )
-    return Desk(incidents, notifier, settings.ops_channel, settings.slack_bot_token is not None)
+KINDS: Mapping[str, Kind] = {"severity": _severity, "slack_user": oncall.parse_user}
 
 
 # --- health, the card and the diagnostics ----------------------------------------------------
@@ -202,14 +113,14 @@ def _buttons(
     return out
 
 
-def restore_hint(ops: Ops, inc: Incident) -> dict[str, Any] | None:
+def restore_hint(rt: Rt, inc: Incident) -> dict[str, Any] | None:
     """For the card's Restore button: the newest restore-tested backup of a one-customer
     incident ({"name", "age_s"}), or why there is none ({"reason"}). None: no button (several
     customers, or the incident is over)."""
     if len(inc.customers) != 1 or not inc.active:
         return None
     try:
-        found = backups_for(ops).list_backups(inc.customers[0])
+        found = rt.backups.list_backups(inc.customers[0])
     except DbopsError as exc:
         return {"reason": f"could not read the backups: {exc.message[:100]}"}
     now = datetime.now(UTC)
@@ -244,7 +155,7 @@ def refresh_card(desk: Desk, call: Call, inc_id: int, *, note: str = "") -> Repl
             health, restart = _health_view(inc, seen), _restart_view(inc, seen)
         except DbopsError:
             health = None
-    hint = restore_hint(call.ops, inc)
+    hint = restore_hint(call.rt, inc)
     reply = _card(desk, call.router.registry, inc, health, restore=hint, note=note, restart=restart)
     if inc.card_ref is not None:
         desk.update(inc.card_ref, reply)
@@ -318,13 +229,13 @@ class Announced:
     ref: MessageRef | None  # where the card landed; None when it could not be posted
 
 
-def announce(
-    ops: Ops, incident_id: int, tz: ZoneInfo, *, registry: Registry = REGISTRY
-) -> Announced:
+def announce(rt: Rt, incident_id: int, *, registry: Registry | None = None) -> Announced:
     """Post the incident's card in OPS_CHANNEL and the diagnostics in its thread, and record
     where the card is so later changes update it. `/db incident open` calls this; so may
-    whatever else opens incidents (the alert webhook, the health sweep)."""
-    desk = desk_for(ops)
+    whatever else opens incidents (the alert webhook, the health sweep). ``registry``: the
+    one the buttons come from (the command's router's; by default the runtime's)."""
+    desk, ops, tz = rt.desk, rt.ops, rt.tz
+    registry = registry or rt.registry
     inc = desk.incidents.get(incident_id)
     health: ServerHealth | None = None
     if inc.server is not None:
@@ -334,7 +245,7 @@ def announce(
             log.warning("no health for %s at open: %s", inc.ref, exc.message)
     view = _health_view(inc, health) if health is not None else None
     restart = _restart_view(inc, health) if health is not None else None
-    card = _card(desk, registry, inc, view, restore=restore_hint(ops, inc), restart=restart)
+    card = _card(desk, registry, inc, view, restore=restore_hint(rt, inc), restart=restart)
     diag = (
         diagnostics_reply(inc.ref, diagnostics(ops, inc.server, health), tz)
         if health is not None and inc.server is not None
@@ -349,11 +260,11 @@ def announce(
 
 
 def _open(call: Call) -> Reply:
-    desk = desk_for(call.ops)
+    desk = call.rt.desk
     inc = desk.incidents.open_for(
         call.arg("target"), call.arg("severity"), call.arg("summary"), actor=call.actor
     )
-    said = announce(call.ops, inc.id, call.tz, registry=call.router.registry)
+    said = announce(call.rt, inc.id, registry=call.router.registry)
     if desk.slack:
         where = (
             f"Card posted in {escape(desk.channel)}." if said.ref else "Could not post the card."
@@ -370,7 +281,7 @@ def _open(call: Call) -> Reply:
 
 
 def _list(call: Call) -> Reply:
-    desk = desk_for(call.ops)
+    desk = call.rt.desk
     found = desk.incidents.list_incidents(active=True, limit=40)
     registry = call.router.registry
     buttons = [  # one Ack per open incident, each saying which (its value: the command)
@@ -386,7 +297,7 @@ def _incident_id(call: Call) -> int:
 
 
 def _ack(call: Call) -> Reply:
-    desk = desk_for(call.ops)
+    desk = call.rt.desk
     inc = desk.incidents.ack(_incident_id(call), actor=call.actor)
     refresh_card(desk, call, inc.id)
     if inc.card_ref is not None:
@@ -398,13 +309,13 @@ def _ack(call: Call) -> Reply:
 
 
 def _restart(call: Call) -> Reply:
-    desk = desk_for(call.ops)
+    desk = call.rt.desk
     inc = desk.incidents.get(_incident_id(call))
     if inc.server is None or not inc.active:
         why = "it names no server" if inc.server is None else "it is resolved"
         return refused_reply(inc.ref, "Restart", why)
     try:  # core.restarts decides, as for `/db restart`; one restart per server runs at a time
-        result = restarts_for(call.ops).restart_incident(inc.id, call.actor).result
+        result = call.rt.restarts.restart_incident(inc.id, call.actor).result
     except Refused as no:
         hint = f" {no.hint}" if no.hint else ""
         return refused_reply(inc.ref, "Restart", f"{no.message.rstrip('.')}.{hint}")
@@ -419,12 +330,12 @@ def _restart(call: Call) -> Reply:
 def _restart_look(call: Call) -> str:
     """Typed `/db incident restart N`: the look before its confirmation, by the same policy
     as the press (a refusal answers at once)."""
-    inc, target, reason = restarts_for(call.ops).check_incident(_incident_id(call), call.actor)
+    inc, target, reason = call.rt.restarts.check_incident(_incident_id(call), call.actor)
     return f"{inc.ref}: {reason}. Restarting {target.server}'s PostgreSQL restarts {target.scope}"
 
 
 def _resolve(call: Call) -> Reply:
-    desk = desk_for(call.ops)
+    desk = call.rt.desk
     res = desk.incidents.resolve(_incident_id(call), call.arg("cause"), actor=call.actor)
     said = resolution_reply(res, call.actor, credit_buttons(res, call.router.registry))
     if res.incident.card_ref is not None:
@@ -457,7 +368,7 @@ def _oncall_set(call: Call) -> Reply:
 
 def _email(call: Call) -> Reply:
     """SOP-201's customer email, rendered for a check before anyone presses Send."""
-    desk = desk_for(call.ops)
+    desk = call.rt.desk
     inc = desk.incidents.get(_incident_id(call))
     which = call.arg("which")
     emails = desk.incidents.email_preview(inc.id, which)
@@ -476,9 +387,9 @@ def _email(call: Call) -> Reply:
 
 
 def _email_send(call: Call) -> Reply:
-    desk = desk_for(call.ops)
+    desk = call.rt.desk
     inc = desk.incidents.get(_incident_id(call))
-    smtp_url = load_settings().smtp_url
+    smtp_url = call.rt.smtp_url
     if not smtp_url:
         raise DbopsError(
             "SMTP_URL is not set, so no email can be sent.",
@@ -604,12 +515,3 @@ SPECS: list[Spec] = [
         role=Role.ADMIN,
     ),
 ]
-
-
-def register_commands(registry: Registry = REGISTRY) -> None:
-    for spec in SPECS:
-        if registry.get(spec.name) is None:
-            registry.add(spec)
-
-
-register_commands()

@@ -72,8 +72,9 @@ class SlackNotifier:
     """chat.postMessage / chat.update / conversations.open over the Web API.
 
     A message whose meta offers the ack action (an escalation page) gets an Ack button, made by
-    the router's registry so a press runs `/db incident ack N` with its role check. The text
-    stays as it was, typed command and all: it is what a phone's notification shows.
+    ``registry`` (the runtime's: bot/commands/catalog.py) so a press runs `/db incident ack N`
+    with its role check; without a registry (a checkpoint's poster) no message gets buttons.
+    The text stays as it was, typed command and all: it is what a phone's notification shows.
     """
 
     def __init__(
@@ -136,19 +137,11 @@ class SlackNotifier:
 
     def _ack_button(self, incident: int) -> ButtonElement | None:
         """The Ack button for ``incident``, or None: a button must never cost a page, and the
-        page's text still says the command to type.
-
-        The router is imported here, not at the top: bot.incident_commands (which registers
-        `incident ack`) imports this module."""
+        page's text still says the command to type."""
+        if self._registry is None:
+            return None
         try:
-            registry = self._registry
-            if registry is None:
-                from bot.router import REGISTRY
-
-                if REGISTRY.get("incident ack") is None:
-                    import bot.incident_commands  # noqa: F401  (registers `incident ack`)
-                registry = REGISTRY
-            return registry.button(f"incident ack {incident}")
+            return self._registry.button(f"incident ack {incident}")
         except (DbopsError, ValueError) as exc:
             log.warning("no Ack button for inc-%s: %s", incident, exc)
         except Exception:
@@ -179,6 +172,28 @@ class SlackNotifier:
         body = self.body(message, update=True)
         self._call("chat.update", channel=ref.channel, ts=ref.ts, **body)
         self._record("update", ref.channel, message, ref.ts)
+
+
+class QuietNotifier:
+    """Sends nothing (the shell, or no Slack token): the command's reply shows the card."""
+
+    def __init__(self) -> None:
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def _ref(self, to: str) -> MessageRef:
+        with self._lock:
+            self._seq += 1
+            return MessageRef(to, f"quiet.{self._seq:06d}")
+
+    def dm(self, user: str, message: Message) -> MessageRef:
+        return self._ref(user)
+
+    def post(self, channel: str, message: Message, thread_ts: str | None = None) -> MessageRef:
+        return self._ref(channel)
+
+    def update(self, ref: MessageRef, message: Message) -> None:
+        return None
 
 
 class ConsoleNotifier:

@@ -23,7 +23,7 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
@@ -42,6 +42,9 @@ from core.outbox import (
 )
 from core.settings import Settings
 from storage.events import EventLog, EventLogUnavailable
+
+if TYPE_CHECKING:
+    from bot.router import Registry
 
 log = logging.getLogger("dbops.outbox")
 
@@ -303,11 +306,14 @@ def outbox_notifier(
     settings: Settings,
     events: EventLog,
     *,
+    registry: Registry | None,
     clock: Callable[[], datetime] | None = None,
 ) -> OutboxNotifier:
-    """The process's outbox notifier for ``events.engine`` and these Slack settings."""
+    """The process's outbox notifier for ``events.engine``, these Slack settings and
+    ``registry`` (a page's Ack button: bot.notifier.SlackNotifier)."""
     key = (
         events.engine,
+        registry,
         str(settings.slack_api_url),
         settings.slack_bot_token.get_secret_value() if settings.slack_bot_token else None,
         settings.ops_channel,
@@ -317,7 +323,9 @@ def outbox_notifier(
     with _built_lock:
         made = _built.get(key)
         if made is None:
-            made = _built[key] = build_outbox_notifier(settings, events, clock=clock)
+            made = _built[key] = build_outbox_notifier(
+                settings, events, registry=registry, clock=clock
+            )
         return made
 
 
@@ -325,6 +333,7 @@ def build_outbox_notifier(
     settings: Settings,
     events: EventLog,
     *,
+    registry: Registry | None = None,
     clock: Callable[[], datetime] | None = None,
     owner: str | None = None,
     lease_s: float | None = None,
@@ -344,7 +353,7 @@ def build_outbox_notifier(
         ops_channel=settings.ops_channel,
         quiet_errors=TOKEN_ERRORS,
     )
-    return OutboxNotifier(outbox, courier, SlackNotifier(web_client(settings)))
+    return OutboxNotifier(outbox, courier, SlackNotifier(web_client(settings), registry=registry))
 
 
 def forget_outbox_notifiers() -> None:
@@ -353,9 +362,11 @@ def forget_outbox_notifiers() -> None:
         _built.clear()
 
 
-def start_outbox_worker(settings: Settings, events: EventLog) -> Callable[[], None]:
+def start_outbox_worker(
+    settings: Settings, events: EventLog, registry: Registry
+) -> Callable[[], None]:
     """The worker thread that sends what the callers' own attempts did not (`dbops serve`,
     `dbops scheduler`); returns the function that stops it. Without a Slack token: nothing."""
     if settings.slack_bot_token is None:
         return lambda: None
-    return outbox_notifier(settings, events).courier.start()
+    return outbox_notifier(settings, events, registry=registry).courier.start()

@@ -21,14 +21,14 @@ amount is not on the button: it is the one core proposed when the incident was r
 ``sla.credit_proposed``), so a button cannot carry an arbitrary amount. Core applies a credit
 once (Stripe idempotency key ``sla-credit:{incident}:{customer}``); a second press says so.
 
-Registered on the router on import (bot/surfaces.py imports this module).
+``SPECS`` go on the router through bot/commands/catalog.py (with ``KINDS``: a plan, an email
+address, a new customer's name).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -36,18 +36,16 @@ from slack_sdk.models.blocks import Block, ButtonElement
 
 from bot import blocks
 from bot.blocks import Reply, escape
-from bot.desks import PerEngine
 from bot.roles import Role
-from bot.router import KINDS, REGISTRY, Arg, Call, Look, Registry, Spec, UsageError, shown
+from bot.router import Arg, Call, Kind, Look, Registry, Spec, UsageError, shown
 from core import email as mail
-from core.billing import Billing, CreditResult, OnboardingProposal
+from core.billing import CreditResult, OnboardingProposal
 from core.errors import DbopsError
 from core.fleet import Fleet
 from core.incidents import parse_incident_id
 from core.names import validate_new_name
-from core.ops import Ops
 from core.provisioning import Provisioner, ProvisionResult, ServerCapacity
-from core.settings import Settings, load_settings
+from core.settings import Settings
 from core.units import pretty_bytes
 from storage.events import EventLog
 from storage.spool import RECORD_LATER
@@ -90,32 +88,10 @@ def _new_customer(value: str) -> str:
     return validate_new_name(value.lower(), "customer")
 
 
-KINDS.setdefault("plan", _plan)
-KINDS.setdefault("email", _email)
-KINDS.setdefault("new_customer", _new_customer)
+KINDS: Mapping[str, Kind] = {"plan": _plan, "email": _email, "new_customer": _new_customer}
 
 
-# --- the desk: one Provisioner and one Billing per process and engine ----------------------------
-
-
-@dataclass
-class Onboarding:
-    provisioner: Provisioner
-    billing: Billing
-
-
-_desks: PerEngine[Onboarding] = PerEngine()
-
-
-def onboarding_for(ops: Ops, settings: Settings | None = None) -> Onboarding:
-    """The process's Provisioner (its failpoints are the tests' seam) and Billing for
-    ``ops.engine``, built on first use from ``settings`` (SMTP_URL, STRIPE_*)."""
-    return _desks.get(ops.engine, lambda: _build(ops, settings or load_settings()))
-
-
-def reset_onboarding() -> None:
-    """Forget the desks (tests that change the settings between cases)."""
-    _desks.clear()
+# --- start-up ---------------------------------------------------------------------------------
 
 
 def require_email_branding(settings: Settings, fleet: Callable[[], Fleet]) -> None:
@@ -123,21 +99,6 @@ def require_email_branding(settings: Settings, fleet: Callable[[], Fleet]) -> No
     emails go out, and fleet.toml must say whose they are ([business] name, support_email)."""
     if settings.smtp_url and settings.dbops_fleet is not None:
         mail.require_branding(settings.smtp_url, fleet().business, str(settings.dbops_fleet))
-
-
-def _build(ops: Ops, settings: Settings) -> Onboarding:
-    def fleet() -> Fleet:
-        return ops.fleet
-
-    # Said here with the fleet file's path; the Provisioner refuses on its own as well.
-    mail.require_branding(settings.smtp_url, ops.fleet.business, str(settings.dbops_fleet or ""))
-    provisioner = Provisioner(
-        ops.engine, ops.events, fleet, ops.runners, smtp_url=settings.smtp_url
-    )
-    billing = Billing.from_settings(
-        settings, ops.engine, ops.events, fleet, propose=provisioner.propose_server
-    )
-    return Onboarding(provisioner, billing)
 
 
 # --- provisioning ------------------------------------------------------------------------------
@@ -168,7 +129,7 @@ def _arguments(call: Call) -> tuple[Provisioner, dict[str, Any], str]:
             f"There is no plan {plan!r}. The plans are: {plans_text(ops.fleet)}.",
             usage=call.command.spec.usage,
         )
-    provisioner = onboarding_for(ops).provisioner
+    provisioner = call.rt.onboarding.provisioner
     paid = stripe_proposal(ops.events, name) or {}
     job = provisioner.job(name)
     email = call.command.args.get("email") or (job.email if job else None) or paid.get("email")
@@ -220,7 +181,7 @@ def _provision(call: Call) -> Reply:
     return provisioned_reply(result, call.router.registry)
 
 
-def provisioned_reply(result: ProvisionResult, registry: Registry = REGISTRY) -> Reply:
+def provisioned_reply(result: ProvisionResult, registry: Registry) -> Reply:
     """What provisioning did; the password is not in ``result`` and so not here either."""
     name, server = escape(result.customer), escape(result.server)
     buttons = [registry.button(f"log {result.customer}")]
@@ -292,7 +253,7 @@ def _capacity_line(c: ServerCapacity, chosen: str | None) -> str:
     return line
 
 
-def onboarding_reply(proposal: OnboardingProposal, registry: Registry = REGISTRY) -> Reply:
+def onboarding_reply(proposal: OnboardingProposal, registry: Registry) -> Reply:
     """The card a paid Stripe checkout (or first invoice) posts: who, what plan, where, and a
     Provision button (admins) when everything it needs is known."""
     p = proposal
@@ -391,7 +352,7 @@ def proposed_credit(events: EventLog, incident_id: int, customer: str) -> int:
 def _credit_apply(call: Call) -> Reply:
     incident_id = parse_incident_id(call.arg("incident"))
     customer = call.arg("customer")
-    billing = onboarding_for(call.ops).billing
+    billing = call.rt.onboarding.billing
     done = billing.credit(incident_id, customer)
     if done is None:
         amount = proposed_credit(call.ops.events, incident_id, customer)
@@ -418,7 +379,7 @@ def credit_reply(result: CreditResult, tz: ZoneInfo) -> Reply:
     return Reply(text=text, blocks=[blocks.section(f"{icon} {escape(text)}")])
 
 
-# --- registration --------------------------------------------------------------------------------
+# --- the commands --------------------------------------------------------------------------------
 
 SPECS: list[Spec] = [
     Spec(
@@ -448,12 +409,3 @@ SPECS: list[Spec] = [
         destructive=True,
     ),
 ]
-
-
-def register_commands(registry: Registry = REGISTRY) -> None:
-    for spec in SPECS:
-        if registry.get(spec.name) is None:
-            registry.add(spec)
-
-
-register_commands()

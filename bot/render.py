@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from jinja2 import FileSystemLoader, StrictUndefined
@@ -22,14 +22,12 @@ from slack_sdk.models.blocks import Block, ButtonElement
 
 from bot import blocks
 from bot.blocks import Reply, escape
+from bot.roles import Role
 from core.errors import DbopsError
 from core.report import text_view
 from core.settings import SLACK_USER_ID
 from core.units import pretty_age, pretty_bytes
 from storage.events import StoredEvent
-
-if TYPE_CHECKING:
-    from bot.router import Spec
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "slack"
 ROLES_NOTE = (
@@ -105,7 +103,20 @@ def _check(checks: Sequence[Mapping[str, Any]], name: str) -> Mapping[str, Any] 
 # --- help, errors ----------------------------------------------------------------------------
 
 
-def help_reply(specs: Sequence[Spec], topic: str | None = None) -> Reply:
+class Listed(Protocol):
+    """A command as `/db help` lists it (bot.router's Spec)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def summary(self) -> str: ...
+    @property
+    def usage(self) -> str: ...
+    @property
+    def role(self) -> Role: ...
+
+
+def help_reply(specs: Sequence[Listed], topic: str | None = None) -> Reply:
     shown = [s for s in specs if topic is None or s.name.split()[0] == topic]
     view = [{"usage": s.usage, "summary": s.summary, "role": s.role.label} for s in shown]
     body = template("help.md.j2", ZoneInfo("UTC"), specs=view)

@@ -10,7 +10,7 @@ recorded on it, its result posted in the incident's thread and its card updated,
 own Restart button does. Refusals (the cluster answers, a restart already running) are errors
 the operator alone sees; a restart's result goes to the channel.
 
-Registered on the router on import (bot/surfaces.py).
+``SPECS`` go on the router through bot/commands/catalog.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 from bot import blocks
 from bot.blocks import Reply, escape
 from bot.incident_cards import mention, restart_reply
-from bot.incident_commands import desk_for, refresh_card, restarts_for
+from bot.incident_commands import refresh_card
 from bot.roles import Role
-from bot.router import REGISTRY, Arg, Call, Spec
-from core.restarts import Restarted, Restarts
+from bot.router import Arg, Call, Spec
+from core.restarts import Restarted
 from storage.spool import RECORD_LATER
 
 
@@ -85,20 +85,17 @@ def restarted_reply(done: Restarted, actor: str, *, in_thread: bool) -> Reply:
     )
 
 
-def _restarts(call: Call) -> Restarts:
-    return restarts_for(call.ops)  # the incident card's Restart decides through the same
-
-
 def _preflight(call: Call) -> str:
     """Typed `/db restart X`: the look before its confirmation (refuses at once if healthy)."""
-    target, reason = _restarts(call).check(call.arg("target"), call.actor)
+    target, reason = call.rt.restarts.check(call.arg("target"), call.actor)
     named = f"{target.customer} is on {target.server}; " if target.customer else ""
     return f"{named}{reason}. Restarting {target.server}'s PostgreSQL restarts {target.scope}"
 
 
 def _restart(call: Call) -> Reply:
-    desk = desk_for(call.ops)
-    done = _restarts(call).restart(call.arg("target"), call.actor)
+    desk = call.rt.desk
+    # The incident card's Restart decides through the same policy (core.restarts).
+    done = call.rt.restarts.restart(call.arg("target"), call.actor)
     inc = done.incident
     in_thread = False
     if inc is not None and inc.card_ref is not None:
@@ -120,6 +117,4 @@ SPEC = Spec(
     public=True,
     preflight=_preflight,
 )
-
-if REGISTRY.get(SPEC.name) is None:
-    REGISTRY.add(SPEC)
+SPECS: list[Spec] = [SPEC]

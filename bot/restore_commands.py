@@ -13,17 +13,17 @@ The result goes to the channel the command came from, saying what state was reac
 (and, with the event log down, that its record is written when the log is back), or rolled
 back (the customer's database as before, untouched or swapped back), or not.
 
-Registered on the router on import (bot/surfaces.py); the modal's submit listener is registered
-with the app's other listeners (bot/listeners).
+``SPECS`` go on the router through bot/commands/catalog.py (with ``KINDS``, the backup and the
+typed name); the modal's submit is bot/listeners/views.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from slack_sdk.models.blocks import (
     Block,
@@ -38,21 +38,14 @@ from slack_sdk.models.blocks import (
 from slack_sdk.models.views import View
 
 from bot import blocks
-from bot.backup_commands import backups_for
-from bot.blocks import Reply, escape, unescape
+from bot.blocks import Reply, escape
 from bot.incident_cards import mention
-from bot.listeners.delivery import Destination
 from bot.roles import Role
-from bot.router import KINDS, REGISTRY, Arg, Call, Invocation, Spec, shown
+from bot.router import Arg, Call, Kind, Spec
 from core.backups import BackupInfo, RestoreFailed, RestorePreview, RestoreResult, parse_stamp
 from core.errors import DbopsError
 from core.units import pretty_age, pretty_bytes
 from storage.spool import RECORD_LATER
-
-if TYPE_CHECKING:
-    from slack_bolt.async_app import AsyncAck, AsyncApp
-
-    from bot.app import Services
 
 log = logging.getLogger("dbops.restore")
 
@@ -77,8 +70,7 @@ def _typed(value: str) -> str:
     return value
 
 
-KINDS.setdefault("backup", _backup)
-KINDS.setdefault("typed", _typed)
+KINDS: Mapping[str, Kind] = {"backup": _backup, "typed": _typed}
 
 
 # --- what the admin sees before typing the name ------------------------------------------------
@@ -202,7 +194,7 @@ def _done_reply(r: RestoreResult, actor: str) -> Reply:
 def _restore(call: Call) -> Reply:
     name = call.arg("customer")
     backup = call.command.args.get("backup")
-    backups = backups_for(call.ops)
+    backups = call.rt.backups
     if call.command.spec.needs_form(call.command):
         return _preview_reply(backups.restore_preview(name, backup))
     try:
@@ -224,7 +216,7 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] if text else text
 
 
-REGISTRY.add(
+SPECS: list[Spec] = [
     Spec(
         "restore",
         "restore a customer's database from a backup (asks for the name typed out)",
@@ -237,28 +229,15 @@ REGISTRY.add(
         role=Role.ADMIN,
         button="Restore…",
         form="confirm",
-    )
-)
+    ),
+]
 
 
-# --- the modal's submit --------------------------------------------------------------------------
-
-
-def _metadata(view: dict[str, Any]) -> dict[str, Any]:
-    try:
-        data = json.loads(view.get("private_metadata") or "{}")
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _state(view: dict[str, Any], block: str, action: str) -> dict[str, Any]:
-    values = ((view.get("state") or {}).get("values") or {}).get(block) or {}
-    found = values.get(action)
-    return found if isinstance(found, dict) else {}
+# --- after the form is submitted ---------------------------------------------------------------
 
 
 def progress_view(customer: str, backup: str, channel: str | None) -> dict[str, Any]:
+    """What the form shows once submitted, while the restore runs."""
     where = f"<#{channel}>" if channel and channel.isalnum() else "the channel"
     return View(
         type="modal",
@@ -273,46 +252,3 @@ def progress_view(customer: str, backup: str, channel: str | None) -> dict[str, 
             )
         ],
     ).to_dict()
-
-
-def register(app: AsyncApp, services: Services) -> list[str]:
-    """The restore modal's submit: check the typed name now (Slack keeps the modal open with
-    the error), then run the restore after the ack like any command."""
-
-    async def submitted(ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
-        user = str((body.get("user") or {}).get("id", ""))
-        meta = _metadata(view)
-        customer = str(meta.get("customer") or "")
-        option = _state(view, BACKUP_BLOCK, BACKUP_ACTION).get("selected_option") or {}
-        backup = str(option.get("value") or "")
-        typed = unescape(str(_state(view, NAME_BLOCK, NAME_ACTION).get("value") or "")).strip()
-        if not customer or typed != customer:
-            await ack(
-                response_action="errors",
-                errors={NAME_BLOCK: f"That is not {customer!r}; type the name exactly to restore."},
-            )
-            payload = {"form": FORM_ID, "typed": shown(typed), "backup": backup[:40]}
-            await asyncio.get_running_loop().run_in_executor(
-                services.background.pool,
-                lambda: services.router.events.append(
-                    "restore.refused", customer or None, payload, actor=user
-                ),
-            )
-            return
-        channel = meta.get("channel") if isinstance(meta.get("channel"), str) else None
-        await ack(response_action="update", view=progress_view(customer, backup, channel))
-        url = meta.get("response_url") if isinstance(meta.get("response_url"), str) else None
-        services.background.submit(
-            Invocation(
-                actor=user,
-                surface="slack",
-                text=f"restore {customer} {backup} --confirm {typed}",
-                channel=channel,
-                delivery=f"form:{view.get('id') or body.get('trigger_id')}",
-                form=FORM_ID,
-            ),
-            Destination(url, channel, user),
-        )
-
-    app.view(FORM_ID)(submitted)
-    return [FORM_ID]

@@ -6,18 +6,21 @@ A command is a ``Spec`` (name, arguments, role, handler, usage). ``parse`` turns
 (help, usage, "did you mean"). Buttons carry a command line as their value and are parsed the
 same way, so a press goes through the same validation and the same role check as typing.
 
-Later issues add commands with ``REGISTRY.add(Spec(...))`` from their own modules.
+The command set is bot/commands/catalog.py's ``build_registry()``: each commands module's
+``SPECS`` (and the argument ``KINDS`` they use) in the order `/db help` lists them. Nothing here
+is global: a ``Registry`` is passed to ``parse`` and to the ``Router``. The foundation's own
+commands (help, status, report, servers, log) are this module's ``SPECS``.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
 from zoneinfo import ZoneInfo
 
 from slack_sdk.models.blocks import ButtonElement
@@ -29,6 +32,20 @@ from core.errors import DbopsError
 from core.names import validate_name, validate_server_name
 from core.ops import Ops
 from storage.events import EventLog
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from sqlalchemy import Engine
+
+    from bot.desk import Desk, Onboarding
+    from core.backups import Backups
+    from core.escalation import Escalator
+    from core.fleet import Fleet
+    from core.incidents import Incidents
+    from core.notify import Notifier
+    from core.restarts import Restarts
+    from core.settings import Settings
 
 MAX_TEXT = 500  # longer than any command; more is a paste gone wrong
 _INCIDENT = re.compile(r"^(?:inc-)?([0-9]{1,9})$")
@@ -86,14 +103,61 @@ def _word(value: str) -> str:
 # The kinds of argument an event's subject is taken from (a customer, server or incident).
 _SUBJECT_KINDS = ("customer", "new_customer", "server", "subject")
 
-# How each kind of argument is validated; later commands add kinds (plan, backup, user).
-KINDS: dict[str, Callable[[str], str]] = {
-    "customer": _customer,
-    "server": _server,
-    "subject": _subject,
-    "word": _word,
-    "text": _text,
-}
+Kind = Callable[[str], str]
+"""How a kind of argument is validated: the text typed -> the value kept, or a DbopsError."""
+
+# The foundation's kinds of argument. A commands module that needs another kind (a plan, a
+# backup, a Slack user) has its own ``KINDS``; bot/commands/catalog.py hands them all to the
+# Registry.
+KINDS: Mapping[str, Kind] = MappingProxyType(
+    {
+        "customer": _customer,
+        "server": _server,
+        "subject": _subject,
+        "word": _word,
+        "text": _text,
+    }
+)
+
+
+class Rt(Protocol):
+    """The runtime as a handler (``call.rt``) and a job see it. bot/runtime.py's ``Runtime``
+    is the one there is; it is named here by what it offers so that the commands, which the
+    runtime builds its registry from, never import the runtime back."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def clock(self) -> Callable[[], datetime]: ...
+    @property
+    def tz(self) -> ZoneInfo: ...
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def events(self) -> EventLog: ...
+    @property
+    def fleet(self) -> Fleet: ...
+    @property
+    def ops(self) -> Ops: ...
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def notifier(self) -> Notifier: ...
+    @property
+    def escalator(self) -> Escalator: ...
+    @property
+    def incidents(self) -> Incidents: ...
+    @property
+    def desk(self) -> Desk: ...
+    @property
+    def backups(self) -> Backups: ...
+    @property
+    def restarts(self) -> Restarts: ...
+    @property
+    def onboarding(self) -> Onboarding: ...
+    @property
+    def smtp_url(self) -> str | None: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -121,12 +185,17 @@ class Call:
     router: Router
 
     @property
+    def rt(self) -> Rt:
+        """The process's runtime: everything a handler works with (bot/runtime.py)."""
+        return self.router.rt
+
+    @property
     def ops(self) -> Ops:
-        return self.router.ops
+        return self.router.rt.ops
 
     @property
     def tz(self) -> ZoneInfo:
-        return self.router.tz
+        return self.router.rt.tz
 
     def arg(self, name: str) -> str:
         return self.command.args[name]
@@ -216,8 +285,12 @@ def action_pattern(action_id: str) -> re.Pattern[str]:
 
 
 class Registry:
-    def __init__(self, specs: Iterable[Spec] = ()) -> None:
+    """Commands in the order `/db help` lists them, and the kinds of argument they take
+    (``kinds``: name -> validator; the foundation's ``KINDS`` unless given)."""
+
+    def __init__(self, specs: Iterable[Spec] = (), *, kinds: Mapping[str, Kind] = KINDS) -> None:
         self._specs: dict[str, Spec] = {}
+        self._kinds: Mapping[str, Kind] = MappingProxyType(dict(kinds))
         for spec in specs:
             self.add(spec)
 
@@ -226,11 +299,18 @@ class Registry:
             raise ValueError(f"command {spec.name!r} is registered twice")
         if spec.destructive and not spec.button:
             raise ValueError(f"destructive command {spec.name!r} needs a button label")
+        unknown = [a.kind for a in spec.args if a.kind not in self._kinds]
+        if unknown:
+            raise ValueError(f"command {spec.name!r} takes unknown kinds {unknown}")
         self._specs[spec.name] = spec
         return spec
 
     def copy(self) -> Registry:
-        return Registry(self._specs.values())
+        return Registry(self._specs.values(), kinds=self._kinds)
+
+    @property
+    def kinds(self) -> Mapping[str, Kind]:
+        return self._kinds
 
     @property
     def specs(self) -> list[Spec]:
@@ -282,9 +362,8 @@ class Registry:
         return None, words
 
 
-def parse(text: str, registry: Registry | None = None) -> Command:
+def parse(text: str, registry: Registry) -> Command:
     """Text after `/db` -> a Command with validated arguments, or a UsageError. No I/O."""
-    registry = registry or REGISTRY
     if len(text) > MAX_TEXT:
         raise UsageError(
             f"That is {len(text):,} characters; a /db command is a few words.",
@@ -301,7 +380,7 @@ def parse(text: str, registry: Registry | None = None) -> Command:
     for arg in spec.args:
         if arg.name in values:
             try:
-                args[arg.name] = KINDS[arg.kind](values[arg.name])
+                args[arg.name] = registry.kinds[arg.kind](values[arg.name])
             except UsageError:
                 raise
             except DbopsError as exc:
@@ -379,33 +458,23 @@ class Invocation:
 class Router:
     """Runs invocations: record -> parse -> gate -> handler. Blocking; call it from a thread."""
 
-    def __init__(
-        self,
-        *,
-        ops: Ops | Callable[[], Ops],
-        events: EventLog,
-        roles: Roles,
-        tz: ZoneInfo,
-        registry: Registry | None = None,
-    ) -> None:
-        self._ops = ops
-        self._ops_lock = threading.Lock()
-        self.events = events
+    def __init__(self, rt: Rt, *, roles: Roles, registry: Registry) -> None:
+        self.rt = rt
         self.roles = roles
-        self.tz = tz
-        self.registry = registry or REGISTRY
+        self.registry = registry
+
+    @property
+    def events(self) -> EventLog:
+        return self.rt.events
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return self.rt.tz
 
     @property
     def ops(self) -> Ops:
         # Built on first use: help, healthz and the shell's hints work without a fleet.
-        with self._ops_lock:
-            if not isinstance(self._ops, Ops):
-                self._ops = self._ops()
-            return self._ops
-
-    def close(self) -> None:
-        if isinstance(self._ops, Ops):
-            self._ops.close()
+        return self.rt.ops
 
     def begin(self, inv: Invocation) -> Command | None:
         """Record the invocation, parse it and check the user's role.
@@ -501,7 +570,7 @@ class Router:
         return None if command is None else self.execute(command, inv.actor)
 
 
-# --- the commands this release ships ---------------------------------------------------------
+# --- the foundation's commands (bot/commands/catalog.py lists them first) --------------------
 
 
 def _help(call: Call) -> Reply:
@@ -531,40 +600,38 @@ def _log(call: Call) -> Reply:
     return render.log_reply(subject, call.ops.log(subject), call.tz)
 
 
-REGISTRY = Registry(
-    [
-        Spec("help", "what I can do", _help, (Arg("command", "word", optional=True),)),
-        Spec(
-            "status",
-            "a customer's database: online, size, connections, last backup, disk, problems",
-            _status,
-            (Arg("customer", "customer"),),
-            public=True,
-            shared=True,
-        ),
-        Spec(
-            "report",
-            "the morning health check (SOP-101) across the fleet",
-            _report,
-            button="Report",
-            public=True,
-            shared=True,
-        ),
-        Spec(
-            "servers",
-            "every server: reachable, PostgreSQL, customers, problems",
-            _servers,
-            button="Servers",
-            public=True,
-            shared=True,
-        ),
-        Spec(
-            "log",
-            "the latest events about a customer, a server or an incident",
-            _log,
-            (Arg("subject", "subject", metavar="customer|incident"),),
-            button="Log",
-            shared=True,
-        ),
-    ]
-)
+SPECS: list[Spec] = [
+    Spec("help", "what I can do", _help, (Arg("command", "word", optional=True),)),
+    Spec(
+        "status",
+        "a customer's database: online, size, connections, last backup, disk, problems",
+        _status,
+        (Arg("customer", "customer"),),
+        public=True,
+        shared=True,
+    ),
+    Spec(
+        "report",
+        "the morning health check (SOP-101) across the fleet",
+        _report,
+        button="Report",
+        public=True,
+        shared=True,
+    ),
+    Spec(
+        "servers",
+        "every server: reachable, PostgreSQL, customers, problems",
+        _servers,
+        button="Servers",
+        public=True,
+        shared=True,
+    ),
+    Spec(
+        "log",
+        "the latest events about a customer, a server or an incident",
+        _log,
+        (Arg("subject", "subject", metavar="customer|incident"),),
+        button="Log",
+        shared=True,
+    ),
+]

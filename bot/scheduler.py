@@ -30,10 +30,10 @@ from slack_sdk.models.blocks import (
 )
 
 from bot.blocks import clip, escape
-from bot.context import Context
 from bot.incident_cards import as_message
 from bot.incident_commands import announce
 from bot.render import report_parts, report_summary
+from bot.router import Rt
 from core import checklists as cl
 from core.alerts import alerts_from_report
 from core.backups import Backups
@@ -153,49 +153,43 @@ def _option(item: cl.Item) -> Option:
 
 @dataclass
 class Worker:
-    """The jobs of one scheduler process, runnable with or without APScheduler."""
+    """The jobs of one scheduler process, runnable with or without APScheduler. Everything
+    it works with is the runtime's: its notifier, its clock, its incident desk."""
 
-    ctx: Context
-    notifier: Notifier
-    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    rt: Rt
     owner: str = field(default_factory=owner_id)
 
     def __post_init__(self) -> None:
-        self.ops = Ops(self.ctx.fleet, self.ctx.engine, self.ctx.events)
-        tz = self.ctx.settings.tz
-        self.escalator = Escalator(
-            self.ctx.engine,
-            self.ctx.events,
-            lambda: self.ctx.fleet,
-            self.notifier,
-            ops_channel=self.ctx.settings.ops_channel,
-            clock=self.clock,
-            tz=tz,
-        )
-        self.incidents = Incidents(
-            self.ctx.engine,
-            self.ctx.events,
-            lambda: self.ctx.fleet,
-            escalator=self.escalator,
-            clock=self.clock,
-            tz=tz,
-        )
-        self.backups = Backups(
-            self.ctx.engine,
-            self.ctx.events,
-            lambda: self.ctx.fleet,
-            self.ops.runners,
-            clock=self.clock,
-            on_alert=lambda alert: self.incidents.ingest([alert]),
-        )
+        # When the worker's own runs happen (a test may move it; the desk keeps the runtime's).
+        self.clock: Callable[[], datetime] = self.rt.clock
         self.checklists = cl.load_checklists()
-        self.specs = {s.id: s for s in job_specs(tz, self.checklists)}
+        self.specs = {s.id: s for s in job_specs(self.rt.tz, self.checklists)}
         # A checkpoint soon after any restore, provisioning, restart or credit this process runs.
-        self.checkpointer = Checkpointer(self.publish_checkpoint).watch(self.ctx.events)
+        self.checkpointer = Checkpointer(self.publish_checkpoint).watch(self.rt.events)
+
+    @property
+    def notifier(self) -> Notifier:
+        return self.rt.notifier
+
+    @property
+    def ops(self) -> Ops:
+        return self.rt.ops
+
+    @property
+    def escalator(self) -> Escalator:
+        return self.rt.escalator
+
+    @property
+    def incidents(self) -> Incidents:
+        return self.rt.incidents
+
+    @property
+    def backups(self) -> Backups:
+        return self.rt.backups
 
     @property
     def channel(self) -> str:
-        return self.ctx.settings.ops_channel
+        return self.rt.settings.ops_channel
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -203,7 +197,7 @@ class Worker:
         """The verdict and counts in the channel (always one short message), and the whole
         report in its thread, in as many messages as Slack needs to take every line."""
         report = self.ops.report(open_incidents=self.incidents.open_incidents())
-        parts = report_parts(report, self.ctx.settings.tz)
+        parts = report_parts(report, self.rt.tz)
         head = report_summary(report, parts=len(parts), late_s=late_s)
         ref = self.notifier.post(self.channel, as_message(head))
         for part in parts:
@@ -214,13 +208,13 @@ class Worker:
     def health_sweep(self, slot: datetime, late_s: int) -> dict[str, Any]:
         # Once a minute, events kept while the log was down (by any process sharing the spool
         # file) go in, if they have not already: storage/spool.py.
-        flush_spool(self.ctx.events)
+        flush_spool(self.rt.events)
         report = self.ops.report(deadline_s=20.0)
         outcomes = self.incidents.ingest(alerts_from_report(report), now=self.clock())
         opened = [o.incident.id for o in outcomes if o.action == "opened" and o.incident]
         for incident_id in opened:
             try:
-                announce(self.ops, incident_id, self.ctx.settings.tz)
+                announce(self.rt, incident_id)
             except Exception:
                 log.exception("could not post the card of incident %s", incident_id)
         return {
@@ -262,15 +256,15 @@ class Worker:
     def checklist(self, name: str, *, actor: str = "scheduler") -> cl.RunState:
         checklist = cl.get_checklist(name)
         state = cl.start_run(
-            self.ctx.engine, self.ctx.events, checklist, actor=actor, now=self.clock()
+            self.rt.engine, self.rt.events, checklist, actor=actor, now=self.clock()
         )
-        ref = self.notifier.post(self.channel, checklist_message(state, self.ctx.settings.tz))
-        cl.attach_message(self.ctx.engine, state.id, ref.channel, ref.ts)
-        return cl.run_state(self.ctx.engine, state.id)
+        ref = self.notifier.post(self.channel, checklist_message(state, self.rt.tz))
+        cl.attach_message(self.rt.engine, state.id, ref.channel, ref.ts)
+        return cl.run_state(self.rt.engine, state.id)
 
     def checklist_nudge(self, slot: datetime, late_s: int) -> dict[str, Any]:
         nudged = []
-        for state in cl.unfinished(self.ctx.engine, posted_after=slot - timedelta(days=7)):
+        for state in cl.unfinished(self.rt.engine, posted_after=slot - timedelta(days=7)):
             left = ", ".join(f"“{escape(i.text)}”" for i in state.open_items[:5])
             more = len(state.open_items) - 5
             text = (
@@ -282,16 +276,16 @@ class Worker:
             self.notifier.post(
                 state.channel or self.channel, Message(text=text), thread_ts=state.message_ts
             )
-            cl.mark_nudged(self.ctx.engine, self.ctx.events, state, now=self.clock())
+            cl.mark_nudged(self.rt.engine, self.rt.events, state, now=self.clock())
             nudged.append(state.id)
         return {"nudged": nudged}
 
     def publish_checkpoint(self) -> Checkpoint:
         return publish(
-            self.ctx.events,
+            self.rt.events,
             self.notifier,
             self.channel,
-            self.ctx.settings.dbops_checkpoints,
+            self.rt.settings.dbops_checkpoints,
             now=self.clock(),
         )
 
@@ -301,11 +295,11 @@ class Worker:
 
     def oncall_handoff(self, slot: datetime, late_s: int) -> dict[str, Any] | None:
         text = handoff(
-            self.ctx.engine,
-            self.ctx.events,
-            self.ctx.fleet,
+            self.rt.engine,
+            self.rt.events,
+            self.rt.fleet,
             now=self.clock(),
-            tz=self.ctx.settings.tz,
+            tz=self.rt.tz,
         )
         if text is None:
             return None
@@ -344,8 +338,8 @@ class Worker:
         return execute(
             spec,
             self.function(spec),
-            engine=self.ctx.engine,
-            events=self.ctx.events,
+            engine=self.rt.engine,
+            events=self.rt.events,
             clock=self.clock,
             owner=self.owner,
             on_error=self.on_error,
@@ -358,7 +352,7 @@ class Worker:
         return execute_manual(
             spec,
             self.function(spec, actor=actor),
-            events=self.ctx.events,
+            events=self.rt.events,
             actor=actor,
             clock=self.clock,
             owner=self.owner,
@@ -372,13 +366,11 @@ class Worker:
         """Run the catch-up jobs' slots that nobody finished (missed while down, or orphaned)."""
         return [
             self.run(spec.id)
-            for spec, _slot in missed_slots(
-                self.ctx.engine, list(self.specs.values()), self.clock()
-            )
+            for spec, _slot in missed_slots(self.rt.engine, list(self.specs.values()), self.clock())
         ]
 
     def schedule(self) -> BackgroundScheduler:
-        scheduler = BackgroundScheduler(timezone=self.ctx.settings.tz)
+        scheduler = BackgroundScheduler(timezone=self.rt.tz)
         for spec in self.specs.values():
             scheduler.add_job(
                 self.run,
@@ -425,7 +417,7 @@ def run_forever(worker: Worker, stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    worker.ctx.events.append(
+    worker.rt.events.append(
         "scheduler.start", worker.owner, {"jobs": sorted(worker.specs)}, actor="scheduler"
     )
     for result in worker.catch_up():
@@ -437,5 +429,5 @@ def run_forever(worker: Worker, stop: threading.Event | None = None) -> None:
     finally:
         scheduler.shutdown(wait=True)
         worker.checkpointer.close()
-        worker.ctx.events.append("scheduler.stop", worker.owner, {}, actor="scheduler")
-        worker.ops.close()
+        worker.rt.events.append("scheduler.stop", worker.owner, {}, actor="scheduler")
+        worker.rt.close()

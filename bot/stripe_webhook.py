@@ -1,8 +1,8 @@
 """``POST /stripe/webhook``: Stripe's events, signed with ``STRIPE_WEBHOOK_SECRET``.
 
-Mount with ``build_asgi(ctx, extra_routes=stripe_routes(factory, on_onboarding))``. The factory
-is called once, at the first request, and returns a ``core.billing.Billing``
-(``Billing.from_settings(ctx.settings, ctx.engine, ctx.events, lambda: ctx.fleet, propose)``).
+Mount with ``build_asgi(rt, extra_routes=stripe_routes(factory, on_onboarding))``. The factory
+is called once, at the first request, and returns a ``core.billing.Billing`` (the runtime's:
+``rt.onboarding.billing``).
 
 * No webhook secret configured: 503. A body over 1 MB: 413.
 * A bad or missing ``Stripe-Signature`` (or a body that is not an event): 400 with the reason;

@@ -1,8 +1,8 @@
 """``POST /alerts/alertmanager``: Alertmanager's webhook (JSON version 4), Bearer ``ALERTS_TOKEN``.
 
-Mount with ``build_asgi(ctx, extra_routes=alertmanager_routes(factory))``. The factory is called
-once, at the first request, and returns an ``AlertDesk`` (``alert_desk(ctx, notifier)`` builds
-one from the bot's Context).
+Mount with ``build_asgi(rt, extra_routes=alertmanager_routes(factory))``. The factory is called
+once, at the first request, and returns an ``AlertDesk`` over the runtime's incident desk
+(``bot.http.webhook_routes``).
 
 * No token configured: 503 (the endpoint is off). Missing or wrong token: 401, compared in
   constant time.
@@ -22,7 +22,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -32,7 +32,6 @@ from starlette.routing import Route
 
 from core.alerts import MAX_BODY_BYTES, Alert, MalformedAlert, parse_alertmanager
 from core.incidents import Incidents
-from core.notify import Notifier
 from core.settings import Settings
 from storage.events import EventLog
 
@@ -59,26 +58,6 @@ class AlertDesk:
     incidents: Incidents
     # Called with the id of each incident an alert opened (the bot posts its card).
     on_opened: Callable[[int], object] | None = None
-
-
-def alert_desk(
-    ctx: Any, notifier: Notifier, on_opened: Callable[[int], object] | None = None
-) -> AlertDesk:
-    """An AlertDesk from the bot's Context (settings, engine, events, fleet)."""
-    from core.escalation import Escalator
-
-    escalator = Escalator(
-        ctx.engine,
-        ctx.events,
-        lambda: ctx.fleet,
-        notifier,
-        ops_channel=ctx.settings.ops_channel,
-        tz=ctx.settings.tz,
-    )
-    incidents = Incidents(
-        ctx.engine, ctx.events, lambda: ctx.fleet, escalator=escalator, tz=ctx.settings.tz
-    )
-    return AlertDesk(ctx.settings, ctx.events, incidents, on_opened)
 
 
 def _authorised(request: Request, token: str) -> bool:

@@ -8,7 +8,7 @@ the operation goes on. What the spool holds goes into the log, oldest first:
 
 - before the next ``record`` on that engine appends anything (so the log keeps their order);
 - when the engine's breaker sees the database answer again (``Breaker.on_recovery``);
-- at process start (bot.context) and once a minute from the scheduler's health sweep, through
+- at process start (bot.runtime) and once a minute from the scheduler's health sweep, through
   ``flush_spool``, which also picks up what another process, or one that died, left behind.
 
 The spool is a small SQLite file written with ``synchronous=FULL`` (an event kept survives a
@@ -20,7 +20,7 @@ the event stored first. Payloads are redacted (``storage.events.sanitise``) befo
 the disk. An event the log refuses for its own sake (not an outage) is set aside in the file's
 ``refused`` table with the reason, so it never holds up the ones behind it.
 
-Which file: ``use_spool(engine, Spool(path))`` (bot.context does it with ``DBOPS_SPOOL``,
+Which file: ``use_spool(engine, Spool(path))`` (bot.runtime does it with ``DBOPS_SPOOL``,
 core.settings); an engine without one gets a spool in memory (tests, library use), which keeps
 events for the life of the process only.
 """

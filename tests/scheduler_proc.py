@@ -10,7 +10,7 @@ from datetime import datetime
 
 import time_machine
 
-from bot.context import Context
+from bot.runtime import Runtime
 from bot.scheduler import Worker, run_forever
 from core.notify import JsonlNotifier
 
@@ -22,8 +22,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     with time_machine.travel(datetime.fromisoformat(args.start), tick=True):
-        ctx = Context.load().ready()
-        run_forever(Worker(ctx, JsonlNotifier(args.out)))
+        ctx = Runtime.load().ready()
+        run_forever(Worker(ctx.with_notifier(JsonlNotifier(args.out))))
 
 
 if __name__ == "__main__":

@@ -11,21 +11,27 @@ from typing import Any
 from slack_bolt.request.async_request import AsyncBoltRequest
 
 from bot.app import Services, build_services, create_app
-from bot.context import Context
 from bot.router import Router
+from bot.runtime import Runtime
+from core.settings import load_settings
 from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, SlackStub, sign
 
 
 class SlackApp:
     def __init__(self, router: Router, stub: SlackStub) -> None:
-        ctx = Context.load(
-            database_url="sqlite://",
-            slack_bot_token=BOT_TOKEN,
-            slack_signing_secret=SIGNING_SECRET,
-            slack_api_url=stub.base_url,
+        # The Slack side (token, signing secret, the stub's URL) over the test's router, whose
+        # runtime runs the commands.
+        transport = Runtime(
+            load_settings(
+                database_url="sqlite://",
+                slack_bot_token=BOT_TOKEN,
+                slack_signing_secret=SIGNING_SECRET,
+                slack_api_url=stub.base_url,
+            ),
+            events=router.events,
         )
         self.stub = stub
-        self.services: Services = build_services(ctx, router=router)
+        self.services: Services = build_services(transport, router=router)
         self.app = create_app(self.services)
 
     async def dispatch(self, body: str) -> tuple[int, dict[str, Any]]:

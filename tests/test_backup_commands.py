@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 
-import bot.surfaces  # noqa: F401  (registers the commands)
 from bot.roles import Denied, Roles
-from bot.router import REGISTRY, Invocation, Router, UsageError
+from bot.router import Invocation, Router, UsageError
 from core.customers import customer_from_mapping, upsert_customers
 from core.fleet import Fleet
-from core.ops import Ops
 from storage.db import make_engine
-from storage.events import EventLog
 from storage.migrate import upgrade
+from tests.bot_kit import make_router, runtime
 from tests.test_blocks_contract import check_contract
 
 
@@ -25,14 +22,8 @@ def router(sandbox: dict[str, Any], sandbox_fleet: Fleet, tmp_path: Path) -> Rou
     engine = make_engine(f"sqlite:///{tmp_path / 'dbops.db'}")
     upgrade(engine)
     upsert_customers(engine, [customer_from_mapping(c) for c in sandbox["customers"]])
-    ops = Ops(sandbox_fleet, engine, EventLog(engine))
-    return Router(
-        ops=ops,
-        events=ops.events,
-        roles=Roles(frozenset({"U_ALICE"})),
-        tz=ZoneInfo("America/New_York"),
-        registry=REGISTRY,
-    )
+    rt = runtime(engine, sandbox_fleet, timezone="America/New_York")
+    return make_router(rt, Roles(frozenset({"U_ALICE"})))
 
 
 def _say(router: Router, user: str, text: str) -> Any:

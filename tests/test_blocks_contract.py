@@ -21,9 +21,10 @@ from slack_sdk.models.blocks import Block
 
 from bot import render
 from bot.blocks import Reply
+from bot.commands.catalog import build_registry
 from bot.listeners.errors import reply_for
 from bot.roles import Denied, Role
-from bot.router import REGISTRY, UsageError, parse
+from bot.router import UsageError, parse
 from bot.slack_rules import assert_message_ok
 from core.customers import customer_from_mapping, upsert_customers
 from core.errors import DbopsError, NotFound
@@ -34,6 +35,7 @@ from storage.events import EventLog, StoredEvent
 from storage.migrate import upgrade
 
 TZ = ZoneInfo("America/New_York")
+REGISTRY = build_registry()  # every command, as the app has them
 EVIL = "<!channel> & <https://evil.example|click> `x` *y*"
 
 
@@ -128,9 +130,9 @@ def replies(
             c.update(verdict="warn", detail=EVIL * 3)
     usage = pytest.raises(UsageError)
     with usage as bad:
-        parse("status")
+        parse("status", REGISTRY)
     with pytest.raises(UsageError) as typo:
-        parse("stauts acme")
+        parse("stauts acme", REGISTRY)
     return {
         "help": render.help_reply(REGISTRY.specs),
         "help-topic": render.help_reply(REGISTRY.specs, "status"),
@@ -156,8 +158,6 @@ def replies(
 
 def _registry_with_restart() -> Any:
     """The app's registry, every capability loaded (`restart` is the destructive example)."""
-    import bot.surfaces  # noqa: F401  (registers every command)
-
     assert REGISTRY.get("restart") is not None and REGISTRY.get("restart").destructive  # type: ignore[union-attr]
     return REGISTRY
 

@@ -20,8 +20,8 @@ from slack_bolt.async_app import AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
 
 from bot.app import Services, build_services, create_app
-from bot.context import Context
 from bot.notifier import SlackNotifier, web_client
+from bot.runtime import Runtime
 from bot.scheduler import CHECKLIST_ACTION, checklist_message
 from core import checklists as cl
 from storage.migrate import upgrade
@@ -34,7 +34,7 @@ LONG = cl.Checklist("long-review", "Long review", tuple(f"Check step {i}" for i 
 class Desk:
     """A checklist posted in the ops channel, the app that hears its clicks, and the stub."""
 
-    ctx: Context
+    ctx: Runtime
     stub: SlackStub
     services: Services
     app: AsyncApp
@@ -61,7 +61,7 @@ class Desk:
 def desk(tmp_path: Path, sandbox: dict[str, Any], request: pytest.FixtureRequest) -> Iterator[Desk]:
     checklist = getattr(request, "param", None) or cl.get_checklist("security-review")
     with SlackStub() as stub:
-        ctx = Context.load(
+        ctx = Runtime.load(
             database_url=f"sqlite:///{tmp_path / 'dbops.db'}",
             dbops_fleet=sandbox["fleet"],
             slack_bot_token=BOT_TOKEN,

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import time_machine
 
-import bot.surfaces  # noqa: F401  (registers /db checklist and /db jobs)
-from bot.context import Context
+from bot.runtime import Runtime
 from bot.scheduler import CHECKLIST_ACTION, Worker, checklist_message
 from core import checklists as cl
 from core.errors import DbopsError
@@ -24,13 +23,13 @@ MONDAY_5PM_NY = datetime(2026, 11, 23, 22, 0, 3, tzinfo=UTC)
 
 @pytest.fixture
 def worker(sandbox: dict[str, Any], tmp_path: Path) -> Worker:
-    ctx = Context.load(
+    ctx = Runtime.load(
         database_url=f"sqlite:///{tmp_path / 'dbops.db'}",
         dbops_fleet=sandbox["fleet"],
         ops_channel="#db-ops",
     )
     upgrade(ctx.engine)
-    return Worker(ctx, RecordingNotifier())
+    return Worker(ctx.with_notifier(RecordingNotifier()))
 
 
 def test_checklist_ticked_by_two_people_and_nudged(worker: Worker) -> None:
@@ -48,7 +47,7 @@ def test_checklist_ticked_by_two_people_and_nudged(worker: Worker) -> None:
     assert [o["value"] for o in boxes[0]["options"]] == [str(i) for i in range(len(items))]
 
     run_id = result.outcome["run"]
-    engine, events = worker.ctx.engine, worker.ctx.events
+    engine, events = worker.rt.engine, worker.rt.events
     cl.set_done(
         engine, events, run_id, {0}, user="U_ALICE", now=datetime(2026, 11, 23, 15, 20, tzinfo=UTC)
     )
@@ -84,7 +83,7 @@ def test_checklist_ticked_by_two_people_and_nudged(worker: Worker) -> None:
 
 def test_unticking_and_completing_are_recorded(worker: Worker) -> None:
     state = worker.checklist("performance-review", actor="U_CAROL")
-    engine, events = worker.ctx.engine, worker.ctx.events
+    engine, events = worker.rt.engine, worker.rt.events
     everything = set(range(len(state.items)))
     now = datetime(2026, 11, 25, 20, tzinfo=UTC)
     done = cl.set_done(engine, events, state.id, everything, user="U_CAROL", now=now)
@@ -113,37 +112,30 @@ def test_a_failed_job_posts_its_correlation_id(
     assert isinstance(notifier, RecordingNotifier)
     (post,) = notifier.posts("#db-ops")
     assert result.error_id in post.message.text and "hunter2" not in post.message.text
-    (end,) = worker.ctx.events.query(kind="job.end")
+    (end,) = worker.rt.events.query(kind="job.end")
     assert end.payload["outcome"] == "failed" and end.payload["error_id"] == result.error_id
     assert "hunter2" not in str(end.payload)
 
 
 def test_checklist_and_jobs_replies_keep_the_block_kit_contract(worker: Worker) -> None:
     from bot.roles import Roles
-    from bot.router import REGISTRY, Invocation, Router
+    from bot.router import Invocation, Router
     from tests.test_blocks_contract import check_contract
 
-    ops = worker.ops
-    router = Router(
-        ops=ops,
-        events=ops.events,
-        roles=Roles(frozenset({"U_ALICE"})),
-        tz=worker.ctx.settings.tz,
-        registry=REGISTRY,
-    )
+    router = Router(worker.rt, roles=Roles(frozenset({"U_ALICE"})), registry=worker.rt.registry)
     for n, line in enumerate(["checklist disaster-recovery", "jobs", "help checklist"]):
         reply = router.run(
             Invocation(actor="U_ALICE", surface="shell", text=line, delivery=f"t{n}")
         )
         assert reply is not None
         check_contract(line, reply)
-    assert "disaster-recovery" in REGISTRY.get("checklist").summary  # type: ignore[union-attr]
+    assert "disaster-recovery" in router.registry.get("checklist").summary  # type: ignore[union-attr]
     # Every posted checklist message (with long items continued in the description) is valid.
     for name in cl.load_checklists():
         state = worker.checklist(name)
-        message = checklist_message(state, worker.ctx.settings.tz)
+        message = checklist_message(state, worker.rt.settings.tz)
         assert message.blocks and message.text
     # A viewer may not post one: denied, and the denial is an event.
     with pytest.raises(DbopsError):
         router.run(Invocation(actor="U_BOB", surface="shell", text="checklist jobs", delivery="t9"))
-    assert ops.events.query(kind="auth.denied")
+    assert router.events.query(kind="auth.denied")

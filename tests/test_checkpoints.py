@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from bot.context import Context
+from bot.runtime import Runtime
 from bot.scheduler import Worker
 from core.checkpoints import (
     DESTRUCTIVE_KINDS,
@@ -162,7 +162,7 @@ def test_scheduler_checkpoints_hourly_and_after_a_restart(tmp_path: Path) -> Non
     keyfile.write_text(generate() + "\n")
     keyfile.chmod(0o600)
     path = tmp_path / "checkpoints.jsonl"
-    ctx = Context.load(
+    ctx = Runtime.load(
         database_url=f"sqlite:///{tmp_path / 'dbops.db'}",
         dbops_fleet=tmp_path / "fleet.toml",
         ops_channel=OPS,
@@ -174,7 +174,7 @@ def test_scheduler_checkpoints_hourly_and_after_a_restart(tmp_path: Path) -> Non
     runs = next_runs(spec.trigger, datetime.now(UTC), 3)
     assert [(b - a).total_seconds() for a, b in pairwise(runs)] == [3600] * 2
     notifier = RecordingNotifier()
-    worker = Worker(ctx, notifier)
+    worker = Worker(ctx.with_notifier(notifier))
     try:
         result = worker.run_manual("events_checkpoint", actor="cli")
         assert ctx.keys is not None

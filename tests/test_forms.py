@@ -14,18 +14,17 @@ import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import Engine
 
 import bot.app
 from bot.blocks import Reply
+from bot.commands.catalog import build_registry
 from bot.roles import Roles
-from bot.router import REGISTRY, Arg, Call, Registry, Router, Spec
+from bot.router import Arg, Call, Router, Spec
 from core.errors import DbopsError
-from core.ops import Ops
-from storage.events import EventLog
+from tests.bot_kit import make_router, no_fleet
 from tests.slack_app import SlackApp
 from tests.slack_stub import SlackStub, slash_body
 
@@ -75,7 +74,7 @@ def stub() -> Iterator[SlackStub]:
 
 @pytest.fixture
 def router(gate: Gate, sqlite_engine: Engine) -> Router:
-    registry = Registry(REGISTRY.specs)
+    registry = build_registry()
     registry.add(
         Spec(
             "wipe",
@@ -87,16 +86,7 @@ def router(gate: Gate, sqlite_engine: Engine) -> Router:
         )
     )
 
-    def no_ops() -> Ops:
-        raise AssertionError("the test command needs no fleet")
-
-    return Router(
-        ops=no_ops,
-        events=EventLog(sqlite_engine),
-        roles=Roles(),
-        tz=ZoneInfo("UTC"),
-        registry=registry,
-    )
+    return make_router(no_fleet(sqlite_engine, timezone="UTC"), Roles(), registry)
 
 
 def typed(

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import bot.slack_health
-from bot.context import Context
 from bot.http import build_asgi
+from bot.runtime import Runtime
 from bot.slack_health import NOTICED
 from core.notify import Message, NotifyError
 from storage.migrate import upgrade
@@ -51,7 +51,7 @@ def stub() -> Iterator[SlackStub]:
 def app_for(tmp_path: Path, stub: SlackStub, **settings: Any) -> Any:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(FLEET)
-    ctx = Context.load(
+    ctx = Runtime.load(
         database_url=f"sqlite:///{tmp_path / 'dbops.db'}",
         dbops_fleet=str(fleet),
         slack_bot_token=BOT_TOKEN,
@@ -159,7 +159,7 @@ def test_a_permanent_error_the_notifier_met_shows_until_a_later_send_works(
     app = app_for(tmp_path, stub)
     notifier = SlackNotifier(
         web_client(
-            Context.load(
+            Runtime.load(
                 slack_bot_token=BOT_TOKEN, slack_api_url=stub.base_url, database_url="sqlite://"
             ).settings
         )
@@ -185,7 +185,7 @@ def test_socket_mode_not_connected_is_degraded(tmp_path: Path, stub: SlackStub) 
 
 
 def test_an_old_schema_is_still_503(tmp_path: Path, stub: SlackStub) -> None:
-    ctx = Context.load(
+    ctx = Runtime.load(
         database_url=f"sqlite:///{tmp_path / 'empty.db'}",
         slack_bot_token=BOT_TOKEN,
         slack_signing_secret=SIGNING_SECRET,

@@ -18,32 +18,26 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
 from psycopg import sql
 from sqlalchemy import Engine
 
-import bot.surfaces  # noqa: F401  (registers the commands)
-from bot.backup_commands import backups_for
-from bot.roles import Roles
-from bot.router import REGISTRY, Router
+from bot.router import Router
 from bot.shell import Shell
 from core import hostile_tenant
 from core import sandbox as sandbox_mod
 from core.backups import RestoreFailed, RestoreResult
 from core.customers import customer_from_mapping, upsert_customers
 from core.fleet import Fleet
-from core.ops import Ops
 from core.provisioning import Provisioner
 from core.sandbox import customer_conninfo
-from storage.events import EventLog
+from tests.bot_kit import ALICE, CAROL, ROLES, make_router, runtime
 from tests.test_backups import admin, query, restore_server_logs  # noqa: F401  (autouse)
 from tests.test_pgbouncer import forget
 from tests.test_provisioning import Inbox, smtp  # noqa: F401  (the smtp fixture)
 
-ALICE, CAROL = "U_ALICE", "U_CAROL"  # the operator, the admin
 TENANT, SERVER = "initech", "vps3"  # the sandbox's customer that turns hostile, and its server
 HOSTILE_TABLES = ("public.dbops_hostile_data", "public.dbops_hostile_log")
 
@@ -73,10 +67,9 @@ def foreign_runs(runs: list[hostile_tenant.Run], role: str) -> list[hostile_tena
 @pytest.fixture
 def router(sandbox: dict[str, Any], sandbox_fleet: Fleet, engine: Engine) -> Iterator[Router]:
     upsert_customers(engine, [customer_from_mapping(c) for c in sandbox["customers"]])
-    ops = Ops(sandbox_fleet, engine, EventLog(engine))
-    roles = Roles(operators=frozenset({ALICE}), admins=frozenset({CAROL}))
-    yield Router(ops=ops, events=ops.events, roles=roles, tz=ZoneInfo("UTC"), registry=REGISTRY)
-    ops.close()
+    rt = runtime(engine, sandbox_fleet, timezone="UTC")
+    yield make_router(rt, ROLES)
+    rt.close()
 
 
 @pytest.fixture
@@ -131,7 +124,7 @@ def test_a_hostile_tenant_gains_nothing_from_a_day_of_dbops_on_its_server(
     Shell(router, ALICE, out).loop(["/db report", f"/db status {TENANT}"])
     shown = out.getvalue()
     # A backup, its restore test, and a real restore of it (as the modal submits it).
-    backups = backups_for(router.ops)
+    backups = router.rt.backups
     taken = backups.take_backup(TENANT, CAROL)
     tested = backups.verify(TENANT, taken.stamp, actor="scheduler").verification
     try:

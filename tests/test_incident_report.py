@@ -19,12 +19,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import Engine, text
 
-import bot.surfaces  # noqa: F401  (registers the commands)
 from bot.roles import Roles
-from bot.router import Invocation, Router
+from bot.router import Invocation
 from core.fleet import load_fleet
-from core.ops import Ops
 from storage.events import EventLog, NewEvent
+from tests.bot_kit import make_router, runtime
 
 T0 = datetime(2026, 11, 3, 14, 0, 5, tzinfo=UTC)
 FLEET = """
@@ -175,11 +174,13 @@ def test_slash_command_report(log: EventLog, engine: Engine, tmp_path: Path) -> 
     (tmp_path / "fleet.toml").write_text(FLEET)
     fleet = load_fleet(tmp_path / "fleet.toml")
     tz = ZoneInfo("America/New_York")
-    router = Router(ops=lambda: Ops(fleet, engine, log), events=log, roles=Roles(), tz=tz)
+    rt = runtime(engine, fleet, events=log, timezone=str(tz))
     try:
-        reply = router.run(Invocation("U_BOB", "shell", text="incident report inc-4"))
+        reply = make_router(rt, Roles()).run(
+            Invocation("U_BOB", "shell", text="incident report inc-4")
+        )
     finally:
-        router.close()
+        rt.close()
     assert reply is not None
     text_ = reply.text
     assert f"Time to ack: {truth['time_to_ack_s'] // 60}m {truth['time_to_ack_s'] % 60:02d}s" in (

@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 
 from bot.cli import _worker_notifier
-from bot.context import Context
+from bot.runtime import Runtime
 from bot.scheduler import Worker
 from core.customers import customer_from_mapping, get_customer, upsert_customers
 from core.jobs import last_slot, runs
 from core.notify import NotifyError, RecordingNotifier
 from storage.migrate import upgrade
+from tests.bot_kit import sharing
 from tests.slack_stub import BOT_TOKEN, Call, SlackStub
 
 OPS = "#db-ops"
@@ -45,9 +46,9 @@ def stub() -> Iterator[SlackStub]:
 
 
 @pytest.fixture
-def ctx(sandbox: dict[str, Any], stub: SlackStub, tmp_path: Path) -> Context:
+def ctx(sandbox: dict[str, Any], stub: SlackStub, tmp_path: Path) -> Runtime:
     """The sandbox fleet's customers in a new database, and Slack's Web API at the stub."""
-    context = Context.load(
+    context = Runtime.load(
         database_url=f"sqlite:///{tmp_path / 'dbops.db'}",
         dbops_fleet=sandbox["fleet"],
         slack_bot_token=BOT_TOKEN,
@@ -60,7 +61,7 @@ def ctx(sandbox: dict[str, Any], stub: SlackStub, tmp_path: Path) -> Context:
 
 
 @pytest.fixture
-def cli_env(ctx: Context, sandbox: dict[str, Any], stub: SlackStub) -> dict[str, str]:
+def cli_env(ctx: Runtime, sandbox: dict[str, Any], stub: SlackStub) -> dict[str, str]:
     """What `dbops` reads from its environment, for the same database, fleet and Slack."""
     return {
         **os.environ,
@@ -109,7 +110,7 @@ def _at(moment: datetime) -> Callable[[], datetime]:
 
 
 def test_jobs_run_morning_report_posts_what_the_8am_run_posts(
-    ctx: Context, cli_env: dict[str, str], stub: SlackStub, tmp_path: Path
+    ctx: Runtime, cli_env: dict[str, str], stub: SlackStub, tmp_path: Path
 ) -> None:
     res = _dbops(cli_env, tmp_path, "jobs", "run", "morning_report")
     assert res.returncode == 0, res.stderr
@@ -132,8 +133,10 @@ def test_jobs_run_morning_report_posts_what_the_8am_run_posts(
 
     # The 08:00 run, on the scheduler's own wiring, five seconds after its slot.
     stub.reset()
-    slot = _morning_slot(Worker(ctx, RecordingNotifier()))
-    scheduled = Worker(ctx, _worker_notifier(ctx), clock=_at(slot + timedelta(seconds=5)))
+    slot = _morning_slot(Worker(sharing(ctx, notifier=RecordingNotifier())))
+    scheduled = Worker(
+        sharing(ctx, notifier=_worker_notifier(ctx), clock=_at(slot + timedelta(seconds=5)))
+    )
     try:
         result = scheduled.run("morning_report")
     finally:
@@ -157,9 +160,9 @@ def test_jobs_run_json_prints_the_outcome(
     assert "nightly_backups" in {row["id"] for row in json.loads(listed.stdout)}
 
 
-def test_a_manual_run_leaves_the_scheduled_slot_to_the_scheduler(ctx: Context) -> None:
+def test_a_manual_run_leaves_the_scheduled_slot_to_the_scheduler(ctx: Runtime) -> None:
     notifier = RecordingNotifier()
-    worker = Worker(ctx, notifier)
+    worker = Worker(ctx.with_notifier(notifier))
     slot = _morning_slot(worker)
     try:
         # An operator posts the report by hand 30 s after 08:00, before the scheduler gets to it.
@@ -183,9 +186,9 @@ def test_a_manual_run_leaves_the_scheduled_slot_to_the_scheduler(ctx: Context) -
     assert starts[0].payload["user"] == "alice"
 
 
-def test_a_job_that_raises_is_a_failed_manual_run(ctx: Context) -> None:
+def test_a_job_that_raises_is_a_failed_manual_run(ctx: Runtime) -> None:
     notifier = RecordingNotifier(fail_with=NotifyError("Slack chat.postMessage failed: boom"))
-    worker = Worker(ctx, notifier)
+    worker = Worker(ctx.with_notifier(notifier))
     try:
         result = worker.run_manual("morning_report", actor="cli")
     finally:
@@ -198,7 +201,7 @@ def test_a_job_that_raises_is_a_failed_manual_run(ctx: Context) -> None:
 
 
 def test_jobs_run_nightly_backups_with_a_server_down_exits_1(
-    ctx: Context,
+    ctx: Runtime,
     cli_env: dict[str, str],
     stub: SlackStub,
     tmp_path: Path,

@@ -18,8 +18,8 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 from sqlalchemy import Engine
 
 from bot.app import build_services, create_app
-from bot.context import Context
-from bot.router import REGISTRY
+from bot.commands.catalog import build_registry
+from bot.runtime import Runtime
 from tests.slack_stub import (
     BOT_TOKEN,
     SCOPES,
@@ -29,6 +29,8 @@ from tests.slack_stub import (
     sign,
     slash_body,
 )
+
+REGISTRY = build_registry()  # every command, as the app has them
 
 MANIFEST = Path(__file__).resolve().parents[1] / "manifest.yml"
 
@@ -80,7 +82,7 @@ def manifest() -> dict[str, Any]:
 
 
 def _services(engine: Engine, stub: SlackStub) -> Any:
-    ctx = Context.load(
+    ctx = Runtime.load(
         database_url=str(engine.url),
         slack_bot_token=BOT_TOKEN,
         slack_signing_secret=SIGNING_SECRET,

@@ -155,10 +155,10 @@ def test_serve_on_a_new_database_without_db_upgrade(
 
 RACE = """
 import sys, time
-from bot.context import Context
+from bot.runtime import Runtime
 start = float(sys.argv[1])
 time.sleep(max(0.0, start - time.time()))
-Context.load().ready()
+Runtime.load().ready()
 """
 
 

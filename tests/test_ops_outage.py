@@ -37,6 +37,7 @@ import pytest
 from psycopg import sql
 from sqlalchemy import Engine, event
 
+from bot.commands.catalog import build_registry
 from bot.provision_commands import provisioned_reply
 from bot.restart_commands import restarted_reply
 from bot.restore_commands import _done_reply
@@ -426,7 +427,7 @@ def test_provisioning_cut_off_from_the_log_at_any_step_ends_provisioned(
     # It says what state it reached, and that its record comes when the log is back.
     assert not result.recorded and result.state == f"provisioned; {RECORD_LATER}"
     assert RECORD_LATER in result.summary()
-    assert RECORD_LATER in str(provisioned_reply(result).message()["blocks"])
+    assert RECORD_LATER in str(provisioned_reply(result, build_registry()).message()["blocks"])
 
     # The first backup's events wait in the same spool as the rest: stored with them, so the
     # nightly run's flush finds nothing left.

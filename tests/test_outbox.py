@@ -19,7 +19,6 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -42,7 +41,6 @@ from storage.migrate import upgrade
 from tests.pgserver import Databases
 from tests.slack_stub import BOT_TOKEN, DROP, SlackStub, dm_channel
 from tests.test_healthz import app_for, health, serving
-from tests.test_page_buttons import incident_commands  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
@@ -352,28 +350,24 @@ def test_the_same_key_twice_is_one_message(engine: Engine, stub: SlackStub) -> N
     assert len(stub.messages(dm_channel("U_ALICE"))) == 1
 
 
-def test_the_incident_desk_posts_through_the_outbox(
-    stub: SlackStub,
-    incident_commands: ModuleType,  # noqa: F811  (the fixture imported above)
-    tmp_path: Path,
-) -> None:
+def test_the_incident_desk_posts_through_the_outbox(stub: SlackStub, tmp_path: Path) -> None:
     """The card of an incident opened during a rate limit, then acked: one card, updated."""
-    from core.ops import Ops
+    from bot.incident_commands import announce
+    from bot.runtime import Runtime
     from tests.test_page_buttons import fleet
 
     engine = make_engine(f"sqlite:///{tmp_path / 'dbops.db'}")
     upgrade(engine)
     events = EventLog(engine)
-    ops = Ops(fleet(), engine, events)
-    incident_commands.reset_desks()
-    desk = incident_commands.desk_for(ops, settings=settings_for(stub))
+    rt = Runtime(settings_for(stub, timezone="UTC"), engine=engine, events=events, fleet=fleet())
+    desk = rt.desk
     assert isinstance(desk.notifier, OutboxNotifier)
     start = datetime.now(UTC)
     try:
         with time_machine.travel(start, tick=False) as traveller:
             inc = desk.incidents.open("checkout is slow", "P3", actor="U_ALICE")
             stub.rate_limit(60, "chat.postMessage")
-            said = incident_commands.announce(ops, inc.id, UTC)
+            said = announce(rt, inc.id)
             assert said.ref is not None and said.ref.ts.startswith("outbox:")
             assert desk.incidents.get(inc.id).card_ref == said.ref
             traveller.shift(61)
@@ -385,8 +379,7 @@ def test_the_incident_desk_posts_through_the_outbox(
         now = {m["ts"]: m["text"] for m in stub.messages(OPS)}
         assert now[the_card["ts"]] == f"inc-{inc.id} acknowledged"
     finally:
-        incident_commands.reset_desks()
-        ops.close()
+        rt.close()
         engine.dispose()
 
 
@@ -443,12 +436,13 @@ def test_every_worker_side_sender_is_the_outbox(stub: SlackStub, tmp_path: Path)
     """`dbops scheduler` and `dbops jobs run` (their notifier) and the webhooks of `dbops serve`
     send through the outbox when Slack is configured."""
     from bot.cli import _worker_notifier
-    from bot.context import Context
+    from bot.runtime import Runtime
 
-    ctx = Context.load(
+    ctx = Runtime.load(
         database_url=f"sqlite:///{tmp_path / 'dbops.db'}",
         slack_bot_token=BOT_TOKEN,
         slack_api_url=stub.base_url,
     ).ready()
     assert isinstance(_worker_notifier(ctx), OutboxNotifier)
+    assert isinstance(ctx.notifier, OutboxNotifier)  # the webhooks' and the incident desk's
     ctx.engine.dispose()

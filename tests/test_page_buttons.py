@@ -10,13 +10,10 @@ the press a signed block_actions through Bolt; time is moved with time-machine.
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from types import ModuleType
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -25,41 +22,24 @@ import time_machine
 from slack_sdk import WebClient
 from slack_sdk.models.blocks import Block
 
+from bot.commands.catalog import build_registry
 from bot.notifier import SlackNotifier
 from bot.roles import Roles
-from bot.router import REGISTRY, Invocation, Registry, Router, parse
+from bot.router import Invocation, Registry, Router, parse
 from core.fleet import Fleet, parse_fleet
 from core.notify import Message
-from core.ops import Ops
-from core.settings import load_settings
 from storage.db import make_engine
 from storage.events import EventLog
 from storage.migrate import upgrade
+from tests.bot_kit import ALICE, BOB, CAROL, make_router, runtime
 from tests.slack_app import send_once
 from tests.slack_stub import BOT_TOKEN, Call, SlackStub, action_body, dm_channel
 from tests.test_slack_incidents import posted_contract
 
-ALICE, BOB, CAROL, DAVE = "U_ALICE", "U_BOB", "U_CAROL", "U_DAVE"  # op, viewer, admin, op
+DAVE = "U_DAVE"  # a second operator
 OPS = "C0DBOPS"
 ESCALATIONS = "C0ESCALATE"
 TZ = ZoneInfo("America/New_York")
-
-
-@pytest.fixture(scope="module")
-def incident_commands() -> Iterator[ModuleType]:
-    """bot.incident_commands registered for these tests, and forgotten afterwards when these
-    tests loaded it (as tests/test_slack_incidents.py does, for the same reason)."""
-    loaded = "bot.incident_commands" in sys.modules
-    before = {s.name for s in REGISTRY.specs}
-    module = importlib.import_module("bot.incident_commands")
-    yield module
-    module.reset_desks()
-    surfaces = getattr(sys.modules.get("bot.surfaces"), "SURFACES", [])
-    if not loaded and module not in surfaces:
-        for name in {s.name for s in REGISTRY.specs} - before:
-            REGISTRY._specs.pop(name)
-        sys.modules.pop("bot.incident_commands")
-        delattr(sys.modules["bot"], "incident_commands")
 
 
 @pytest.fixture(scope="module")
@@ -80,34 +60,36 @@ def fleet() -> Fleet:
 
 
 @pytest.fixture(scope="module")
-def router(
-    stub: SlackStub, incident_commands: ModuleType, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Router]:
+def router(stub: SlackStub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
     engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('pages') / 'dbops.db'}")
     upgrade(engine)
     events = EventLog(engine)
-    ops = Ops(fleet(), engine, events)
-    settings = load_settings(
-        slack_bot_token=BOT_TOKEN, slack_api_url=stub.base_url, ops_channel=OPS
+    rt = runtime(
+        engine,
+        fleet(),
+        events=events,
+        slack_bot_token=BOT_TOKEN,
+        slack_api_url=stub.base_url,
+        ops_channel=OPS,
+        timezone=str(TZ),
     )
-    incident_commands.desk_for(ops, settings=settings)
     roles = Roles(operators=frozenset({ALICE, DAVE}), admins=frozenset({CAROL}))
-    router = Router(ops=ops, events=events, roles=roles, tz=TZ, registry=REGISTRY)
+    router = make_router(rt, roles)
     for role, user in (("primary", ALICE), ("secondary", DAVE)):
         router.run(Invocation(CAROL, "slack", text=f"oncall set {role} <@{user}>", channel=OPS))
     yield router
-    ops.close()
+    rt.close()
     engine.dispose()
 
 
 def open_incident(router: Router, title: str) -> int:
     """What an alert does: the incident opens and the primary is paged at once."""
-    desk = sys.modules["bot.incident_commands"].desk_for(router.ops)
+    desk = router.rt.desk
     return int(desk.incidents.open(title, "P1", actor="alertmanager").id)
 
 
 def tick(router: Router, at: datetime) -> None:
-    desk = sys.modules["bot.incident_commands"].desk_for(router.ops)
+    desk = router.rt.desk
     with time_machine.travel(at, tick=True):
         desk.incidents.escalator.tick()
 
@@ -146,8 +128,9 @@ def assert_page(call: Call, number: int) -> None:
     assert section["type"] == "section" and f"inc-{number}" in section["text"]["text"]
     button = ack_button(call)
     assert button["action_id"] == "db_incident_ack" and button["text"]["text"] == "Ack"
-    assert button["value"] == parse(f"incident ack {number}").line  # "incident ack inc-N"
-    assert parse(button["value"]).spec.name == "incident ack"
+    registry = build_registry()
+    assert button["value"] == parse(f"incident ack {number}", registry).line  # "incident ack inc-N"
+    assert parse(button["value"], registry).spec.name == "incident ack"
 
 
 def bolt_press(
@@ -224,8 +207,10 @@ def test_each_page_has_the_button_and_a_dead_one_says_who_acked(
     assert acked.actor == ALICE
 
 
-def test_only_an_ack_page_gets_the_button(stub: SlackStub, incident_commands: ModuleType) -> None:
-    notifier = SlackNotifier(WebClient(token=BOT_TOKEN, base_url=stub.base_url))
+def test_only_an_ack_page_gets_the_button(stub: SlackStub) -> None:
+    notifier = SlackNotifier(
+        WebClient(token=BOT_TOKEN, base_url=stub.base_url), registry=build_registry()
+    )
     sent = [
         ("plain", Message("a note", meta=None)),
         ("reminder", Message("send an update", meta={"incident": 7, "actions": []})),
@@ -249,3 +234,8 @@ def test_only_an_ack_page_gets_the_button(stub: SlackStub, incident_commands: Mo
     bare.dm(DAVE, Message("bare: page inc-7", meta={"incident": 7, "actions": ["ack"]}))
     call = stub.wait_for(lambda c: c.body.get("text") == "bare: page inc-7")
     assert call.body["channel"] == dm_channel(DAVE) and "blocks" not in call.body
+    # No registry at all (a checkpoint's poster): the same.
+    plain = SlackNotifier(WebClient(token=BOT_TOKEN, base_url=stub.base_url))
+    plain.post(OPS, Message("plain: page inc-7", meta={"incident": 7, "actions": ["ack"]}))
+    call = stub.wait_for(lambda c: c.body.get("text") == "plain: page inc-7")
+    assert "blocks" not in call.body

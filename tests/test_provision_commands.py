@@ -32,20 +32,18 @@ import time_machine
 from aiosmtpd.controller import Controller
 from starlette.routing import BaseRoute
 
-import bot.surfaces  # noqa: F401  (registers the commands)
-from bot import incident_commands, provision_commands
 from bot.app import build_services
-from bot.context import Context
 from bot.http import build_asgi, webhook_routes
 from bot.roles import Roles
 from bot.router import Invocation, Router
+from bot.runtime import Runtime
 from core.customers import customer_from_mapping, get_customer, upsert_customers
 from core.fleet import Fleet
-from core.ops import Ops
 from core.settings import load_settings
 from storage.events import canonical
 from storage.migrate import upgrade
 from storage.models_billing import billing_account, link_stripe_customer
+from tests.bot_kit import make_router
 from tests.pgserver import free_port
 from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, Call, SlackStub, action_body, slash_body
 from tests.slack_stub import sign as slack_sign
@@ -69,7 +67,7 @@ PRICE = "price_small_monthly"
 
 @dataclass
 class Env:
-    ctx: Context
+    rt: Runtime
     router: Router
     routes: list[BaseRoute]
     slack: SlackStub
@@ -104,28 +102,24 @@ def env(
             stripe_webhook_secret=WEBHOOK_SECRET,
             stripe_api_base=stripe.base_url,
             smtp_url=f"smtp://127.0.0.1:{smtp_port}?from=jeremy@costplusdb.example",
+            timezone=str(TZ),
         )
-        ctx = Context(settings, _fleet=fleet)
-        upgrade(ctx.engine)
-        upsert_customers(ctx.engine, [customer_from_mapping(c) for c in sandbox["customers"]])
-        ops = Ops(fleet, ctx.engine, ctx.events)
-        incident_commands.desk_for(ops, settings=settings)
-        provision_commands.onboarding_for(ops, settings=settings)
-        router = Router(ops=ops, events=ctx.events, roles=Roles.from_settings(settings), tz=TZ)
+        rt = Runtime(settings, fleet=fleet)
+        upgrade(rt.engine)
+        upsert_customers(rt.engine, [customer_from_mapping(c) for c in sandbox["customers"]])
+        router = make_router(rt, Roles.from_settings(settings))
         made: list[str] = []
         try:
-            yield Env(ctx, router, webhook_routes(ctx), slack, stripe, inbox, made)
+            yield Env(rt, router, webhook_routes(rt), slack, stripe, inbox, made)
         finally:
             controller.stop()
-            ops.close()
-            provision_commands.reset_onboarding()
-            incident_commands.reset_desks()
+            rt.close()
             for name in made:  # leave the session sandbox as it was
                 for spec in sandbox["servers"]:
                     forget(sandbox_fleet.server(spec["name"]), name)  # its pgBouncer entry
                     drop_everything(admin(sandbox, spec["name"]), name)
                     shutil.rmtree(Path(spec["backup_path"]) / name, ignore_errors=True)
-            ctx.engine.dispose()
+            rt.engine.dispose()
 
 
 # --- Slack and Stripe as they reach `dbops serve` -----------------------------------------------
@@ -134,8 +128,8 @@ def env(
 def post(env: Env, path: str, body: str | bytes, headers: dict[str, str]) -> httpx.Response:
     """One request into the real HTTP app (Starlette, Bolt, the Stripe route) in process; the
     work after the ack (and the Stripe route's background task) finishes before this returns."""
-    services = build_services(env.ctx, router=env.router)
-    app = build_asgi(env.ctx, services=services, socket_mode=False, extra_routes=env.routes)
+    services = build_services(env.rt, router=env.router)
+    app = build_asgi(env.rt, services=services, socket_mode=False, extra_routes=env.routes)
 
     async def scenario() -> httpx.Response:
         try:
@@ -219,7 +213,7 @@ def test_provision_from_slack_finishes_after_a_failure_and_the_password_goes_onl
     caplog.set_level(logging.DEBUG)
     env.inbox.messages.clear()
     name = newcomer(env)
-    provisioner = provision_commands.onboarding_for(env.router.ops).provisioner
+    provisioner = env.rt.onboarding.provisioner
     provisioner.failpoints.add("after:role")
     try:
         # Typed, it runs nothing yet: it says where it will go (no --server: the one with the
@@ -266,7 +260,7 @@ def test_provision_from_slack_finishes_after_a_failure_and_the_password_goes_onl
     assert mail["To"] == "ops@newco.example.com"
     password = emailed_password(mail)
     assert connects(sandbox, server, name, password)
-    assert get_customer(env.ctx.engine, name).plan == "small"  # backups and monitoring on
+    assert get_customer(env.rt.engine, name).plan == "small"  # backups and monitoring on
     assert f"postgresql://{name}:{password}@" in body_of(mail)
 
     # The password is in no Slack call (every kind, every body and header), no event, no log
@@ -274,7 +268,7 @@ def test_provision_from_slack_finishes_after_a_failure_and_the_password_goes_onl
     secret = state["roles"][0][0].split("$", 1)[1]
     places = {
         "Slack": [json.dumps([c.path, c.headers, c.body]) for c in env.slack.calls],
-        "event log": [canonical(e.as_json()) for e in env.ctx.events.iter_all()],
+        "event log": [canonical(e.as_json()) for e in env.rt.events.iter_all()],
         "log": [
             r.getMessage() + (r.exc_text or "") for r in caplog.records if r.name != "mail.log"
         ],
@@ -284,19 +278,19 @@ def test_provision_from_slack_finishes_after_a_failure_and_the_password_goes_onl
         for text in texts:
             assert password not in text, f"the password is in the {where}"
             assert secret not in text, f"the SCRAM secret is in the {where}"
-    done = env.ctx.events.query(kind="provision.done", subject=name)
+    done = env.rt.events.query(kind="provision.done", subject=name)
     assert len(done) == 1 and done[0].actor == CAROL
-    assert len(env.ctx.events.query(kind="email.sent", subject=name)) == 1
+    assert len(env.rt.events.query(kind="email.sent", subject=name)) == 1
 
 
 def test_only_admins_provision_and_bad_input_says_what_to_do(env: Env) -> None:
     name = newcomer(env)
-    provisioner = provision_commands.onboarding_for(env.router.ops).provisioner
+    provisioner = env.rt.onboarding.provisioner
 
     denied = slash(env, ALICE, f"provision {name} --plan small --email ops@newco.example.com")
     assert denied.body["response_type"] == "ephemeral"
     assert "needs the admin role" in denied.text and "DBOPS_ADMINS" in denied.text
-    assert env.ctx.events.query(kind="auth.denied", subject=name)
+    assert env.rt.events.query(kind="auth.denied", subject=name)
 
     no_plan = slash(env, CAROL, f"provision {name} --plan gigantic --email ops@n.example.com")
     assert "no plan 'gigantic'" in no_plan.text
@@ -327,7 +321,7 @@ def test_only_admins_provision_and_bad_input_says_what_to_do(env: Env) -> None:
 def test_a_reserved_name_typed_is_refused_at_once_and_says_what_to_do(
     env: Env, name: str, why: str
 ) -> None:
-    provisioner = provision_commands.onboarding_for(env.router.ops).provisioner
+    provisioner = env.rt.onboarding.provisioner
     refused = slash(env, CAROL, f"provision {name} --plan small --email ops@n.example.com")
     assert why in refused.text and "choose another customer name" in refused.text, refused.text
     assert "/db provision &lt;name&gt; --plan" in refused.text or "/db provision <name>" in (
@@ -370,7 +364,7 @@ def test_a_paid_checkout_posts_one_card_whose_button_provisions(
     for part in (name, f"dba@prov-{seed}.example.com", "*small*", PRICE, customer):
         assert part in card.text, part
     assert "Capacity for small" in card.text and "MB promised" in card.text
-    proposal = env.ctx.events.query(kind="billing.onboarding_proposed", subject=name)
+    proposal = env.rt.events.query(kind="billing.onboarding_proposed", subject=name)
     server = proposal[0].payload["proposed_server"]
     assert server in {s["name"] for s in sandbox["servers"]}
     (button,) = buttons(card)
@@ -385,7 +379,7 @@ def test_a_paid_checkout_posts_one_card_whose_button_provisions(
     (mail,) = env.inbox.messages
     assert mail["To"] == f"dba@prov-{seed}.example.com"
     assert connects(sandbox, server, name, emailed_password(mail))
-    account = billing_account(env.ctx.engine, name)
+    account = billing_account(env.rt.engine, name)
     assert account is not None and account.stripe_customer == customer  # credits can reach them
 
 
@@ -393,18 +387,18 @@ def test_a_paid_checkout_posts_one_card_whose_button_provisions(
 
 
 def test_apply_on_a_long_outage_credits_stripe_once(env: Env) -> None:
-    link_stripe_customer(env.ctx.engine, "acme", "cus_Acme0001")
+    link_stripe_customer(env.rt.engine, "acme", "cus_Acme0001")
     opened = env.router.run(
         Invocation(ALICE, "slack", text="incident open acme P0 acme database down", channel=OPS)
     )
     assert opened is not None and "Opened" in opened.text
-    inc = env.ctx.events.query(kind="incident.opened", newest_first=True, limit=1)[0]
+    inc = env.rt.events.query(kind="incident.opened", newest_first=True, limit=1)[0]
     number = int(str(inc.subject).removeprefix("inc-"))
 
     # Two hours later (over the SLA's hour), Alice resolves it in Slack.
     with time_machine.travel(datetime.now(UTC) + timedelta(hours=2), tick=True):
         resolved = slash(env, ALICE, f"incident resolve {number} disk filled by WAL")
-    (proposed,) = env.ctx.events.query(kind="sla.credit_proposed", subject=f"inc-{number}")
+    (proposed,) = env.rt.events.query(kind="sla.credit_proposed", subject=f"inc-{number}")
     cents = proposed.payload["credit_cents"]
     assert proposed.payload["customer"] == "acme" and cents > 0
     thread = env.slack.wait_for(
@@ -427,5 +421,5 @@ def test_apply_on_a_long_outage_credits_stripe_once(env: Env) -> None:
     assert create.params["amount"] == str(-cents) and int(create.params["amount"]) < 0
     assert "Applied the SLA credit for acme" in first.text, first.text
     assert "already applied" in second.text and "Nothing was sent again" in second.text
-    applied = env.ctx.events.query(kind="billing.credit_applied", subject="acme")
+    applied = env.rt.events.query(kind="billing.credit_applied", subject="acme")
     assert len(applied) == 1 and applied[0].actor == CAROL

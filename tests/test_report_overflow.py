@@ -18,8 +18,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from bot import render
-from bot.context import Context
 from bot.notifier import SlackNotifier, web_client
+from bot.runtime import Runtime
 from bot.scheduler import Worker
 from core.report import text_view
 from storage.migrate import upgrade
@@ -47,7 +47,7 @@ def worker(stub: SlackStub, tmp_path: Path) -> Iterator[Worker]:
     """The scheduler's worker, posting to Slack (the stub) as `dbops scheduler` does."""
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(FLEET)
-    ctx = Context.load(
+    ctx = Runtime.load(
         database_url=f"sqlite:///{tmp_path / 'dbops.db'}",
         dbops_fleet=str(fleet),
         slack_bot_token=BOT_TOKEN,
@@ -55,7 +55,7 @@ def worker(stub: SlackStub, tmp_path: Path) -> Iterator[Worker]:
         ops_channel=OPS,
     )
     upgrade(ctx.engine)
-    worker = Worker(ctx, SlackNotifier(web_client(ctx.settings), ctx.events))
+    worker = Worker(ctx.with_notifier(SlackNotifier(web_client(ctx.settings), ctx.events)))
     yield worker
     worker.ops.close()
 

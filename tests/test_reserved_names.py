@@ -24,6 +24,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import Engine
 
+from bot.commands.catalog import build_registry
 from bot.provision_commands import onboarding_reply
 from core.billing import Billing
 from core.errors import DbopsError
@@ -344,7 +345,7 @@ def test_a_stripe_business_named_pgbouncer_is_not_proposed_as_pgbouncer(billing:
     assert "`pgbouncer`" in warning and "business name" in warning
     assert "pgBouncer's own admin user" in warning
 
-    card = onboarding_reply(p)
+    card = onboarding_reply(p, build_registry())
     message = str(card.message())
     assert "pgBouncer's own admin user" in message
     assert "provision pgbouncer " not in message  # no button carries it
@@ -367,6 +368,6 @@ def test_a_stripe_checkout_with_only_reserved_names_says_the_name_must_be_chosen
     assert p is not None and p.customer is None and not p.ready
     reserved = [w for w in p.warnings if "reserved" in w]
     assert len(reserved) == 3, p.warnings
-    card = onboarding_reply(p)
+    card = onboarding_reply(p, build_registry())
     assert not [b for b in card.message()["blocks"] if b["type"] == "actions"]  # no Provision
     assert "type `/db provision <customer> --plan <plan> --email <address>`" in str(card.message())

@@ -13,31 +13,28 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
 
-import bot.surfaces  # noqa: F401  (registers the commands)
-from bot import incident_commands, restart_commands
+from bot import restart_commands
 from bot.blocks import Reply
+from bot.commands.catalog import build_registry
 from bot.listeners.errors import reply_for
-from bot.roles import Denied, Roles
-from bot.router import REGISTRY, Invocation, Router, UsageError, parse
+from bot.roles import Denied
+from bot.router import Invocation, Router, UsageError, parse
 from core.customers import customer_from_mapping, upsert_customers
 from core.errors import DbopsError, NotFound
 from core.fleet import Fleet
-from core.ops import Ops
 from core.remote import quote_argv
 from core.restarts import _one_restart
 from core.sandbox import customer_conninfo
-from core.settings import load_settings
 from storage.db import make_engine
 from storage.events import EventLog, StoredEvent
 from storage.migrate import upgrade
+from tests.bot_kit import ALICE, BOB, CAROL, make_router, runtime
 from tests.slack_stub import BOT_TOKEN, SlackStub
 
-ALICE, BOB, CAROL = "U_ALICE", "U_BOB", "U_CAROL"  # operator, viewer, admin
 OPS = "C0DBOPS"
 
 
@@ -59,15 +56,17 @@ def router(
     upgrade(engine)
     upsert_customers(engine, [customer_from_mapping(c) for c in sandbox["customers"]])
     events = EventLog(engine)
-    ops = Ops(sandbox_fleet, engine, events)
-    settings = load_settings(
-        slack_bot_token=BOT_TOKEN, slack_api_url=stub.base_url, ops_channel=OPS
+    rt = runtime(
+        engine,
+        sandbox_fleet,
+        events=events,
+        slack_bot_token=BOT_TOKEN,
+        slack_api_url=stub.base_url,
+        ops_channel=OPS,
+        timezone="America/New_York",
     )
-    incident_commands.desk_for(ops, settings=settings)
-    roles = Roles(operators=frozenset({ALICE}), admins=frozenset({CAROL}))
-    yield Router(ops=ops, events=events, roles=roles, tz=ZoneInfo("America/New_York"))
-    incident_commands.reset_desks()
-    ops.close()
+    yield make_router(rt)
+    rt.close()
     engine.dispose()
 
 
@@ -290,9 +289,10 @@ def test_an_unknown_name_gets_a_clear_error(router: Router) -> None:
 
 
 def test_the_button_is_red_behind_a_confirm() -> None:
-    spec = REGISTRY.get("restart")
+    registry = build_registry()
+    spec = registry.get("restart")
     assert spec is restart_commands.SPEC and spec.usage == "/db restart <server|customer>"
-    button = REGISTRY.button("restart vps2").to_dict()
+    button = registry.button("restart vps2").to_dict()
     assert button["action_id"] == "db_restart" and button["value"] == "restart vps2"
     assert button["style"] == "danger"
     confirm = button["confirm"]
@@ -305,7 +305,7 @@ def test_with_an_open_incident_the_restart_is_recorded_on_it(
 ) -> None:
     sandbox_break("server-down", "vps2")
     say(router, ALICE, "incident open vps2 P0 vps2 postgres down")
-    desk = incident_commands.desk_for(router.ops)
+    desk = router.rt.desk
     (inc,) = desk.incidents.list_incidents(server="vps2")
     assert inc.card_ref is not None and inc.status == "open"
     ts = inc.card_ref.ts

@@ -13,13 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
 
-import bot.surfaces  # noqa: F401  (registers the commands)
-from bot import incident_commands
 from bot.blocks import Reply
 from bot.listeners.errors import reply_for
 from bot.roles import Roles
@@ -27,12 +24,11 @@ from bot.router import Invocation, Router, parse
 from core.customers import customer_from_mapping, upsert_customers
 from core.errors import DbopsError
 from core.fleet import Fleet
-from core.ops import Ops
 from core.sandbox import customer_conninfo, heal
-from core.settings import load_settings
 from storage.db import make_engine
 from storage.events import EventLog
 from storage.migrate import upgrade
+from tests.bot_kit import make_router, runtime
 
 ALICE = "U_ALICE"  # the operator
 SERVER, NEIGHBOUR = "vps1", "umbrella"  # acme's server, and the other customer on it
@@ -47,15 +43,12 @@ def router(
     upgrade(engine)
     upsert_customers(engine, [customer_from_mapping(c) for c in sandbox["customers"]])
     events = EventLog(engine)
-    ops = Ops(sandbox_fleet, engine, events)
-    incident_commands.reset_desks()
-    incident_commands.desk_for(
-        ops, settings=load_settings(slack_bot_token=None)
-    )  # the shell's desk
-    roles = Roles(operators=frozenset({ALICE}))
-    yield Router(ops=ops, events=events, roles=roles, tz=ZoneInfo("America/New_York"))
-    incident_commands.reset_desks()
-    ops.close()
+    # The shell's desk: no Slack token.
+    rt = runtime(
+        engine, sandbox_fleet, events=events, slack_bot_token=None, timezone="America/New_York"
+    )
+    yield make_router(rt, Roles(operators=frozenset({ALICE})))
+    rt.close()
     engine.dispose()
 
 
@@ -102,7 +95,7 @@ def ask_by_command(router: Router) -> tuple[str, str]:
 def ask_by_card(router: Router) -> tuple[str, str]:
     before = mark(router)
     router.run(Invocation(actor=ALICE, surface="slack", text="incident open acme P0 acme down"))
-    desk = incident_commands.desk_for(router.ops)
+    desk = router.rt.desk
     inc = next(i for i in desk.incidents.list_incidents(active=True) if i.title == "acme down")
     press(router, f"incident restart {inc.id}")
     verdict = decided(router, before)

@@ -12,26 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 
-import bot.surfaces  # noqa: F401  (registers the commands)
-from bot.backup_commands import backups_for
-from bot.roles import Denied, Roles
-from bot.router import REGISTRY, Invocation, Router, UsageError
+from bot.roles import Denied
+from bot.router import Invocation, Router, UsageError
 from core.customers import Customer, customer_from_mapping, upsert_customers
 from core.fleet import Fleet
-from core.ops import Ops
-from core.settings import load_settings
 from storage.db import make_engine
-from storage.events import EventLog
 from storage.migrate import upgrade
+from tests.bot_kit import ALICE, BOB, CAROL, make_router, runtime
 from tests.slack_app import SlackApp
 from tests.slack_stub import (
     BOT_TOKEN,
@@ -51,7 +45,6 @@ from tests.test_backups import (  # noqa: F401  (restore_server_logs: autouse)
 from tests.test_blocks_contract import check_contract
 from tests.test_restore import bad_deploy, database
 
-ALICE, BOB, CAROL = "U_ALICE", "U_BOB", "U_CAROL"  # operator, viewer, admin
 OPS = "C0DBOPS"
 
 
@@ -75,19 +68,16 @@ def router(
     upgrade(engine)
     upsert_customers(engine, [customer_from_mapping(c) for c in sandbox["customers"]])
     upsert_customers(engine, [Customer(customer.name, "vps3", customer.name, customer.name)])
-    ops = Ops(sandbox_fleet, engine, EventLog(engine))
-    roles = Roles(operators=frozenset({ALICE}), admins=frozenset({CAROL}))
-    yield Router(
-        ops=ops, events=ops.events, roles=roles, tz=ZoneInfo("America/New_York"), registry=REGISTRY
-    )
-    ops.close()
+    rt = runtime(engine, sandbox_fleet, timezone="America/New_York")
+    yield make_router(rt)
+    rt.close()
     engine.dispose()
 
 
 @pytest.fixture
 def tested_backup(router: Router, customer: Seeded) -> str:
     """A backup of the customer that has passed its restore test, then the bad deploy."""
-    backups = backups_for(router.ops)
+    backups = router.rt.backups
     taken = backups.take_backup(customer.name, CAROL)
     assert backups.verify(customer.name, actor="scheduler").verification.ok
     bad_deploy(customer)
@@ -204,11 +194,18 @@ def test_restore_end_to_end_from_the_modal(
 def test_the_restore_button_on_an_incident_card_opens_the_form(
     router: Router, stub: SlackStub, customer: Seeded, tested_backup: str
 ) -> None:
-    incident_commands = sys.modules["bot.incident_commands"]
-    settings = load_settings(
-        slack_bot_token=BOT_TOKEN, slack_api_url=stub.base_url, ops_channel=OPS
+    # The same bot with Slack: the card goes to the ops channel (the stub).
+    rt = router.rt
+    slack_rt = runtime(
+        rt.engine,
+        rt.fleet,
+        events=rt.events,
+        slack_bot_token=BOT_TOKEN,
+        slack_api_url=stub.base_url,
+        ops_channel=OPS,
+        timezone="America/New_York",
     )
-    incident_commands.desk_for(router.ops, settings=settings)
+    router = make_router(slack_rt)
     try:
         router.run(Invocation(ALICE, "slack", text=f"incident open {customer.name} P1 rows lost"))
         card = stub.wait_for(
@@ -260,7 +257,7 @@ def test_the_restore_button_on_an_incident_card_opens_the_form(
         (select,) = [b for b in view["blocks"] if b.get("block_id") == "backup"]
         assert select["element"]["initial_option"]["value"] == tested_backup
     finally:
-        incident_commands.reset_desks()
+        slack_rt.close()
 
 
 def _form(body: str) -> list[tuple[str, str]]:

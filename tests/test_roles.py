@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from zoneinfo import ZoneInfo
 
 import pytest
 from slack_bolt.request.async_request import AsyncBoltRequest
@@ -16,17 +15,16 @@ from sqlalchemy import Engine
 
 from bot.app import build_services, create_app
 from bot.blocks import Reply
-from bot.context import Context
+from bot.commands.catalog import build_registry
 from bot.listeners.errors import reply_for
 from bot.roles import Denied, Role, Roles
-from bot.router import REGISTRY, Arg, Call, Invocation, Registry, Router, Spec
-from core.ops import Ops
+from bot.router import Arg, Call, Invocation, Registry, Router, Spec
 from core.settings import Settings
-from storage.events import EventLog
+from tests.bot_kit import ALICE, BOB, CAROL, ROLES, make_router, no_fleet
 from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, SlackStub, action_body, sign, slash_body
 
-BOB, ALICE, CAROL = "U_BOB", "U_ALICE", "U_CAROL"
-ROLES = Roles(operators=frozenset({ALICE}), admins=frozenset({CAROL}))
+REGISTRY = build_registry()  # every command, as the app has them
+
 restarted: list[str] = []
 
 
@@ -35,15 +33,11 @@ def _restart(call: Call) -> Reply:
     return Reply(f"restarted {call.arg('target')}")
 
 
-def _no_ops() -> Ops:
-    raise AssertionError("the test command needs no fleet")
-
-
 @pytest.fixture
-def registry() -> Iterator[object]:
+def registry() -> Iterator[Registry]:
     # A stand-in for the real `restart` that records what it was asked, so the gate is
     # tested without a fleet.
-    reg = Registry(s for s in REGISTRY.specs if s.name != "restart")
+    reg = Registry((s for s in REGISTRY.specs if s.name != "restart"), kinds=REGISTRY.kinds)
     reg.add(
         Spec(
             "restart",
@@ -60,14 +54,8 @@ def registry() -> Iterator[object]:
 
 
 @pytest.fixture
-def router(sqlite_engine: Engine, registry: object) -> Router:
-    return Router(
-        ops=_no_ops,
-        events=EventLog(sqlite_engine),
-        roles=ROLES,
-        tz=ZoneInfo("UTC"),
-        registry=registry,  # type: ignore[arg-type]
-    )
+def router(sqlite_engine: Engine, registry: Registry) -> Router:
+    return make_router(no_fleet(sqlite_engine, timezone="UTC"), registry=registry)
 
 
 def test_the_role_table() -> None:
@@ -115,23 +103,18 @@ def test_a_button_press_is_checked_again(router: Router) -> None:
 
 
 def test_a_denial_over_slack_is_an_ephemeral_reply_and_an_event(
-    sqlite_engine: Engine, registry: object
+    sqlite_engine: Engine, registry: Registry
 ) -> None:
     """The whole Slack path in-process: Bolt (signature checked), listener, gate, response_url."""
     with SlackStub() as stub:
-        ctx = Context.load(
-            database_url=str(sqlite_engine.url),
+        rt = no_fleet(
+            sqlite_engine,
+            timezone="UTC",
             slack_bot_token=BOT_TOKEN,
             slack_signing_secret=SIGNING_SECRET,
             slack_api_url=stub.base_url,
         )
-        router = Router(
-            ops=_no_ops,
-            events=ctx.events,
-            roles=ROLES,
-            tz=ZoneInfo("UTC"),
-            registry=registry,  # type: ignore[arg-type]
-        )
+        router = make_router(rt, registry=registry)
         bodies = [
             slash_body("restart vps1", user=BOB, response_url=stub.response_url("typed")),
             action_body(
@@ -143,7 +126,7 @@ def test_a_denial_over_slack_is_an_ephemeral_reply_and_an_event(
         ]
 
         async def scenario() -> list[int]:
-            services = build_services(ctx, router=router)
+            services = build_services(rt, router=router)
             app = create_app(services)
             statuses = []
             for body in bodies:
@@ -159,7 +142,7 @@ def test_a_denial_over_slack_is_an_ephemeral_reply_and_an_event(
             assert "needs the operator role" in reply.body["text"]
         (ok,) = stub.replies_to("alice")
         assert "restarted vps3" in ok.body["text"]
-    denials = ctx.events.query(kind="auth.denied")
+    denials = rt.events.query(kind="auth.denied")
     assert [(e.actor, e.subject) for e in denials] == [(BOB, "vps1"), (BOB, "vps1")]
     assert all(e.payload["surface"] == "slack" for e in denials)
     assert restarted == ["vps3"]

@@ -1,4 +1,5 @@
-"""The `/db` parser: text in, a validated Command or a UsageError out, and nothing else."""
+"""The `/db` parser: text in, a validated Command or a UsageError out, and nothing else; and the
+command set as bot/commands/catalog.py builds it, in its written-down help order."""
 
 from __future__ import annotations
 
@@ -6,9 +7,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bot import render, router
 from bot.blocks import Reply
-from bot.router import KINDS, REGISTRY, Arg, Registry, Spec, UsageError, parse
+from bot.commands import catalog
+from bot.router import Arg, Command, Registry, Spec, UsageError
 from core.names import NAME_RE, SERVER_RE
+
+REGISTRY = catalog.build_registry()
+
+
+def parse(text: str, registry: Registry = REGISTRY) -> Command:
+    return router.parse(text, registry)
 
 
 def noop(call: object) -> Reply:
@@ -72,15 +81,30 @@ def test_unknown_help_topic_is_a_usage_error() -> None:
         parse("help restores")
 
 
-def test_help_lists_only_commands_that_exist() -> None:
-    import bot.surfaces  # noqa: F401  (the app loads every capability's commands)
-
-    assert [s.name for s in REGISTRY.specs] == [
+def test_help_lists_every_command_in_the_written_down_order() -> None:
+    """catalog.py's order, whatever order the modules were imported in: the foundation's reads,
+    then backups, incidents and on-call, onboarding, restart, restore, checklists and jobs."""
+    order = [
         *("help", "status", "report", "servers", "log", "backups", "backup"),
         *("incident open", "incident list", "incident ack", "incident restart", "incident resolve"),
         *("incident email", "incident email-send", "incident report", "oncall", "oncall set"),
         *("provision", "credit apply", "restart", "restore", "checklist", "jobs"),
     ]
+    assert [s.name for s in REGISTRY.specs] == order
+    assert [s.name for s in catalog.build_registry().specs] == order  # a new one: the same
+    listed = render.help_reply(REGISTRY.specs).text.split("what I can do: ")[1].split("; ")
+    assert [u.split(" <")[0].split(" [")[0] for u in listed] == [f"/db {n}" for n in order]
+
+
+def test_each_build_is_a_new_registry_with_every_kind_it_needs() -> None:
+    one, two = catalog.build_registry(), catalog.build_registry()
+    assert one is not two and one.specs == two.specs
+    two.add(Spec("extra", "only on this one", noop))
+    assert one.get("extra") is None
+    used = {a.kind for s in one.specs for a in s.args}
+    assert used <= set(one.kinds)
+    with pytest.raises(ValueError, match="unknown kinds"):
+        Registry([Spec("x", "x", noop, (Arg("plan", "plan", flag=True),))])
 
 
 def test_every_button_value_parses_back_to_its_command() -> None:
@@ -92,7 +116,8 @@ def test_every_button_value_parses_back_to_its_command() -> None:
 
 def test_later_commands_plug_in_with_two_word_names_and_flags() -> None:
     registry = Registry(
-        s for s in REGISTRY.specs if not s.name.startswith("incident ") and s.name != "provision"
+        (s for s in REGISTRY.specs if not s.name.startswith("incident ") and s.name != "provision"),
+        kinds=REGISTRY.kinds,
     )
     registry.add(Spec("incident ack", "ack an incident", noop, (Arg("incident", "subject"),)))
     registry.add(
@@ -156,7 +181,7 @@ def _valid(kind: str, value: str) -> bool:
         return SERVER_RE.fullmatch(value) is not None or (
             value.startswith("inc-") and value[4:].isdigit() and len(value) <= 13
         )
-    return KINDS[kind](value) == value
+    return REGISTRY.kinds[kind](value) == value
 
 
 @settings(max_examples=600, deadline=None)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import time_machine
 
-from bot.context import Context
+from bot.runtime import Runtime
 from bot.scheduler import Worker
 from core.customers import customer_from_mapping, upsert_customers
 from core.jobs import next_runs
@@ -24,14 +24,14 @@ from storage.migrate import upgrade
 
 @pytest.fixture
 def worker(sandbox: dict[str, Any], tmp_path: Path) -> Worker:
-    ctx = Context.load(
+    ctx = Runtime.load(
         database_url=f"sqlite:///{tmp_path / 'dbops.db'}",
         dbops_fleet=sandbox["fleet"],
         ops_channel="#db-ops",
     )
     upgrade(ctx.engine)
     upsert_customers(ctx.engine, [customer_from_mapping(c) for c in sandbox["customers"]])
-    return Worker(ctx, RecordingNotifier())
+    return Worker(ctx.with_notifier(RecordingNotifier()))
 
 
 def test_nightly_backups_then_restore_tests(
@@ -53,7 +53,7 @@ def test_nightly_backups_then_restore_tests(
     assert tests.ok and tests.outcome == {"tested": n, "failed": []}
     ends = [
         e
-        for e in worker.ctx.events.query(kind="job.end")
+        for e in worker.rt.events.query(kind="job.end")
         if e.subject in ("nightly_backups", "restore_tests")
     ]
     assert [(e.subject, e.payload["outcome"]) for e in ends] == [

@@ -8,21 +8,22 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import Engine
 
 from bot import blocks
 from bot.blocks import Reply
+from bot.commands.catalog import build_registry
 from bot.roles import Role, Roles
-from bot.router import REGISTRY, Arg, Call, Registry, Router, Spec
+from bot.router import Arg, Call, Registry, Router, Spec
 from bot.shell import HINT, Shell, plain, render_blocks
 from core.customers import customer_from_mapping, upsert_customers
-from core.ops import Ops
 from storage.db import make_engine
-from storage.events import EventLog
 from storage.migrate import upgrade
+from tests.bot_kit import make_router, no_fleet
+
+REGISTRY = build_registry()  # every command, as the app has them
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def _restart_router(engine: Engine, calls: list[str]) -> Router:
 
     # A stand-in for the real `restart` that records what it was asked, so the gate is
     # tested without a fleet.
-    registry = Registry(s for s in REGISTRY.specs if s.name != "restart")
+    registry = Registry((s for s in REGISTRY.specs if s.name != "restart"), kinds=REGISTRY.kinds)
     registry.add(
         Spec(
             "restart",
@@ -124,16 +125,8 @@ def _restart_router(engine: Engine, calls: list[str]) -> Router:
     )
     registry.add(Spec("offer", "a reply with a Restart button", offer))
 
-    def no_ops() -> Ops:
-        raise AssertionError("no fleet here")
-
-    return Router(
-        ops=no_ops,
-        events=EventLog(engine),
-        roles=Roles(operators=frozenset({"U_ALICE"})),
-        tz=ZoneInfo("UTC"),
-        registry=registry,
-    )
+    rt = no_fleet(engine, timezone="UTC")
+    return make_router(rt, Roles(operators=frozenset({"U_ALICE"})), registry)
 
 
 def test_a_danger_button_asks_for_yes_and_checks_the_role(sqlite_engine: Engine) -> None:

@@ -10,19 +10,18 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 from slack_bolt.request.async_request import AsyncBoltRequest
 
 from bot.listeners.messages import command_line
 from bot.roles import Roles
-from bot.router import REGISTRY, Router
+from bot.router import Router
 from core.fleet import Fleet
-from core.ops import Ops
 from storage.db import make_engine
 from storage.events import EventLog
 from storage.migrate import upgrade
+from tests.bot_kit import make_router, runtime
 from tests.slack_app import SlackApp
 from tests.slack_stub import Call, SlackStub, dm_channel, sign, slash_body
 
@@ -34,12 +33,12 @@ def router(sandbox_fleet: Fleet, tmp_path: Path) -> Iterator[Router]:
     engine = make_engine(f"sqlite:///{tmp_path / 'dbops.db'}")
     upgrade(engine)
     events = EventLog(engine)
-    ops = Ops(sandbox_fleet, engine, events)
+    rt = runtime(engine, sandbox_fleet, events=events, timezone="UTC")
     roles = Roles(operators=frozenset({ALICE}))
     try:
-        yield Router(ops=ops, events=events, roles=roles, tz=ZoneInfo("UTC"), registry=REGISTRY)
+        yield make_router(rt, roles)
     finally:
-        ops.close()
+        rt.close()
         engine.dispose()
 
 

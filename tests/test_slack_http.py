@@ -291,7 +291,7 @@ def test_429_on_chat_post_message_is_retried(server: str, stub: SlackStub) -> No
 
 
 def _ctx(tmp_path: Any, stub: SlackStub, **settings: Any) -> Any:
-    from bot.context import Context
+    from bot.runtime import Runtime
 
     values = {
         "database_url": f"sqlite:///{tmp_path / 'dbops.db'}",
@@ -300,7 +300,7 @@ def _ctx(tmp_path: Any, stub: SlackStub, **settings: Any) -> Any:
         "slack_api_url": stub.base_url,
         **settings,
     }
-    return Context.load(**values)
+    return Runtime.load(**values)
 
 
 @pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -345,29 +345,23 @@ def test_an_unexpected_error_shows_only_a_correlation_id(
     tmp_path: Any, stub: SlackStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     import asyncio
-    from zoneinfo import ZoneInfo
 
     from slack_bolt.request.async_request import AsyncBoltRequest
 
     from bot.app import build_services, create_app
+    from bot.commands.catalog import build_registry
     from bot.roles import Roles
-    from bot.router import REGISTRY, Router, Spec
+    from bot.router import Router, Spec
     from storage.migrate import upgrade
 
     def boom(call: Any) -> Any:
         raise RuntimeError("connect to postgresql://dbops:hunter2@10.0.0.5/prod failed")
 
-    registry = REGISTRY.copy()
+    registry = build_registry()
     registry.add(Spec("boom", "fails", boom))
     ctx = _ctx(tmp_path, stub)
     upgrade(ctx.engine)
-    router = Router(
-        ops=lambda: None,  # type: ignore[arg-type,return-value]
-        events=ctx.events,
-        roles=Roles(),
-        tz=ZoneInfo("UTC"),
-        registry=registry,
-    )
+    router = Router(ctx, roles=Roles(), registry=registry)
     body = slash_body("boom", response_url=stub.response_url("boom"))
 
     async def scenario() -> int:

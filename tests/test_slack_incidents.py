@@ -9,64 +9,39 @@ someone on call. Slack is our stub; the router runs every line as a slash comman
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 import time_machine
 
-from bot.backup_commands import backups_for
 from bot.blocks import Reply
-from bot.incident_cards import resolution_reply
+from bot.commands.catalog import build_registry
+from bot.incident_cards import credit_buttons, resolution_reply
 from bot.listeners.errors import reply_for
 from bot.roles import Denied, Roles
-from bot.router import REGISTRY, Invocation, Router, UsageError, parse
+from bot.router import Invocation, Router, UsageError, parse
+from bot.runtime import Runtime
 from bot.shell import render_blocks
 from bot.slack_rules import assert_message_ok
 from core.customers import customer_from_mapping, upsert_customers
 from core.fleet import Fleet
 from core.incidents import CreditProposal, Incident, Resolution, credit_cents
-from core.ops import Ops
-from core.settings import load_settings
 from storage.db import make_engine
 from storage.events import EventLog
 from storage.migrate import upgrade
+from tests.bot_kit import ALICE, BOB, CAROL, make_router, runtime
 from tests.slack_app import send_once
 from tests.slack_stub import BOT_TOKEN, Call, SlackStub, action_body
 from tests.test_blocks_contract import check_contract
 
-ALICE, BOB, CAROL = "U_ALICE", "U_BOB", "U_CAROL"  # operator, viewer, admin
 OPS = "C0DBOPS"
 TZ = ZoneInfo("America/New_York")
-
-
-@pytest.fixture(scope="module")
-def incident_commands() -> Iterator[ModuleType]:
-    """bot.incident_commands, registered on the router for these tests only.
-
-    The module registers its commands on import, as bot/surfaces.py expects. Imported here
-    rather than at collection, and forgotten afterwards when it was these tests that loaded it,
-    so the rest of the suite sees the registry bot/surfaces.py makes.
-    """
-    loaded = "bot.incident_commands" in sys.modules
-    before = {s.name for s in REGISTRY.specs}
-    module = importlib.import_module("bot.incident_commands")
-    yield module
-    module.reset_desks()
-    surfaces = getattr(sys.modules.get("bot.surfaces"), "SURFACES", [])
-    if not loaded and module not in surfaces:
-        for name in {s.name for s in REGISTRY.specs} - before:
-            REGISTRY._specs.pop(name)  # no public removal: commands never leave
-        sys.modules.pop("bot.incident_commands")
-        delattr(sys.modules["bot"], "incident_commands")
 
 
 @pytest.fixture(scope="module")
@@ -80,21 +55,24 @@ def router(
     sandbox: dict[str, Any],
     sandbox_fleet: Fleet,
     stub: SlackStub,
-    incident_commands: ModuleType,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Router]:
     engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('incidents') / 'dbops.db'}")
     upgrade(engine)
     upsert_customers(engine, [customer_from_mapping(c) for c in sandbox["customers"]])
     events = EventLog(engine)
-    ops = Ops(sandbox_fleet, engine, events)
-    settings = load_settings(
-        slack_bot_token=BOT_TOKEN, slack_api_url=stub.base_url, ops_channel=OPS
+    rt = runtime(
+        engine,
+        sandbox_fleet,
+        events=events,
+        slack_bot_token=BOT_TOKEN,
+        slack_api_url=stub.base_url,
+        ops_channel=OPS,
+        smtp_url=None,
+        timezone=str(TZ),
     )
-    incident_commands.desk_for(ops, settings=settings)
-    roles = Roles(operators=frozenset({ALICE}), admins=frozenset({CAROL}))
-    yield Router(ops=ops, events=events, roles=roles, tz=TZ, registry=REGISTRY)
-    ops.close()
+    yield make_router(rt)
+    rt.close()
     engine.dispose()
 
 
@@ -141,9 +119,9 @@ def bolt_press(router: Router, stub: SlackStub, user: str, line: str) -> Call:
     return reply
 
 
-def restore_button(ops: Ops) -> list[str]:
+def restore_button(rt: Runtime) -> list[str]:
     """The card's Restore button, when acme has a backup that passed its restore test."""
-    tested = [b for b in backups_for(ops).list_backups("acme") if b.complete and b.verified]
+    tested = [b for b in rt.backups.list_backups("acme") if b.complete and b.verified]
     return ["db_restore"] if tested else []
 
 
@@ -170,7 +148,7 @@ def card_of(stub: SlackStub, title: str) -> Call:
 
 def ts_of(router: Router, card: Call) -> str:
     """The ts Slack (our stub) gave the card, as the incident recorded it."""
-    desk = sys.modules["bot.incident_commands"].desk_for(router.ops)
+    desk = router.rt.desk
     ref = desk.incidents.get(incident_id(card)).card_ref
     assert ref is not None
     return ref.ts
@@ -199,7 +177,7 @@ def test_open_posts_the_card_with_ack_and_a_guarded_restart(
     assert "P1" in card.text and "acme" in card.text and "vps1" in card.text
     found = buttons(card)
     # Restore is offered when acme has a restore-tested backup (other tests may have made one).
-    assert set(found) == {"db_incident_ack", "db_incident_restart", *restore_button(router.ops)}
+    assert set(found) == {"db_incident_ack", "db_incident_restart", *restore_button(router.rt)}
     restart = found["db_incident_restart"]
     assert restart["style"] == "danger" and restart["confirm"]["style"] == "danger"
     # PostgreSQL answers, so the card says why Restart will not act.
@@ -302,7 +280,8 @@ def test_log_shows_the_timeline_and_resolve_posts_the_downtime(
 
 def test_an_outage_over_an_hour_proposes_the_credit() -> None:
     now = datetime.now(UTC)
-    reply = resolution_reply(two_hours_down(now), ALICE)
+    res = two_hours_down(now)
+    reply = resolution_reply(res, ALICE, credit_buttons(res, build_registry()))
     check_contract("credit", reply)
     body = json.dumps([b.to_dict() for b in reply.blocks])
     cents = credit_cents(300, timedelta(hours=2))
@@ -348,7 +327,6 @@ def test_oncall_shows_and_an_admin_sets_it(router: Router) -> None:
 def test_without_slack_the_reply_is_the_card(
     sandbox: dict[str, Any],
     sandbox_fleet: Fleet,
-    incident_commands: ModuleType,
     tmp_path: Path,
 ) -> None:
     """The shell (no SLACK_BOT_TOKEN): nothing is posted; the card and diagnostics are the reply,
@@ -356,10 +334,8 @@ def test_without_slack_the_reply_is_the_card(
     engine = make_engine(f"sqlite:///{tmp_path / 'shell.db'}")
     upgrade(engine)
     upsert_customers(engine, [customer_from_mapping(c) for c in sandbox["customers"]])
-    ops = Ops(sandbox_fleet, engine, EventLog(engine))
-    incident_commands.desk_for(ops, settings=load_settings(slack_bot_token=None))
-    roles = Roles(operators=frozenset({ALICE}))
-    router = Router(ops=ops, events=ops.events, roles=roles, tz=TZ, registry=REGISTRY)
+    rt = runtime(engine, sandbox_fleet, slack_bot_token=None, timezone=str(TZ))
+    router = make_router(rt, Roles(operators=frozenset({ALICE})))
     try:
         reply = say(router, ALICE, "incident open acme P2 slow queries")
         text, shown = render_blocks(reply.blocks)
@@ -367,17 +343,15 @@ def test_without_slack_the_reply_is_the_card(
         assert [b.action_id for b in shown] == [
             "db_incident_ack",
             "db_incident_restart",
-            *restore_button(ops),
+            *restore_button(rt),
         ]
         assert "acknowledged" in press(router, ALICE, str(shown[0].value)).text
     finally:
-        ops.close()
+        rt.close()
         engine.dispose()
 
 
-def test_customer_email_preview_then_send_over_smtp(
-    router: Router, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_customer_email_preview_then_send_over_smtp(router: Router) -> None:
     from aiosmtpd.controller import Controller
 
     from tests.pgserver import free_port
@@ -405,16 +379,24 @@ def test_customer_email_preview_then_send_over_smtp(
                 actor=BOB, surface="slack", action_id=send.action_id, value=send.value, channel=OPS
             )
         )
-    monkeypatch.delenv("SMTP_URL", raising=False)
+    assert router.rt.smtp_url is None
     assert "SMTP_URL is not set" in press(router, ALICE, str(send.value)).text
     inbox, port = Inbox(), free_port()
     controller = Controller(inbox, hostname="127.0.0.1", port=port)
     controller.start()
+    # The same bot restarted with SMTP_URL set: its database, event log and fleet.
+    rt = router.rt
+    mailing = Runtime(
+        rt.settings.model_copy(update={"smtp_url": f"smtp://127.0.0.1:{port}"}),
+        engine=rt.engine,
+        events=rt.events,
+        fleet=rt.fleet,
+    )
     try:
-        monkeypatch.setenv("SMTP_URL", f"smtp://127.0.0.1:{port}")
-        sent = press(router, ALICE, str(send.value))
+        sent = press(make_router(mailing), ALICE, str(send.value))
     finally:
         controller.stop()
+        mailing.close()
     assert "Sent the investigating email" in sent.text
     (message,) = inbox.messages
     body = message.decode()

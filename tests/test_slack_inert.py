@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from slack_sdk import WebClient
 
-from bot.context import Context
 from bot.notifier import SlackNotifier
+from bot.runtime import Runtime
 from bot.scheduler import Worker
 from core.customers import customer_from_mapping, upsert_customers
 from core.notify import Message, inert_markup, inert_payload
@@ -81,7 +81,7 @@ def test_a_customers_log_lines_reach_slack_inert_in_every_field(
     monkeypatch.setenv("OPS_CHANNEL", "#db-ops")
     acme = next(c for c in sandbox["customers"] if c["name"] == "acme")
     spec = next(s for s in sandbox["servers"] if s["name"] == acme["server"])
-    ctx = Context.load(
+    ctx = Runtime.load(
         database_url=f"sqlite:///{tmp_path / 'dbops.db'}",
         dbops_fleet=sandbox["fleet"],
         ops_channel="#db-ops",
@@ -91,7 +91,7 @@ def test_a_customers_log_lines_reach_slack_inert_in_every_field(
     upgrade(ctx.engine)
     upsert_customers(ctx.engine, [customer_from_mapping(c) for c in sandbox["customers"]])
     notifier = SlackNotifier(WebClient(token=BOT_TOKEN, base_url=stub.base_url), ctx.events)
-    worker = Worker(ctx, notifier)
+    worker = Worker(ctx.with_notifier(notifier))
     # acme raises errors whose message is a Slack control sequence, as its own role would.
     with psycopg.connect(_conninfo(spec, acme["database"]), autocommit=True) as conn:
         conn.execute(f"SET ROLE {acme['role']}")

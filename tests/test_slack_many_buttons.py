@@ -23,24 +23,21 @@ from zoneinfo import ZoneInfo
 import pytest
 import time_machine
 
-import bot.surfaces  # noqa: F401  (every command on the router, as the app has them)
-from bot import incident_commands, provision_commands
-from bot.roles import Roles
-from bot.router import REGISTRY, Router
+from bot import incident_commands
+from bot.desk import Desk
+from bot.router import Router
 from core.customers import Customer, customer_from_mapping, upsert_customers
 from core.fleet import Fleet
-from core.ops import Ops
-from core.settings import load_settings
 from storage.db import make_engine
 from storage.events import EventLog
 from storage.migrate import upgrade
 from storage.models_billing import link_stripe_customer
+from tests.bot_kit import ALICE, BOB, CAROL, make_router, runtime
 from tests.slack_app import send_once
 from tests.slack_stub import BOT_TOKEN, Call, SlackStub, action_body, slash_body
 from tests.stripe_stub import StripeStub, running_stub
 from tests.test_billing import API_KEY
 
-ALICE, BOB, CAROL = "U_ALICE", "U_BOB", "U_CAROL"  # operator, viewer, admin
 OPS = "C0DBOPS"
 TZ = ZoneInfo("America/New_York")
 CREDITED = [f"credit{k:02d}" for k in range(1, 16)]  # fifteen customers down with vps1
@@ -54,8 +51,8 @@ class Env:
     stripe: StripeStub
 
     @property
-    def desk(self) -> incident_commands.Desk:
-        return incident_commands.desk_for(self.router.ops)
+    def desk(self) -> Desk:
+        return self.router.rt.desk
 
 
 @pytest.fixture
@@ -72,25 +69,22 @@ def env(sandbox: dict[str, Any], sandbox_fleet: Fleet, tmp_path: Path) -> Iterat
     for n in CREDITED:
         link_stripe_customer(engine, n, f"cus_{n}")
     events = EventLog(engine)
-    ops = Ops(sandbox_fleet, engine, events)
     with SlackStub() as slack, running_stub() as stripe:
-        settings = load_settings(
+        rt = runtime(
+            engine,
+            sandbox_fleet,
+            events=events,
             slack_bot_token=BOT_TOKEN,
             slack_api_url=slack.base_url,
             ops_channel=OPS,
             stripe_api_key=API_KEY,
             stripe_api_base=stripe.base_url,
+            timezone=str(TZ),
         )
-        incident_commands.desk_for(ops, settings=settings)
-        provision_commands.onboarding_for(ops, settings=settings)
-        roles = Roles(operators=frozenset({ALICE}), admins=frozenset({CAROL}))
-        router = Router(ops=ops, events=events, roles=roles, tz=TZ, registry=REGISTRY)
         try:
-            yield Env(router, slack, stripe)
+            yield Env(make_router(rt), slack, stripe)
         finally:
-            incident_commands.reset_desks()
-            provision_commands.reset_onboarding()
-            ops.close()
+            rt.close()
             engine.dispose()
 
 
@@ -143,8 +137,9 @@ def test_incident_list_with_five_unacknowledged_and_each_ack_acks_its_own(env: E
     found = buttons(listed)
     assert sorted(el["value"] for _, el in found) == sorted(f"incident ack {i.ref}" for i in opened)
     actions = [el["action_id"] for _, el in found]
-    assert len(set(actions)) == 5 and {REGISTRY.by_action(a) for a in actions} == {
-        REGISTRY.get("incident ack")
+    registry = env.router.registry
+    assert len(set(actions)) == 5 and {registry.by_action(a) for a in actions} == {
+        registry.get("incident ack")
     }
     for block_id, button in found:
         ref = button["value"].split()[-1]
@@ -163,7 +158,7 @@ def test_a_resolve_note_with_fifteen_credits_and_each_apply_credits_its_customer
     inc = env.desk.incidents.open(
         "vps1 lost its disk", "P0", actor=ALICE, customers=CREDITED, server="vps1"
     )
-    said = incident_commands.announce(env.router.ops, inc.id, TZ, registry=REGISTRY)
+    said = incident_commands.announce(env.router.rt, inc.id)
     assert said.ref is not None
     with time_machine.travel(datetime.now(UTC) + timedelta(hours=2), tick=True):
         note = typed(env, ALICE, f"incident resolve {inc.id} the disk was replaced")
@@ -177,8 +172,9 @@ def test_a_resolve_note_with_fifteen_credits_and_each_apply_credits_its_customer
             f"credit apply {inc.ref} {n}" for n in CREDITED
         ]
         assert len({el["action_id"] for _, el in found}) == 15
-        assert {REGISTRY.by_action(el["action_id"]) for _, el in found} == {
-            REGISTRY.get("credit apply")
+        registry = env.router.registry
+        assert {registry.by_action(el["action_id"]) for _, el in found} == {
+            registry.get("credit apply")
         }
         assert all(el["style"] == "danger" and el["confirm"] for _, el in found)
 

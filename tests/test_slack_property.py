@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from slack_sdk import WebClient
 from sqlalchemy import Engine
 
-import bot.surfaces  # noqa: F401  (every command on the router, as the app has them)
 from bot import render
 from bot.backup_commands import backups_reply
 from bot.blocks import Reply
+from bot.commands.catalog import build_registry
 from bot.forms import with_destination
 from bot.incident_cards import (
     card_reply,
@@ -42,7 +42,6 @@ from bot.listeners.delivery import Destination
 from bot.notifier import SlackNotifier
 from bot.provision_commands import onboarding_reply
 from bot.restore_commands import _preview_reply, restore_view
-from bot.router import REGISTRY
 from bot.scheduler import checklist_message
 from bot.slack_rules import assert_message_ok, assert_view_ok, check_message
 from core import checklists as cl
@@ -61,6 +60,7 @@ from tests.synthetic_fleet import EVIL, NOW, Weather, customer_status, fleet_rep
 
 TZ = ZoneInfo("America/New_York")
 ALICE = "U_ALICE"
+REGISTRY = build_registry()  # every command, as the app has them
 EXAMPLES = settings(
     max_examples=12,
     deadline=None,
@@ -396,7 +396,7 @@ def test_pages_reach_the_dm_and_are_settled(
     timer = Timer(1, 12, kind, 1, 0, target, NOW, "token", 0)
     now_on = OnCallNow(ALICE, "U_DAVE", "fleet", "fleet", "#db-escalation", None)
     text = page_text(inc, timer, NOW + timedelta(minutes=20), now_on)
-    notifier = SlackNotifier(WebClient(token=BOT_TOKEN, base_url=stub.base_url))
+    notifier = SlackNotifier(WebClient(token=BOT_TOKEN, base_url=stub.base_url), registry=REGISTRY)
     message = Message(text, meta={"incident": 12, "actions": ["ack"] if kind == "page" else []})
     if target == "channel":
         ref = notifier.post("#db-escalation", message)

@@ -13,17 +13,15 @@ from typing import Any
 
 import pytest
 
-from bot import incident_commands
 from bot.blocks import unescape
 from bot.roles import Roles
-from bot.router import REGISTRY, Router
+from bot.router import Router
 from core.customers import customer_from_mapping, upsert_customers
 from core.fleet import Fleet
-from core.ops import Ops
-from core.settings import load_settings
 from storage.db import make_engine
 from storage.events import EventLog
 from storage.migrate import upgrade
+from tests.bot_kit import make_router, runtime
 from tests.slack_app import SlackApp
 from tests.slack_stub import BOT_TOKEN, SlackStub, slash_body
 
@@ -42,20 +40,18 @@ def desk(
         upgrade(engine)
         upsert_customers(engine, [customer_from_mapping(c) for c in sandbox["customers"]])
         events = EventLog(engine)
-        ops = Ops(sandbox_fleet, engine, events)
-        settings = load_settings(
-            slack_bot_token=BOT_TOKEN, slack_api_url=stub.base_url, ops_channel=OPS
+        rt = runtime(
+            engine,
+            sandbox_fleet,
+            events=events,
+            slack_bot_token=BOT_TOKEN,
+            slack_api_url=stub.base_url,
+            ops_channel=OPS,
         )
-        incident_commands.desk_for(ops, settings=settings)
-        roles = Roles(operators=frozenset({ALICE}))
         try:
-            yield (
-                Router(ops=ops, events=events, roles=roles, tz=settings.tz, registry=REGISTRY),
-                stub,
-            )
+            yield make_router(rt, Roles(operators=frozenset({ALICE}))), stub
         finally:
-            incident_commands.reset_desks()
-            ops.close()
+            rt.close()
             engine.dispose()
 
 
@@ -86,7 +82,7 @@ def test_an_incident_title_and_resolution_email_show_what_was_typed(
 ) -> None:
     router, stub = desk
     slash(router, stub, f"incident open acme P1 {AS_SLACK_SENDS}")
-    incidents = incident_commands.desk_for(router.ops).incidents
+    incidents = router.rt.incidents
     opened = router.events.query(kind="incident.opened", newest_first=True, limit=1)[0]
     inc = incidents.get(str(opened.subject).removeprefix("inc-"))
     assert inc.title == TYPED

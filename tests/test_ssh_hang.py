@@ -19,23 +19,21 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import paramiko
 import pytest
 
-import bot.surfaces  # noqa: F401  (registers the commands)
 from bot.roles import Roles
-from bot.router import REGISTRY, Invocation, Router
+from bot.router import Invocation, Router
 from core.customers import customer_from_mapping, upsert_customers
 from core.errors import Unreachable
 from core.fleet import Fleet
-from core.ops import REPORT_DEADLINE_S, STATUS_DEADLINE_S, Ops
+from core.ops import REPORT_DEADLINE_S, STATUS_DEADLINE_S
 from core.remote import SESSIONS_PER_SERVER, RunnerPool, SSHRunner
 from core.sandbox import _descendants
 from storage.db import make_engine
-from storage.events import EventLog
 from storage.migrate import upgrade
+from tests.bot_kit import make_router, runtime
 
 Break = Callable[[str, str], dict[str, Any]]
 
@@ -55,15 +53,9 @@ def router(sandbox: dict[str, Any], sandbox_fleet: Fleet, tmp_path: Path) -> Ite
     engine = make_engine(f"sqlite:///{tmp_path / 'dbops.db'}")
     upgrade(engine)
     upsert_customers(engine, [customer_from_mapping(c) for c in sandbox["customers"]])
-    ops = Ops(sandbox_fleet, engine, EventLog(engine))
-    yield Router(
-        ops=ops,
-        events=ops.events,
-        roles=Roles(frozenset({"U_ALICE"})),
-        tz=ZoneInfo("America/New_York"),
-        registry=REGISTRY,
-    )
-    ops.close()
+    rt = runtime(engine, sandbox_fleet, timezone="America/New_York")
+    yield make_router(rt, Roles(frozenset({"U_ALICE"})))
+    rt.close()
     engine.dispose()
 
 

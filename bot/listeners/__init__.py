@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bot.listeners import actions, commands, errors, messages
+from bot.listeners import actions, checklists, commands, errors, messages, views
 
 if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncApp
@@ -17,14 +17,12 @@ if TYPE_CHECKING:
 
 
 def register(app: AsyncApp, services: Services) -> dict[str, list[str]]:
-    from bot import restore_commands, scheduler_commands
-
     registered = {
         "commands": commands.register(app, services),
         "actions": actions.register(app, services),
         # Inputs that are not command buttons: a checklist's checkboxes, the restore form.
-        "inputs": scheduler_commands.register(app, services),
-        "forms": restore_commands.register(app, services),
+        "inputs": checklists.register(app, services),
+        "forms": views.register(app, services),
         # Messages typed to the bot in its DM, run as command lines.
         "events": messages.register(app, services),
     }
