@@ -10,6 +10,7 @@ problem                key                                    severity
 PostgreSQL down        ``server-down:<server>``               P0 (SOP-201)
 a customer DB down     ``db-down:<customer>``                 P0 (SOP-201)
 a health check crit    ``check:<check>:<server or customer>`` ``HEALTH_SEVERITY``, else P2
+a fleet check crit     ``check:<check>:fleet``                ``HEALTH_SEVERITY``, else P2
 other Alertmanager     ``am:<alertname>:<server>:<customer>`` from its ``severity`` label
 =====================  =====================================  ============================
 
@@ -65,7 +66,13 @@ HEALTH_SEVERITY: dict[str, Severity] = {
     "backends": "P1",
     "locks": "P1",
     "prepared_txns": "P1",
+    "replication_slots": "P1",  # a lost slot breaks its replica; a growing one fills the disk
+    "version": "P3",  # past its end of life: an upgrade to plan, not a page
     "backup_age": "P2",
+    # WAL not archived: every minute of it is work a lost server would take with it.
+    "archiving": "P1",
+    # The nightly run has not reported success by its deadline (the dead-man's switch).
+    "backup_run": "P1",
     "logfile": "P2",
     "last_vacuum": "P3",  # worth a look in working hours, not a page
 }
@@ -266,6 +273,9 @@ def alerts_from_report(report: Mapping[str, Any]) -> list[Alert]:
     alerts that follow join the server's incident."""
     out: list[Alert] = []
     down_servers: set[str] = set()
+    for c in report.get("checks", []):  # the fleet's own (backup_run): one incident each
+        if c.get("verdict") in ("crit", "ok"):
+            out.append(_fleet_alert(str(c["name"]), c))
     for s in report.get("servers", []):
         name = str(s["name"])
         checks = _crit(s.get("checks", []))
@@ -325,6 +335,21 @@ def alerts_from_report(report: Mapping[str, Any]) -> list[Alert]:
 # incident title is pushed to pages, cards and emails, so it never carries them; the detail
 # stays in the incident, shown escaped.
 FOREIGN_DETAIL = frozenset({"logfile", "query_time", "txn_time", "txn_idle", "locks"})
+
+
+def _fleet_alert(check: str, c: Mapping[str, Any]) -> Alert:
+    """A fleet-wide check's alert: about no server or customer; its key ``check:<check>:fleet``."""
+    detail = str(c.get("detail", ""))
+    return Alert(
+        status="firing" if c.get("verdict") == "crit" else "resolved",
+        kind="check",
+        dedupe_key=f"check:{check}:fleet",
+        severity=HEALTH_SEVERITY.get(check, "P2"),
+        title=f"{check} critical: {detail}"[:200],
+        source="health",
+        alertname=check,
+        detail=detail[:500],
+    )
 
 
 def _check_alert(check: str, c: Mapping[str, Any], *, server: str, customer: str | None) -> Alert:

@@ -4,6 +4,10 @@
   and, where it is filling, the runway projection (dashed) from the fitted level now to full.
 * ``customer_chart``: a customer's database size, and its connections (hourly mean and peak),
   over 30 days.
+* ``fleet_disk_chart``: every server's disk over 30 days in percent of its size (the path that
+  fills first, or the fuller one where none is filling), with each runway projection: the
+  capacity review's one picture. The legend names the ``LEGEND_MAX`` shortest runways; the
+  rest are drawn thin and grey.
 
 Each returns a ``Chart``: the PNG bytes and, for each line drawn, the (x, y) the figure holds,
 read back from the figure before it is saved (what the tests compare with the history). Sizes
@@ -15,6 +19,7 @@ shared between threads.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -29,6 +34,7 @@ if TYPE_CHECKING:
 GIB = float(2**30)
 WIDTH_IN, HEIGHT_IN, DPI = 8.0, 4.5, 100  # 800 x 450 pixels: readable in a Slack preview
 COLOURS = {"data": "tab:blue", "backup": "tab:orange"}
+LEGEND_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -54,15 +60,18 @@ def _figure(rows: int = 1) -> tuple[Figure, list[Axes]]:
     return fig, [row[0] for row in axes]
 
 
-def _finish(fig: Figure, title: str) -> Chart:
+def _finish(fig: Figure, title: str, legend: int | None = None) -> Chart:
+    """Read every labelled line back, then draw the PNG; the legend shows the first
+    ``legend`` labels (all when None)."""
     import matplotlib.dates as mdates
 
     lines: dict[str, tuple[list[datetime], list[float]]] = {}
     for ax in fig.axes:
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%d %b"))  # type: ignore[no-untyped-call]
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="best", fontsize="small")
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(handles[:legend], labels[:legend], loc="best", fontsize="small")
         for line in ax.get_lines():
             label = str(line.get_label())
             if not label.startswith("_"):
@@ -100,10 +109,11 @@ def disk_chart(
         if runway.total:
             ax.axhline(runway.total / GIB, color=colour, linestyle=":", linewidth=1)
         if runway.filling and runway.used is not None and runway.growth_per_day:
+            # From the time the runway was fitted as of (``now``, unless handed in).
             ahead = days if runway.days is None else min(runway.days, days)
-            end = now + timedelta(days=ahead)
+            end = runway.now + timedelta(days=ahead)
             level = runway.used + runway.growth_per_day * ahead
-            span: Any = [now, end]
+            span: Any = [runway.now, end]
             ax.plot(span, [runway.used / GIB, level / GIB], color=colour, linestyle="--",
                     label=f"{path} projection")  # fmt: skip
             parts.append(f"{path} full in {runway.days:.0f} d")
@@ -136,3 +146,67 @@ def customer_chart(history: History, customer: str, now: datetime, *, days: floa
     bottom.set_ylabel("connections")
     bottom.set_ylim(bottom=0)
     return _finish(fig, f"{customer}: size and connections over {days:g} days")
+
+
+def _deciding(runways: Sequence[Runway], latest: dict[str, float]) -> Runway | None:
+    """The path a server's fleet line shows: the first to fill, else the fuller one now."""
+    filling = [r for r in runways if r.days is not None]
+    if filling:
+        return min(filling, key=lambda r: r.days or 0.0)
+    known = [r for r in runways if r.path in latest]
+    return max(known, key=lambda r: latest[r.path]) if known else None
+
+
+def fleet_disk_chart(
+    history: History,
+    servers: Sequence[str],
+    now: datetime,
+    *,
+    days: float = 30.0,
+    runways: Mapping[str, Sequence[Runway]] | None = None,
+) -> Chart:
+    """Every server's disk use in percent of its size over ``days`` (each hour's last reading
+    over the size then), the first path to fill, and its projection to full (or ``days``
+    ahead). Lines are labelled ``<server> <path>`` and ``<server> projection``; the legend
+    lists the shortest runways first."""
+    since = now - timedelta(days=days)
+    fitted = {s: list(runways[s]) if runways else disk_runway(history, s, now) for s in servers}
+    drawn = []
+    for server in servers:
+        percent: dict[str, list[tuple[datetime, float]]] = {}
+        for path in PATHS:
+            used = history.series("server", server, f"{path}_used", since, now, HOUR)
+            sizes = dict(history.series("server", server, f"{path}_total", since, now, HOUR))
+            percent[path] = [(t, 100.0 * v / sizes[t]) for t, v in used if sizes.get(t)]
+        latest = {path: points[-1][1] for path, points in percent.items() if points}
+        runway = _deciding(fitted[server], latest)
+        if runway is not None and percent[runway.path]:
+            drawn.append((server, runway, percent[runway.path]))
+    drawn.sort(key=lambda d: (d[1].days is None, d[1].days or 0.0, d[0]))
+    fig, (ax,) = _figure()
+    parts: list[str] = []
+    legend = 0  # the shown servers' lines and projections come first among the handles
+    for i, (server, runway, points) in enumerate(drawn):
+        shown = i < LEGEND_MAX
+        style: dict[str, Any] = {} if shown else {"color": "lightgrey", "linewidth": 0.8}
+        xs: Any = [t for t, _ in points]
+        (line,) = ax.plot(xs, [v for _, v in points], label=f"{server} {runway.path}", **style)
+        legend += shown
+        if runway.filling and runway.used is not None and runway.growth_per_day and runway.total:
+            ahead = min(runway.days or days, days)
+            span: Any = [runway.now, runway.now + timedelta(days=ahead)]
+            level = runway.used + runway.growth_per_day * ahead
+            ax.plot(span, [100.0 * runway.used / runway.total, 100.0 * level / runway.total],
+                    color=line.get_color(), linestyle="--", linewidth=line.get_linewidth(),
+                    label=f"{server} projection")  # fmt: skip
+            legend += shown
+            if len(parts) < 3:
+                parts.append(f"{server} full in {runway.days:.0f} d")
+    ax.axhline(100, color="tab:red", linestyle=":", linewidth=1)
+    ax.axhline(80, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_ylabel("% of disk used")
+    ax.set_ylim(0, 105)
+    at_now: Any = now
+    ax.axvline(at_now, color="grey", linewidth=0.8)
+    title = f"Fleet disk over {days:g} days" + (f" ({', '.join(parts)})" if parts else "")
+    return _finish(fig, title, legend=legend)

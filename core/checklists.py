@@ -1,8 +1,10 @@
 """Routine checklists from the manuals: data files, postings, and who ticked what, when.
 
 A checklist is a TOML file in templates/checklists/ (title, the manual it comes from, an
-APScheduler cron schedule, items). Each posting is a ChecklistRun; each item's latest state is a
-ChecklistTick; every tick, untick, completion and nudge is also an event.
+APScheduler cron schedule, items, and ``attach``: what its posting carries besides the items,
+from ``ATTACHMENTS``; core.ops.Ops.checklist_attachments makes them). Each posting is a
+ChecklistRun; each item's latest state is a ChecklistTick; every tick, untick, completion and
+nudge is also an event.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from storage.models_jobs import ChecklistRun, ChecklistTick
 
 CHECKLISTS = Path(__file__).resolve().parents[1] / "templates" / "checklists"
 CRON_FIELDS = {"year", "month", "day", "week", "day_of_week", "hour", "minute", "second"}
+# What a checklist may attach: name -> what it is.
+ATTACHMENTS = {"capacity": "the fleet's disk chart, with servers by runway and customers by growth"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class Checklist:
     items: tuple[str, ...]
     schedule: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    attach: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,12 +91,18 @@ def load_checklists(directory: Path = CHECKLISTS) -> dict[str, Checklist]:
                 f"checklist {path.name}: unknown schedule field(s) {', '.join(sorted(unknown))}.",
                 hint=f"Use cron fields: {', '.join(sorted(CRON_FIELDS))}.",
             )
+        attach = data.get("attach", [])
+        if not isinstance(attach, list) or not set(map(str, attach)) <= set(ATTACHMENTS):
+            raise DbopsError(
+                f"checklist {path.name}: attach is a list of {', '.join(sorted(ATTACHMENTS))}."
+            )
         out[name] = Checklist(
             name,
             str(data["title"]),
             tuple(str(i) for i in items),
             schedule,
             str(data.get("source", "")),
+            tuple(str(a) for a in attach),
         )
     return out
 

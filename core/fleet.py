@@ -41,6 +41,7 @@ from __future__ import annotations
 import re
 import shlex
 import tomllib
+from datetime import time as dt_time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -87,6 +88,10 @@ class Server(_Strict):
     # The maintenance database and role used for provisioning and restores (superuser or CREATEDB).
     admin_dsn: str | None = None
     pg_bin: str = "/usr/lib/postgresql/15/bin"
+    # The client programs (pg_dump, pg_restore, pg_dumpall, psql, createdb, dropdb) backups,
+    # restore tests and restores run, at least as new as the server. Unset: the newest found on
+    # the server, in pg_bin and /usr/lib/postgresql/*/bin (core.backups.client).
+    client_bin: str | None = None
     data_path: str = "/var/lib/postgresql/15/main"
     wal_path: str | None = None
     backup_path: str = "/var/backups/postgresql"
@@ -177,7 +182,17 @@ DEFAULT_THRESHOLDS: dict[str, dict[str, Any]] = {
     "query_time": {"warn": "2m", "crit": "5m"},
     "locks": {"warn": 100, "crit": 150},
     "prepared_txns": {"warn": 1, "crit": 30},  # seconds, as check_postgres
+    # check_postgres's replication_slots and checkpoint need thresholds given; ours: WAL a slot
+    # retains (crit at the default max_wal_size, what the server itself would keep), and the
+    # last checkpoint's age (over twice a checkpoint_timeout of 30 minutes and its completion).
+    "replication_slots": {"warn": "100MB", "crit": "1GB"},
+    "checkpoint": {"warn": "1h", "crit": "2h"},
+    # Time left before the major's end of life (ours): warn its last 6 months, crit past it.
+    "version": {"warn": "182d", "crit": "0d"},
     "disk_space": {"warn": "90%", "crit": "95%"},
+    # Days until the data or backup path is full at its recent growth (ours): a number of days
+    # or a time with its unit ("30d", "4w"), read by core.health.runway.parse_days.
+    "disk_runway": {"warn": "30d", "crit": "7d"},
     "hitratio": {"warn": "90%", "crit": "80%"},
     "database_size": {"warn": "10G", "crit": "20G"},
     "last_vacuum": {"warn": "1d", "crit": "2d"},
@@ -211,8 +226,24 @@ class Escalation(_Strict):
 
 
 class Backups(_Strict):
+    """``[backups]``: the dumps' retention, and for servers that archive their WAL with
+    pgBackRest (``pgbackrest_config``) the nightly base backups and the dead-man's switch::
+
+        [backups]
+        keep_daily = 7           # pg_dump: one a day for a week
+        keep_weekly = 4          # and one a week for four more
+        full_backup_day = "sun"  # pgBackRest: a full backup on this day (UTC), differential else
+        retention_full = 2       # --repo1-retention-full: full backups kept (WAL back to them)
+        retention_diff = 7       # --repo1-retention-diff: differential backups kept
+        deadline = "06:00"       # the nightly run reports success by then (TIMEZONE), else P1
+    """
+
     keep_daily: int = Field(7, ge=1)
     keep_weekly: int = Field(4, ge=0)
+    full_backup_day: Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"] = "sun"
+    retention_full: int = Field(2, ge=1, le=9999999)
+    retention_diff: int = Field(7, ge=1, le=9999999)
+    deadline: dt_time = dt_time(6, 0)
 
 
 _EMAIL_ADDRESS = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")

@@ -46,18 +46,11 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from core.backups import (
-    HEADROOM_FRACTION,
-    HEADROOM_MAX_BYTES,
-    read_free_space,
-    run_sql,
-    script_error,
-    sql_json,
-    stamp_of,
-    write_backup,
-)
+from core.backups.common import HEADROOM_FRACTION, HEADROOM_MAX_BYTES, stamp_of
+from core.backups.dump import read_free_space, write_backup
+from core.backups.server import run_sql, script_error, sql_json
 from core.errors import DbopsError
 from core.fleet import Server
 from core.names import validate_name, validate_server_name
@@ -250,12 +243,18 @@ def window_of(info: StanzaInfo, latest: datetime | None, now: datetime) -> Recov
 
 
 def recovery_window(
-    runner: Runner, server: Server, *, now: datetime | None = None
+    runner: Runner,
+    server: Server,
+    *,
+    now: datetime | None = None,
+    timeout: float = INFO_TIMEOUT_S,
 ) -> RecoveryWindow | None:
     """The server's recovery window (see the module's docstring): what every customer
-    database on it can be restored to. None when the stanza has no backup or archive yet."""
-    info = read_info(runner, server)
-    return window_of(info, newest_wal_time(runner, server, info), now or _utcnow())
+    database on it can be restored to. None when the stanza has no backup or archive yet.
+    ``timeout``: for each of the two pgBackRest commands."""
+    info = read_info(runner, server, timeout=timeout)
+    latest = newest_wal_time(runner, server, info, timeout=timeout)
+    return window_of(info, latest, now or _utcnow())
 
 
 # --- the archiving check ----------------------------------------------------------------------
@@ -743,6 +742,63 @@ def _log_tail(runner: Runner, path: str) -> str:
     return ""
 
 
+def _scratch_up(
+    runner: Runner,
+    server: Server,
+    scratch: str,
+    port: int,
+    options: list[str],
+    deadline: float,
+    *,
+    db_include: str | None,
+    reached: str,
+) -> None:
+    """Into the scratch directory (made): ``pgbackrest restore`` with ``options`` (the set and
+    the recovery target), the scratch instance's own settings, then started and waited for
+    until its recovery has reached the target and promoted. ``db_include``: only that database
+    (and the system ones) when the backup has it, else the whole cluster (a database made after
+    the backup is made again by the WAL replay)."""
+    data, sock = f"{scratch}/data", f"{scratch}/run"
+    bin_dir = server.pg_bin.rstrip("/")
+    common = [
+        f"--pg1-path={data}",
+        *options,
+        "--target-action=promote",
+        "--archive-mode=off",
+        f"--tablespace-map-all={scratch}/tablespaces",
+        "--log-level-console=warn",
+    ]
+    included = [f"--db-include={db_include}"] if db_include else []
+    restored = runner.run(
+        pgbackrest_argv(server, *common, *included, "restore"),
+        timeout=_left(deadline, "pgbackrest restore"),
+    )
+    if included and restored.exit_code == 80 and "database to include" in restored.stderr:
+        restored = runner.run(
+            pgbackrest_argv(server, *common, "restore"),
+            timeout=_left(deadline, "pgbackrest restore"),
+        )
+    if not restored.ok:
+        raise script_error(restored, "pgbackrest restore")
+    runner.run(["bash", "-c", _CONFIGURE_SCRIPT, "dbops-pitr-conf", data, sock, str(port)]).check()
+    log_path = f"{scratch}/postgresql.log"
+    wait_s = max(1, int(_left(deadline, "starting the scratch instance")))
+    started = runner.run(
+        [f"{bin_dir}/pg_ctl", "-D", data, "-l", log_path, "-w", "-t", str(wait_s), "start"],
+        timeout=wait_s + 10,
+    )
+    if started.ok:
+        wait_s = max(1, int(_left(deadline, "the recovery")))
+        started = runner.run(
+            ["bash", "-c", _WAIT_SCRIPT, "dbops-pitr-wait", data, sock, str(port), bin_dir,
+             str(wait_s)],
+            timeout=wait_s + 10,
+        )  # fmt: skip
+    if not started.ok:
+        said = _log_tail(runner, log_path) or started.stderr.strip()[-200:]
+        raise DbopsError(f"the scratch instance on {server.name} did not {reached}: {said}")
+
+
 def restore_to_time(
     runner: Runner,
     server: Server,
@@ -770,61 +826,29 @@ def restore_to_time(
     if archive_first:
         archive_now(runner, server, timeout=min(ARCHIVE_WAIT_S, _left(deadline, "archiving")))
         steps.append("archived")
-    bin_dir = server.pg_bin.rstrip("/")
     scratch = f"{plan.scratch_root.rstrip('/')}/{SCRATCH_PREFIX}{secrets.token_hex(4)}"
-    data, sock = f"{scratch}/data", f"{scratch}/run"
     port = 20000 + secrets.randbelow(10000)  # names the socket; nothing listens on TCP
+    sock = f"{scratch}/run"
     made = False
     try:
         runner.run(["bash", "-c", _MKDIR_SCRIPT, "dbops-pitr-mkdir", scratch]).check()
         made = True
         options = [
-            f"--pg1-path={data}",
             f"--set={plan.backup.label}",
             "--type=time",
             f"--target={plan.target.isoformat(sep=' ')}",
-            "--target-action=promote",
-            "--archive-mode=off",
-            f"--tablespace-map-all={scratch}/tablespaces",
-            "--log-level-console=warn",
         ]
-        # Only the customer's database (and the system ones) when the backup has it; a
-        # database made after the backup is made again by the WAL replay, so then the whole
-        # cluster is restored (into the private scratch directory, removed afterwards).
-        restored = runner.run(
-            pgbackrest_argv(server, *options, f"--db-include={plan.database}", "restore"),
-            timeout=_left(deadline, "pgbackrest restore"),
+        _scratch_up(
+            runner,
+            server,
+            scratch,
+            port,
+            options,
+            deadline,
+            db_include=plan.database,
+            reached=f"recover to {_iso(plan.target)}",
         )
-        if restored.exit_code == 80 and "database to include" in restored.stderr:
-            restored = runner.run(
-                pgbackrest_argv(server, *options, "restore"),
-                timeout=_left(deadline, "pgbackrest restore"),
-            )
-        if not restored.ok:
-            raise script_error(restored, "pgbackrest restore")
         steps.append("restored")
-        runner.run(
-            ["bash", "-c", _CONFIGURE_SCRIPT, "dbops-pitr-conf", data, sock, str(port)]
-        ).check()
-        log_path = f"{scratch}/postgresql.log"
-        wait_s = max(1, int(_left(deadline, "starting the scratch instance")))
-        started = runner.run(
-            [f"{bin_dir}/pg_ctl", "-D", data, "-l", log_path, "-w", "-t", str(wait_s), "start"],
-            timeout=wait_s + 10,
-        )
-        if started.ok:
-            wait_s = max(1, int(_left(deadline, "the recovery")))
-            started = runner.run(
-                ["bash", "-c", _WAIT_SCRIPT, "dbops-pitr-wait", data, sock, str(port), bin_dir,
-                 str(wait_s)],
-                timeout=wait_s + 10,
-            )  # fmt: skip
-        if not started.ok:
-            said = _log_tail(runner, log_path) or started.stderr.strip()[-200:]
-            raise DbopsError(
-                f"the scratch instance on {server.name} did not recover to "
-                f"{_iso(plan.target)}: {said}"
-            )
         steps.append("recovered")
         _left(deadline, "the dump")
         # The dump as the customer's own role, into the scratch instance's socket.
@@ -834,7 +858,14 @@ def restore_to_time(
                 "dsn": make_conninfo(host=sock, port=str(port), user=role, dbname=database),
             }
         )
-        written = write_backup(runner, scratch_server, customer, database, now=plan.target)
+        written = write_backup(
+            runner,
+            scratch_server,
+            customer,
+            database,
+            now=plan.target,
+            extra={"source": "pitr", "target": _iso(plan.target)},
+        )
         steps.append("dumped")
     except BaseException:
         # Whatever stopped it (a failure, the deadline, an interrupt): the scratch instance
@@ -863,6 +894,148 @@ def restore_to_time(
     )
 
 
+# --- the nightly base backup and the weekly restore test ------------------------------------------
+
+BACKUP_TIMEOUT_S = 6 * 3600.0
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def backup_type(now: datetime, full_day: str) -> Literal["full", "diff"]:
+    """The nightly base backup's type: full on ``full_day`` (of ``now``, UTC), else diff
+    (which pgBackRest makes a full one itself while the stanza has none)."""
+    return "full" if WEEKDAYS[now.astimezone(UTC).weekday()] == full_day else "diff"
+
+
+def base_backup(
+    runner: Runner,
+    server: Server,
+    *,
+    type: Literal["full", "diff"],
+    retention_full: int,
+    retention_diff: int,
+    timeout: float = BACKUP_TIMEOUT_S,
+) -> BaseBackup:
+    """``pgbackrest backup`` of the server's cluster into its stanza's repository, with the
+    fleet's retention (pgBackRest expires older sets and their WAL after it); returns the new
+    set as ``pgbackrest info`` lists it."""
+    argv = pgbackrest_argv(
+        server,
+        f"--type={type}",
+        f"--repo1-retention-full={int(retention_full)}",
+        f"--repo1-retention-diff={int(retention_diff)}",
+        "--log-level-console=warn",
+        "backup",
+    )
+    result = runner.run(argv, timeout=timeout)
+    if not result.ok:
+        raise script_error(result, "pgbackrest backup")
+    info = read_info(runner, server)
+    if not info.backups:
+        raise DbopsError(f"pgbackrest backup on {server.name} ended, but info lists no backup.")
+    return info.backups[-1]
+
+
+@dataclass(frozen=True)
+class PhysicalTest:
+    """One restore test of a server's newest base backup: restored into a scratch instance,
+    started (recovered to the end of the backup), a query run in it, removed."""
+
+    server: str
+    backup: str | None  # the set's label
+    ok: bool
+    detail: str
+    databases: int = 0  # what the query found
+    duration_s: float = 0.0
+
+
+# The query a restore test runs in the scratch instance: catalogs only (nothing a customer
+# wrote runs), in the postgres database, as the cluster's admin role over its private socket.
+_TEST_SQL = (
+    "SELECT pg_catalog.count(*) FROM pg_catalog.pg_database"
+    " WHERE datname OPERATOR(pg_catalog.<>) 'template0'"
+)
+
+
+def physical_test(
+    runner: Runner, server: Server, *, deadline_s: float = RESTORE_DEADLINE_S
+) -> PhysicalTest:
+    """Restore the newest backup set of the server's stanza into a scratch instance
+    (``--type=immediate``: recovered to the end of the backup, then promoted), start it, count
+    its databases, remove it. The scratch instance is gone when this returns or raises; a
+    failure is a result (``ok`` False), not an exception, except when nothing could be read."""
+    t0 = time.monotonic()
+    deadline = t0 + deadline_s
+    info = read_info(runner, server)
+    if not info.backups:
+        return PhysicalTest(server.name, None, False, "no base backup in the repository to test")
+    backup = info.backups[-1]
+    root = scratch_root(server)
+    total, free = read_free_space(runner, server, root)
+    need = backup.size_bytes + min(int(total * HEADROOM_FRACTION), HEADROOM_MAX_BYTES)
+    if free < need:
+        return PhysicalTest(
+            server.name,
+            backup.label,
+            False,
+            f"not enough disk for a restore test of {backup.label}: needs ~{pretty_bytes(need)}, "
+            f"{pretty_bytes(free)} free at {root}",
+        )
+    scratch = f"{root.rstrip('/')}/{SCRATCH_PREFIX}{secrets.token_hex(4)}"
+    port = 20000 + secrets.randbelow(10000)
+    made = False
+    try:
+        runner.run(["bash", "-c", _MKDIR_SCRIPT, "dbops-pitr-mkdir", scratch]).check()
+        made = True
+        _scratch_up(
+            runner,
+            server,
+            scratch,
+            port,
+            [f"--set={backup.label}", "--type=immediate"],
+            deadline,
+            db_include=None,
+            reached=f"start from {backup.label}",
+        )
+        user = conninfo_to_dict(server.admin_dsn or server.dsn).get("user") or "postgres"
+        conninfo = make_conninfo(
+            host=f"{scratch}/run", port=str(port), user=user, dbname="postgres"
+        )
+        psql = [f"{server.pg_bin.rstrip('/')}/psql", "-X", "-q", "-A", "-t", "-v",
+                "ON_ERROR_STOP=1", "-d", conninfo, "-c", _TEST_SQL]  # fmt: skip
+        answer = runner.run(psql, timeout=_left(deadline, "the query"))
+        if not answer.ok or not answer.stdout.strip().isdigit():
+            raise DbopsError(f"the restored instance did not answer: {answer.stderr.strip()[:200]}")
+        count = int(answer.stdout.strip())
+    except DbopsError as exc:
+        if made:
+            _quiet_cleanup(runner, server, scratch)
+        return PhysicalTest(
+            server.name, backup.label, False, exc.message[:300], 0, time.monotonic() - t0
+        )
+    except BaseException:
+        if made:
+            _quiet_cleanup(runner, server, scratch)
+        raise
+    cleanup(runner, server, scratch)
+    took = time.monotonic() - t0
+    return PhysicalTest(
+        server.name,
+        backup.label,
+        True,
+        f"{backup.label} ({backup.type}, ended {_iso(backup.stop)}) restored and started in "
+        f"{took:.1f}s: {count} databases",
+        count,
+        took,
+    )
+
+
+def _quiet_cleanup(runner: Runner, server: Server, scratch: str) -> None:
+    try:
+        cleanup(runner, server, scratch)
+    except Exception:
+        log.exception("removing the scratch instance %s on %s", scratch, server.name)
+
+
 def cleanup(runner: Runner, server: Server, scratch: str) -> None:
     """Stop and remove a scratch instance (its directory must be one of ours)."""
     if not scratch.rpartition("/")[2].startswith(SCRATCH_PREFIX):
@@ -877,6 +1050,7 @@ __all__ = [
     "ARCHIVER_SQL",
     "ArchivingVerdict",
     "BaseBackup",
+    "PhysicalTest",
     "PitrDump",
     "RecoveryWindow",
     "Refused",
@@ -884,10 +1058,13 @@ __all__ = [
     "StanzaInfo",
     "archive_now",
     "archiving_verdict",
+    "backup_type",
+    "base_backup",
     "cleanup",
     "decide",
     "parse_info",
     "parse_target",
+    "physical_test",
     "plan_restore",
     "read_archiver",
     "read_info",

@@ -52,7 +52,7 @@ from core import email as mail
 from core.backups import Backups, run_sql, script_error, sql_json
 from core.customers import Customer, get_customer, list_customers, upsert_customers
 from core.errors import DbopsError, NotFound
-from core.fleet import Fleet, Plan, Server
+from core.fleet import APP_NAME, Fleet, Plan, Server
 from core.names import (
     CHOOSE_ANOTHER,
     NAME_RE,
@@ -1189,7 +1189,7 @@ class Provisioner(FleetAccess):
             user=customer,
             password=password,
             connect_timeout="5",
-            application_name="dbops-provision",
+            application_name=APP_NAME,
             **keep,
         )
         try:

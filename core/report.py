@@ -6,6 +6,11 @@ responding", "15/15 customer databases online", ...). ``customer_status`` is the
 customer's database and server, fast enough for a slash command.
 
 Numbers stay integers (bytes, milliseconds, seconds, percent); times are ISO 8601 in UTC.
+
+Given a ``core.capacity.Trends`` (the measurement history), each server carries the
+``disk_runway`` check and ``runway``: ``{days, verdict, detail, full_at, paths[]}``, the
+check's own figures (core.health.runway.runway_json); ``runway`` is null without one. The
+report made with ``record=True`` (the health sweep's) keeps its measurements in the history.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from zoneinfo import ZoneInfo
 from jinja2 import FileSystemLoader, StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
+from core.capacity import Trends
 from core.customers import Customer
 from core.fleet import Fleet
 from core.health import (
@@ -33,6 +39,7 @@ from core.health import (
     log_warnings,
     worst,
 )
+from core.health.runway import runway_json
 from core.remote import Runner
 from core.units import pretty_age, pretty_bytes
 
@@ -55,6 +62,7 @@ def server_json(health: ServerHealth) -> dict[str, Any]:
         "reachable": health.reachable,
         "postgres": health.postgres,
         "checks": _checks(health.checks),
+        "runway": runway_json(health.check("disk_runway"), health.runways),
     }
 
 
@@ -66,7 +74,23 @@ def database_json(db: DatabaseHealth) -> dict[str, Any]:
         "online": db.online,
         "size_bytes": db.size_bytes,
         "last_backup_at": iso(db.last_backup_at),
+        "recovery": dict(db.recovery) if db.recovery is not None else None,
         "checks": _checks(db.checks),
+    }
+
+
+def worst_rpo(databases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The worst recovery point across the fleet: the largest ``rpo_seconds`` of any database
+    (its server's), and how many databases have no recovery window at all (no archiving, or
+    none yet: a lost server would cost them everything since their last dump)."""
+    covered = [d for d in databases if d.get("recovery")]
+    worst = max(covered, key=lambda d: d["recovery"]["rpo_seconds"], default=None)
+    return {
+        "rpo_seconds": worst["recovery"]["rpo_seconds"] if worst else None,
+        "server": worst["server"] if worst else None,
+        "latest": worst["recovery"]["latest"] if worst else None,
+        "databases": len(covered),
+        "without_recovery": len(databases) - len(covered),
     }
 
 
@@ -111,9 +135,12 @@ def _incident(item: Any) -> dict[str, Any]:
 
 
 def summarize(
-    servers: Sequence[dict[str, Any]], databases: Sequence[dict[str, Any]]
+    servers: Sequence[dict[str, Any]],
+    databases: Sequence[dict[str, Any]],
+    checks: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    verdicts = [c["verdict"] for s in servers for c in s["checks"]]
+    verdicts = [c["verdict"] for c in checks]
+    verdicts += [c["verdict"] for s in servers for c in s["checks"]]
     verdicts += [c["verdict"] for d in databases for c in d["checks"]]
     backups_ok = sum(
         1
@@ -139,30 +166,48 @@ def build_report(
     open_incidents: Iterable[Any] = (),
     now: datetime | None = None,
     log_window: timedelta | None = timedelta(hours=24),
+    fleet_checks: Sequence[Check] = (),
+    trends: Trends | None = None,
+    record: bool = False,
 ) -> dict[str, Any]:
     """DESIGN.md's Report JSON for the whole fleet, back within ``deadline_s``.
 
     ``runners``: a mapping of server name to Runner, or a core.remote.RunnerPool. A server that
     does not answer in time is ``crit`` on its own; the rest of the report is unaffected.
     ``log_window``: how far back the PostgreSQL log is read (the night, for the morning report).
+    ``fleet_checks``: checks of the fleet as a whole (``backup_run``), the report's ``checks``.
+    ``worst_rpo``: see :func:`worst_rpo`.
+    ``trends``: the measurement history: each server's ``disk_runway`` check and ``runway``;
+    with ``record``, this sweep's figures are kept in it (at ``now``, the sweep's start).
     """
     started = time.monotonic()
     now = now or datetime.now(UTC)
     people = sorted(customers, key=lambda c: c.name)
     healths = check_fleet(
-        fleet, people, runners, deadline_s=deadline_s, now=now, log_window=log_window
+        fleet,
+        people,
+        runners,
+        deadline_s=deadline_s,
+        now=now,
+        log_window=log_window,
+        runways=trends.runways if trends is not None else None,
     )
+    if trends is not None and record:
+        trends.record(fleet, healths, now)  # never raises: a failure is logged and counted
     known = {s.name for s in fleet.servers}
     dbs = [db for h in healths for db in h.databases]
     dbs += [_orphan(c) for c in people if c.server not in known]
     servers = [server_json(h) for h in healths]
     databases = [database_json(d) for d in sorted(dbs, key=lambda d: d.customer)]
+    checks = _checks(fleet_checks)
     return {
         "generated_at": iso(now),
         "duration_ms": int((time.monotonic() - started) * 1000),
+        "checks": checks,
         "servers": servers,
         "databases": databases,
-        "summary": summarize(servers, databases),
+        "worst_rpo": worst_rpo(databases),
+        "summary": summarize(servers, databases, checks),
         "open_incidents": [_incident(i) for i in open_incidents],
     }
 
@@ -190,9 +235,11 @@ def customer_status(
     *,
     deadline_s: float = 2.5,
     now: datetime | None = None,
+    trends: Trends | None = None,
 ) -> dict[str, Any]:
     """`dbops status acme`: the customer's database entry, its server's entry, connections now
-    and the server's disk; back within ``deadline_s`` (a slash command has 3 seconds)."""
+    and the server's disk; back within ``deadline_s`` (a slash command has 3 seconds).
+    ``trends``: the server's ``disk_runway`` check and ``runway`` from the history."""
     started = time.monotonic()
     now = now or datetime.now(UTC)
     server = fleet.server(customer.server)
@@ -205,6 +252,7 @@ def customer_status(
         servers=[server.name],
         now=now,
         log_window=timedelta(hours=1),
+        runways=trends.runways if trends is not None else None,
     )
     db = health.databases[0]
     server_entry = server_json(health)
@@ -304,7 +352,22 @@ def text_view(report: Mapping[str, Any], tz: ZoneInfo | None = None) -> dict[str
                 "detail": log["detail"],
             }
         )
+    # Disk runway, where the servers carry one (a report made with the history): its own line.
+    runways = [{"server": s["name"], **s["runway"]} for s in servers if s.get("runway")]
+    filling = sorted((r for r in runways if r["days"] is not None), key=lambda r: r["days"])
+    runway = (
+        {
+            "shortest": filling[0] if filling else None,
+            "known": any(r["verdict"] != "unknown" for r in runways),
+            "why": next((r["detail"] for r in runways if r["verdict"] == "unknown"), ""),
+            "alerts": [r for r in runways if r["verdict"] in ("warn", "crit")],
+        }
+        if runways
+        else None
+    )
     shown = {"connection", "backup_age", "disk_space", "logfile"}
+    if runway is not None:
+        shown.add("disk_runway")
     others = [
         {"where": s["name"], "name": c["name"], "verdict": c["verdict"], "detail": c["detail"]}
         for s in servers
@@ -320,15 +383,23 @@ def text_view(report: Mapping[str, Any], tz: ZoneInfo | None = None) -> dict[str
         if c["verdict"] in ("warn", "crit") and c["name"] not in shown
     ]
     percents = [d["percent"] for d in disks]
+    # Fleet-wide checks (backup_run, the dead-man's switch) that are not ok, first in the list.
+    others[:0] = [
+        {"where": "fleet", "name": c["name"], "verdict": c["verdict"], "detail": c["detail"]}
+        for c in report.get("checks", [])
+        if c["verdict"] in ("warn", "crit")
+    ]
     return {
         "when": _local(report.get("generated_at"), tz),
         "summary": report["summary"],
         "down": down,
         "offline": offline,
         "bad_backups": bad_backups,
+        "worst_rpo": report.get("worst_rpo"),
         "disk_low": min(percents) if percents else None,
         "disk_high": max(percents) if percents else None,
         "disk_alerts": [d for d in disks if d["verdict"] != "ok"],
+        "runway": runway,
         "logs": logs,
         "log_errors": sum(entry["count"] or 0 for entry in logs),
         "log_warnings": sum(entry["warnings"] for entry in logs),
@@ -360,6 +431,8 @@ def render_status_text(status: Mapping[str, Any], tz: ZoneInfo | None = None) ->
             conn=_check(db["checks"], "connection"),
             backup_age=age["value"] if age else None,
             last_backup=_local(db["last_backup_at"], tz) if db["last_backup_at"] else None,
+            recovery_from=_local((db.get("recovery") or {}).get("earliest"), tz),
+            recovery_to=_local((db.get("recovery") or {}).get("latest"), tz),
             problems=problems,
         )
     )

@@ -323,6 +323,14 @@ class History:
         with self.engine.connect() as conn:
             return [str(r[0]) for r in conn.execute(query)]
 
+    def newest(self, kind: Kind, tier: int) -> datetime | None:
+        """The time of the newest row of a tier, any series (one index look-up): what changes
+        when a compaction has rolled a bucket up."""
+        cols = TABLES[kind].model.__table__.c  # type: ignore[attr-defined]
+        with self.engine.connect() as conn:
+            at = conn.execute(select(func.max(cols.at)).where(cols.tier == tier)).scalar()
+        return None if at is None else from_epoch(int(at))
+
     def counts(self) -> dict[str, int]:
         """Rows per table and tier ("history_databases/hour": 1440), for tests and the bench."""
         out: dict[str, int] = {}

@@ -3,7 +3,7 @@ tests/test_charts.py record into the history, and the samples they expect back."
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -47,9 +47,11 @@ def simulate(
     customers: int = 3,
     start: datetime = T0,
     on_compact: Callable[[datetime], None] | None = None,
+    names: Sequence[str] = (),
 ) -> Simulation:
     """Sweeps every ``step`` from ``start`` for ``days``, a compact every ``compact_every``
-    sweeps and once more at the end (``now``, the first instant after the last sweep's step)."""
+    sweeps and once more at the end (``now``, the first instant after the last sweep's step).
+    Servers are db1, db2, ... unless ``names`` names them (the first is db1's figures, ...)."""
     now = start + timedelta(days=days)
     sim = Simulation(now, step)
     count = int(timedelta(days=days) / step)
@@ -58,7 +60,7 @@ def simulate(
         m = Measurements(
             [
                 ServerSample(
-                    f"db{s + 1}",
+                    names[s] if s < len(names) else f"db{s + 1}",
                     data_used(at, now) // (s + 1),
                     100 * GIB,
                     backup_used(at, now),

@@ -81,13 +81,23 @@ def until(probe: Callable[[], Check], verdicts: set[str], timeout: float = 6.0) 
         time.sleep(0.2)
 
 
+def calendar_bound(c: Check) -> bool:
+    """``version`` turns warn in a major's last half year of support whatever the sandbox does
+    (this machine's 15 from May 2027): within 183 days of the end it is not held to ok here,
+    before that it must be ok like the rest. tests/test_health_majors.py pins the dates."""
+    return c.name == "version" and isinstance(c.value, int) and c.value <= 183
+
+
 def all_ok(where: ServerHealth) -> None:
     bad = [
         (c.name, c.verdict, c.detail)
         for c in [*where.checks, *(c for d in where.databases for c in d.checks)]
-        if c.verdict not in ("ok", "unknown") or (c.verdict == "unknown" and c.name not in
-                                                  ("backup_verified",))
-    ]  # fmt: skip
+        if not calendar_bound(c)
+        and (
+            c.verdict not in ("ok", "unknown")
+            or (c.verdict == "unknown" and c.name not in ("backup_verified",))
+        )
+    ]
     assert not bad, bad
     assert where.reachable and where.postgres == "up"
     assert all(d.online for d in where.databases)
@@ -104,7 +114,8 @@ def test_healthy_sandbox_is_all_ok(sweep: Callable[[str], ServerHealth], acme_se
     acme = next(d for d in where.databases if d.customer == "acme")
     assert acme.size_bytes and acme.size_bytes > 1_000_000
     assert acme.last_backup_at is not None
-    assert [c.name for c in where.checks] == list(health.SERVER_CHECKS)
+    # disk_runway reads the measurement history, which this sweep is not given.
+    assert [c.name for c in where.checks] == [n for n in health.SERVER_CHECKS if n != "disk_runway"]
     assert [c.name for c in acme.checks] == list(health.DATABASE_CHECKS)
 
 
@@ -212,7 +223,8 @@ def test_log_and_warning_lines_are_not_errors(
     server = fleet.server(acme_server)
     marker = f"dbops_warn_{time.monotonic_ns()}"
     try:
-        with psycopg.connect(server.dsn, autocommit=True) as conn:
+        # As a customer's application (dbops's own sessions' lines are not the server's).
+        with psycopg.connect(server.dsn, autocommit=True, application_name="shop") as conn:
             conn.execute(
                 f"DO $$ BEGIN RAISE LOG 'checkpoints are occurring too frequently ({marker})';"
                 f" RAISE WARNING '{marker} one'; RAISE WARNING '{marker} two'; END $$"
@@ -307,7 +319,7 @@ LOG = """\
 2026-11-22 06:00:00.000 UTC [1] postgres@postgres psql ERROR:  old news
 2026-11-22 07:59:00.001 UTC [2] postgres@acme psql ERROR:  division by zero
 2026-11-22 07:59:00.002 UTC [2] postgres@acme psql STATEMENT:  SELECT 'ERROR:  not me'
-2026-11-22 07:59:01.000 UTC [3] m@gone dbops-health FATAL:  database "gone" does not exist
+2026-11-22 07:59:01.000 UTC [3] m@gone dbops FATAL:  database "gone" does not exist
 2026-11-22 07:59:02.000 UTC [4] @ LOG:  checkpoints are occurring too frequently (9 seconds apart)
 2026-11-22 07:59:03.000 UTC [5] @ LOG:  checkpoint complete: wrote 3 buffers
 2026-11-22 07:59:04.000 UTC [6] x@y app FATAL:  password authentication failed for user "x"
@@ -325,6 +337,20 @@ def test_log_scan_counts_what_matters_in_the_window() -> None:
         ' failed for user "x" | LOG: checkpoints are occurring too frequently (9 seconds apart)'
     )
     assert health.check_logfile(found, 1, 2).verdict == "crit"
+
+
+def test_log_scan_leaves_out_dbops_by_its_application_name_only() -> None:
+    lines = [
+        "2026-11-22 07:59:01.000 UTC [3] m@acme dbops ERROR:  OWN",
+        "2026-11-22 07:59:01.000 UTC [3] user=m,db=acme,app=dbops ERROR:  OWN, other prefix",
+        "2026-11-22 07:59:02.000 UTC [4] dbops@acme psql ERROR:  a role named dbops",
+        "2026-11-22 07:59:03.000 UTC [5] m@dbops psql ERROR:  a database named dbops",
+        "2026-11-22 07:59:04.000 UTC [6] m@acme dbops-sandbox-fault ERROR:  not ours",
+        "2026-11-22 07:59:05.000 UTC [7] m@acme dbops2 ERROR:  nor this",
+    ]
+    found = health.scan_log("\n".join(lines), since=None)
+    assert found.counts == {"ERROR": 4}
+    assert not any("OWN" in sample for sample in found.samples)
 
 
 QUIET_LOG = """\
@@ -412,7 +438,8 @@ def test_status_lines_keep_only_complete_backups() -> None:
 def test_conninfo_sets_timeouts_and_name_without_losing_options() -> None:
     dsn = "host=h port=5 user=m dbname=postgres options='-c search_path=x'"
     info = health.health_conninfo(dsn, health.Limits(), dbname="acme")
-    assert "dbname=acme" in info and "application_name=dbops-health" in info
+    assert "dbname=acme" in info
+    assert psycopg.conninfo.conninfo_to_dict(info)["application_name"] == "dbops"
     assert "search_path=x" in info and "statement_timeout=5000" in info
     assert "lock_timeout=1000" in info
 

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,18 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from core import pgbins
+from core import health, pgbins
 from core import sandbox as sandbox_mod
-from core.fleet import APP_NAME, load_fleet
+from core.backups import Backups, admin_conninfo
+from core.backups.client import client_for
+from core.customers import Customer, upsert_customers
+from core.errors import DbopsError
+from core.fleet import APP_NAME, load_fleet, parse_fleet
+from core.remote import RunnerPool
+from storage.db import make_engine
+from storage.events import EventLog
+from storage.migrate import upgrade
+from tests import test_health_oracle as oracle_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = [int(v) for v in os.environ.get("PG_VERSIONS", "13 17").split()]
@@ -180,8 +190,206 @@ def test_health_sessions_carry_dbops_application_name(
     statements = [x for x in lines if x["user"] == monitor and x["msg"].startswith("statement:")]
     assert statements, "no statement of the health check was logged"
     names = {x["app"] for x in statements}
-    # core.health names its sessions dbops-health; what connects through the fleet's DSNs as
-    # they are (psql, pg_dump, pg_restore) carries APP_NAME itself.
-    assert all(re.fullmatch(rf"{APP_NAME}(-[a-z]+)?", name) for name in names), names
+    # Every session of dbops says exactly dbops: the health checks' own and whatever connects
+    # through the fleet's DSNs as they are (psql, pg_dump, pg_restore).
+    assert APP_NAME == "dbops" and names == {"dbops"}, names
     assert conninfo_to_dict(server.dsn)["application_name"] == APP_NAME
     assert conninfo_to_dict(server.admin_dsn or "")["application_name"] == APP_NAME
+
+
+# --- checks, check_postgres, backups and the log on every major -------------------------------
+# The majors of PG_VERSIONS in their own sandboxes, and the machine's 15 in the session's
+# sandbox (acme on vps1 there too) unless PG_VERSIONS has 15 itself.
+CHECKED = sorted({*VERSIONS, 15})
+ORACLE_ACTIONS = [
+    ("connection", "postgres"), ("connection", "acme"), ("backends", "postgres"),
+    ("txn_idle", "postgres"), ("locks", "postgres"), ("prepared_txns", "postgres"),
+    ("last_vacuum", "acme"), ("replication_slots", "postgres"),
+]  # fmt: skip
+SLOT_LIMITS = ("100MB", "1GB")  # the fleet's defaults for replication_slots, given to both
+
+
+class Target:
+    """Where one major's checks, backups and log are: its server, the fleet with the oracle's
+    thresholds, the server's own port, and where its log stood when these tests began."""
+
+    def __init__(self, version: int, state: dict[str, Any]) -> None:
+        fleet = load_fleet(state["fleet"])
+        data = fleet.model_dump(exclude={"base_dir"})
+        data["thresholds"] = {
+            name: {"warn": pair[0], "crit": pair[1]}
+            for name, pair in {**oracle_mod.THRESHOLDS, "replication_slots": SLOT_LIMITS}.items()
+            if pair is not None
+        }
+        self.version = version
+        self.state = state
+        self.fleet = parse_fleet(data, base_dir=fleet.base_dir)
+        self.server = self.fleet.server("vps1")
+        self.port = int(next(s["port"] for s in state["servers"] if s["name"] == "vps1"))
+        self.log = Path(self.server.log_path)
+        self.log_from = self.log.stat().st_size if version not in VERSIONS else 0
+
+    def admin(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.server.admin_dsn or "", autocommit=True)
+
+
+@pytest.fixture(scope="module")
+def targets(majors: dict[int, Major], request: pytest.FixtureRequest) -> dict[int, Target]:
+    found = {v: Target(v, m.state) for v, m in majors.items()}
+    if 15 not in found:
+        found[15] = Target(15, request.getfixturevalue("sandbox"))
+    return found
+
+
+def _ours(target: Target, action: str, dbname: str) -> health.Check:
+    if action == "connection" and dbname != "postgres":
+        probe = health.probe_database(target.server, dbname, health.Limits())
+        return health.check_database_connection(probe)
+    if action == "last_vacuum":
+        probe = health.probe_database(target.server, dbname, health.Limits())
+        db = health.fetch_cluster(target.server, health.Limits()).databases.get(dbname)
+        vac = health.with_cluster_stats(probe.vacuum, db)
+        limits = oracle_mod.THRESHOLDS["last_vacuum"] or ("", "")
+        return health.check_last_vacuum(vac, *limits, error=probe.vacuum_error or probe.error)
+    return next(c for c in health.check_cluster(target.server, target.fleet) if c.name == action)
+
+
+def _eol_verdict(version: int, today: date) -> str:
+    """What the version check must say, from the project's dates (the fleet's 182d/0d)."""
+    eol = health.END_OF_LIFE[version]
+    return "crit" if today > eol else "warn" if (eol - today).days < 182 else "ok"
+
+
+@pytest.mark.parametrize("version", CHECKED)
+def test_every_check_has_a_verdict_and_check_postgres_agrees(
+    targets: dict[int, Target], version: int
+) -> None:
+    target = targets[version]
+    checks = {c.name: c for c in health.check_cluster(target.server, target.fleet)}
+    assert set(checks) == {"connection", *(s.name for s in health.CLUSTER_CHECKS)}
+    assert {c.verdict for c in checks.values()} <= VERDICTS
+    assert all(c.verdict != "unknown" for c in checks.values()), checks
+    assert checks["replication_slots"].detail.startswith("no replication slots")
+    assert "ago" in checks["checkpoint"].detail, checks["checkpoint"]
+    source = "pg_stat_checkpointer" if version >= 17 else "pg_stat_bgwriter"
+    assert source in checks["checkpoint"].detail or "no WAL" in checks["checkpoint"].detail
+    version_check = checks["version"]
+    assert version_check.verdict == _eol_verdict(version, datetime.now(UTC).date())
+    assert f"PostgreSQL {version}." in version_check.detail, version_check
+    for action, dbname in ORACLE_ACTIONS:
+        mine = _ours(target, action, dbname)
+        limits = SLOT_LIMITS if action == "replication_slots" else None
+        theirs, said = oracle_mod.oracle(target.port, action, dbname, limits)
+        assert mine.verdict == theirs, f"{version} {action} on {dbname}: {mine}; {said}"
+
+
+def _wal_switches(conn: psycopg.Connection[Any], count: int) -> None:
+    """``count`` WAL segments: a row, then a switch to the next segment, each time."""
+    conn.execute("CREATE TABLE IF NOT EXISTS public.dbops_wal_filler (n int)")
+    for n in range(count):
+        conn.execute("INSERT INTO public.dbops_wal_filler VALUES (%s)", (n,))
+        conn.execute("SELECT pg_switch_wal()")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_replication_slot_retaining_wal_then_lost(targets: dict[int, Target], version: int) -> None:
+    target = targets[version]
+    slot = "dbops_test_slot"
+
+    def check() -> health.Check:
+        got = health.check_cluster(target.server, target.fleet)
+        return next(c for c in got if c.name == "replication_slots")
+
+    with target.admin() as conn:
+        conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+        try:
+            _wal_switches(conn, 13)  # 13 segments of 16 MB: about 208 MB held by the slot
+            got = check()
+            row = conn.execute(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint"
+                " FROM pg_replication_slots WHERE slot_name = %s",
+                (slot,),
+            ).fetchone()
+            assert row is not None
+            assert got.verdict == "warn", got
+            assert isinstance(got.value, int) and abs(got.value - row[0]) <= 0.05 * row[0], got
+            assert 190 * 2**20 <= got.value <= 240 * 2**20, got
+            assert "inactive: dbops_test_slot" in got.detail
+            assert "max_slot_wal_keep_size = -1" in got.detail
+            theirs, said = oracle_mod.oracle(target.port, "replication_slots", limits=SLOT_LIMITS)
+            assert theirs == "warn", said
+            # A small max_slot_wal_keep_size: the next checkpoint removes the WAL it held.
+            conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '32MB'")
+            conn.execute("SELECT pg_reload_conf()")
+            deadline = time.monotonic() + 60
+            while True:
+                _wal_switches(conn, 1)
+                conn.execute("CHECKPOINT")
+                got = check()
+                if got.verdict == "crit" or time.monotonic() > deadline:
+                    break
+            assert got.verdict == "crit" and "lost" in got.detail, got
+            assert got.value == 0  # a lost slot has no restart_lsn: it holds nothing now
+        finally:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            conn.execute("DROP TABLE IF EXISTS public.dbops_wal_filler")
+            conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            conn.execute("SELECT pg_reload_conf()")
+
+
+@pytest.mark.parametrize("version", CHECKED)
+def test_backup_and_restore_test_with_a_client_as_new_as_the_server(
+    targets: dict[int, Target], version: int, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    target = targets[version]
+    if version not in VERSIONS:
+        request.getfixturevalue("sandbox_backups_kept")  # the session's sandbox, as it was
+    engine = make_engine(f"sqlite:///{tmp_path / 'dbops.db'}")
+    upgrade(engine)
+    acme = next(c for c in target.state["customers"] if c["name"] == "acme")
+    upsert_customers(engine, [Customer("acme", "vps1", acme["database"], acme["role"], "small")])
+    events = EventLog(engine)
+    with RunnerPool(target.fleet) as pool:
+        backups = Backups(engine, events, target.fleet, pool)
+        info = backups.take_backup("acme", "alice")
+        status = json.loads((Path(info.path) / "status").read_text())
+        client = re.fullmatch(r"pg_dump (\d+)\.\d+", status["client"])
+        assert client is not None and int(client.group(1)) >= version, status
+        assert status["server_version"].startswith(f"{version}."), status
+        outcome = backups.verify("acme", info.stamp, actor="alice")
+        assert outcome.verification.verdict == "ok", outcome.verification
+        if version > 15:
+            # The old failure: Debian's pg_dump 15 refuses the newer server outright, and a
+            # fleet that pins it gets that said before anything is written.
+            pinned = target.server.model_copy(update={"client_bin": "/usr/lib/postgresql/15/bin"})
+            debian = subprocess.run(
+                ["/usr/lib/postgresql/15/bin/pg_dump", "-d", admin_conninfo(pinned, "acme")],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert debian.returncode != 0 and "server version mismatch" in debian.stderr
+            with pytest.raises(DbopsError, match="older than its PostgreSQL"):
+                client_for(pool.get("vps1"), pinned, fresh=True)
+    engine.dispose()
+
+
+@pytest.mark.parametrize("version", CHECKED)
+def test_no_error_of_dbops_in_the_server_log(targets: dict[int, Target], version: int) -> None:
+    """Last in the file: everything above, and the sandbox's own life (up, its first backups),
+    left no ERROR, FATAL or PANIC line of a session named dbops in the server's log."""
+    target = targets[version]
+    # A line of our own first, through the fleet's DSN as it is: the log names dbops sessions.
+    with psycopg.connect(target.server.dsn, autocommit=True) as conn:
+        conn.execute("DO $$BEGIN RAISE LOG 'dbops-pgv-marker'; END$$")
+    deadline = time.monotonic() + 10
+    while True:
+        with target.log.open("rb") as f:
+            f.seek(target.log_from)
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        parsed = [m.groupdict() for m in map(_LOG_LINE.match, lines) if m]
+        ours = [x for x in parsed if x["app"] == APP_NAME]
+        if any(x["msg"] == "dbops-pgv-marker" for x in ours):
+            break
+        assert time.monotonic() < deadline, "the marker never reached the log as dbops's"
+        time.sleep(0.1)
+    errors = [x for x in ours if x["level"] in ("ERROR", "FATAL", "PANIC")]
+    assert errors == [], errors[:5]

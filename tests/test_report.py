@@ -29,8 +29,10 @@ from core.report import (
 )
 
 UTC_ZONE = ZoneInfo("UTC")
-REPORT_KEYS = {"generated_at", "duration_ms", "servers", "databases", "summary", "open_incidents"}
-SERVER_KEYS = {"name", "reachable", "postgres", "checks"}
+REPORT_KEYS = {"generated_at", "duration_ms", "servers", "databases", "summary", "open_incidents",
+               "checks", "worst_rpo"}  # fmt: skip
+# runway: null here (no measurement history given; tests/test_capacity_sweep.py has one).
+SERVER_KEYS = {"name", "reachable", "postgres", "checks", "runway"}
 DATABASE_KEYS = {
     "customer",
     "server",
@@ -38,6 +40,7 @@ DATABASE_KEYS = {
     "online",
     "size_bytes",
     "last_backup_at",
+    "recovery",
     "checks",
 }
 SUMMARY_KEYS = {"servers_up", "servers_total", "databases_online", "databases_total", "backups_ok",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from psycopg import sql
 
+from core.backups.client import client_for
 from core.backups.common import (
     GLOBALS,
     HEADROOM_FRACTION,
@@ -21,7 +23,6 @@ from core.backups.common import (
 from core.backups.server import (
     _DUMP_SCRIPT,
     _GLOBALS_SCRIPT,
-    _bin,
     _Failed,
     _figures,
     _run_into_new_dir,
@@ -162,9 +163,11 @@ def write_backup(
     database: str | None = None,
     *,
     now: datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Back up one customer database on its server; returns the status plus ``path``,
-    ``tables`` and ``rows``.
+    ``tables`` and ``rows``. ``extra``: more fields for the status file (a point-in-time
+    restore's dump says ``"source": "pitr"`` and its target).
 
     First the free-space check (``check_space``): too little raises NotEnoughSpace before
     anything is written. Then pg_dump -Fc, its sha256, the row counts read back from the dump,
@@ -182,13 +185,23 @@ def write_backup(
     parent = f"{server.backup_path.rstrip('/')}/{customer}"
     name = f"{database}.dump"
 
+    # pg_dump at least as new as the server (core.backups.client); the record says which.
+    client = client_for(runner, server)
+
     def argv(dest: str) -> list[str]:
         return [
             "bash", "-c", _DUMP_SCRIPT, "dbops-backup", dest, f"{dest}/{name}", name,
-            _bin(server, "pg_dump"), _bin(server, "pg_restore"), admin_conninfo(server, database),
+            client.program("pg_dump"), client.program("pg_restore"),
+            admin_conninfo(server, database),
         ]  # fmt: skip
 
-    status: dict[str, Any] = {"customer": customer, "database": database}
+    status: dict[str, Any] = {
+        **(extra or {}),
+        "customer": customer,
+        "database": database,
+        "client": client.label,
+        "server_version": client.server_version,
+    }
     try:
         dest, started, out = _run_into_new_dir(runner, parent, started, argv, "the backup")
     except _Failed as failed:
@@ -235,13 +248,19 @@ def write_globals(runner: Runner, server: Server, *, now: datetime | None = None
     started = (now or utcnow()).astimezone(UTC).replace(microsecond=0)
     parent = f"{server.backup_path.rstrip('/')}/{GLOBALS}"
 
+    client = client_for(runner, server)
+
     def argv(dest: str) -> list[str]:
         return [
             "bash", "-c", _GLOBALS_SCRIPT, "dbops-globals", dest, f"{dest}/globals.sql",
-            _bin(server, "pg_dumpall"), admin_conninfo(server),
+            client.program("pg_dumpall"), admin_conninfo(server),
         ]  # fmt: skip
 
-    status: dict[str, Any] = {"server": server.name}
+    status: dict[str, Any] = {
+        "server": server.name,
+        "client": client.label.replace("pg_dump", "pg_dumpall"),
+        "server_version": client.server_version,
+    }
     try:
         dest, started, out = _run_into_new_dir(runner, parent, started, argv, "the globals dump")
     except _Failed as failed:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
@@ -28,6 +29,9 @@ from core.fleet import Server
 from core.names import validate_name
 from core.remote import Runner
 from storage.spool import RECORD_LATER, caught_up, record
+
+if TYPE_CHECKING:
+    from core.pitr import PitrDump, RestorePlan
 
 log = logging.getLogger("core.backups")
 
@@ -98,6 +102,9 @@ class RestoreResult:
     pgbouncer_reloaded: bool
     # False: the event log was down for some of the restore's events; they are spooled.
     recorded: bool = True
+    # A point-in-time restore: the moment restored to, and core.pitr's PitrDump.as_json().
+    target: datetime | None = None
+    pitr: dict[str, Any] | None = None
 
     @property
     def state(self) -> str:
@@ -117,6 +124,11 @@ class RestoreResult:
             "steps": self.steps,
             "pgbouncer_reloaded": self.pgbouncer_reloaded,
             "recorded": self.recorded,
+            **(
+                {"target": self.target.isoformat(), "pitr": self.pitr}
+                if self.target is not None
+                else {}
+            ),
         }
 
 
@@ -221,6 +233,111 @@ class Backups(BackupService):
         out = runner.run(["df", "-P", "-B1", "--", server.data_path]).check().stdout.splitlines()
         fields = out[-1].split() if len(out) > 1 else []
         return int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else None
+
+    # -- point-in-time restores ---------------------------------------------------------------
+
+    def _target(self, target: datetime | str, timezone: str) -> datetime:
+        from core import pitr  # imported when used: core.pitr imports core.backups' modules
+
+        return pitr.parse_target(target, timezone) if isinstance(target, str) else target
+
+    def restore_to_time_plan(
+        self, customer: str, target: datetime | str, *, timezone: str = "UTC"
+    ) -> RestorePlan:
+        """For the restore modal and the shell, before anything happens: what a restore of the
+        customer's database to ``target`` (``--to``: ISO 8601 with an offset or ``Z``, else in
+        ``timezone``, TIMEZONE) would do (``RestorePlan.lines()``: the target, the window, the
+        base backup, the WAL to replay, the disk needed against the disk free). Reads only.
+        A restore that cannot be done raises ``core.pitr.Refused`` (a DbopsError: its message
+        says why, its hint what to do)."""
+        from core import pitr
+
+        c, server, runner = self._where(customer)
+        when = self._target(target, timezone)
+        return pitr.plan_restore(runner, server, c.database, when, now=self.clock())
+
+    def restore_to_time(
+        self,
+        customer: str,
+        target: datetime | str,
+        typed_name: str,
+        actor: str,
+        *,
+        timezone: str = "UTC",
+    ) -> RestoreResult:
+        """Restore ``customer``'s database as it was at ``target`` (``/db restore acme --to
+        T``), under the ``restore:<customer>`` lock: the plan first (a refusal is a
+        ``restore.refused`` event and a DbopsError saying why and what to do; nothing is
+        changed), then ``core.pitr.restore_to_time`` (the server's backup set restored into a
+        scratch instance recovered to T, the database dumped from it as the customer's own
+        role, the dump kept among the customer's backups with ``"source": "pitr"``, the
+        scratch instance removed), then the safe swap of :meth:`restore` from that dump.
+        ``typed_name`` must be the customer's name exactly. The result's ``target`` and
+        ``pitr`` say where it came from."""
+        validate_name(customer)
+        when = self._target(target, timezone)
+        if typed_name.strip() != customer:
+            record(
+                self.events,
+                "restore.refused",
+                customer,
+                {"reason": "typed name does not match", "target": when.isoformat()},
+                actor=actor,
+            )
+            raise DbopsError(
+                f"the name typed does not match {customer!r}; nothing was restored.",
+                hint="Type the customer's name exactly to confirm.",
+            )
+        c, server, runner = self._where(customer)
+        with self._locked(f"restore:{c.name}", actor, f"a restore of {c.name}"):
+            dump = self._pitr_dump(c, server, runner, when, actor)
+            result = self._restore(c, server, runner, dump.stamp, actor)
+        return replace(result, target=dump.target, pitr=dump.as_json())
+
+    def _pitr_dump(
+        self, c: Customer, server: Server, runner: Runner, when: datetime, actor: str
+    ) -> PitrDump:
+        from core import pitr
+
+        ctx = {"server": server.name, "database": c.database, "target": when.isoformat()}
+        try:
+            dump = pitr.restore_to_time(
+                runner,
+                server,
+                customer=c.name,
+                database=c.database,
+                role=c.role,
+                target=when,
+                now=self.clock(),
+            )
+        except pitr.Refused as exc:
+            record(
+                self.events,
+                "restore.refused",
+                c.name,
+                {**ctx, "reason": exc.message[:300]},
+                actor=actor,
+            )
+            raise
+        except BaseException as exc:
+            error = exc.message if isinstance(exc, DbopsError) else type(exc).__name__
+            record(
+                self.events,
+                "restore.failed",
+                c.name,
+                {**ctx, "step": "pitr", "error": error[:300], "original": "untouched"},
+                actor=actor,
+            )
+            if not isinstance(exc, Exception):
+                raise
+            raise RestoreFailed(
+                f"the restore of {c.name} to {when.isoformat()} failed before anything was "
+                f"swapped: {error[:250]} The customer's database is untouched.",
+                step="pitr",
+                original="untouched",
+            ) from (None if isinstance(exc, DbopsError) else exc)
+        record(self.events, "restore.pitr_dumped", c.name, {**ctx, **dump.as_json()}, actor=actor)
+        return dump
 
     def restore(
         self, customer: str, backup: str | None, typed_name: str, actor: str

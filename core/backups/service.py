@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine
@@ -25,6 +25,7 @@ from core.backups.common import (
     RETRY_AFTER_S,
     Verdict,
     parse_stamp,
+    parse_time,
     utcnow,
 )
 from core.backups.dump import NotEnoughSpace, _error_text, write_backup, write_globals
@@ -42,6 +43,16 @@ from storage.models_billing import LockBusy, acquire_lock, release_lock
 from storage.spool import flush_spool, record, spool_for
 
 log = logging.getLogger("core.backups")
+
+# The nightly pgBackRest backup of a server is skipped when its newest set ended less than this
+# long before the run (a second run the same night, by hand or a catch-up, adds no second set).
+PHYSICAL_MIN_GAP = timedelta(hours=20)
+# The physical restore test runs weekly, on the full backup's day (``[backups]
+# full_backup_day``, UTC: the week's new full set is what it restores), when a server's last
+# one is older than this.
+PHYSICAL_TEST_EVERY = timedelta(days=6, hours=12)
+# Where the physical backups' outcomes stand among a run's (``BackupOutcome.customer``).
+PHYSICAL = "_pgbackrest"
 
 
 # --- the service ----------------------------------------------------------------------------------
@@ -101,6 +112,13 @@ class BackupRun:
     # (storage.spool), stored when the log is back, by its recovery, the next run or the next
     # flush_unrecorded(). Everything the spool of this log holds, the run's or not.
     unrecorded: list[tuple[str, str | None]] = field(default_factory=list)
+    # The pgBackRest base backup of each server that archives its WAL (``customer`` is
+    # PHYSICAL, ``backup`` the set's label; ok with no label when skipped as recent enough).
+    physical: list[BackupOutcome] = field(default_factory=list)
+
+    @property
+    def physical_failed(self) -> list[BackupOutcome]:
+        return [o for o in self.physical if not o.ok]
 
     @property
     def ok(self) -> int:
@@ -126,6 +144,8 @@ class BackupRun:
             "unrecorded": [list(u) for u in self.unrecorded],
             "outcomes": [o.as_json() for o in self.outcomes],
             "globals": [g.as_json() for g in self.globals],
+            "physical": [p.as_json() for p in self.physical],
+            "physical_failed": [p.server for p in self.physical_failed],
         }
 
 
@@ -139,19 +159,22 @@ class VerifyOutcome:
     def alert(self) -> Alert:
         """For the incident desk: firing when the test failed, resolved when it passed."""
         v = self.verification
-        where = f"{self.customer}'s backup {self.backup or '(none)'}"
+        # A physical restore test (customer ""): about the server's pgBackRest set.
+        customer = self.customer or None
+        owner = f"{self.customer}'s" if customer else f"{self.server}'s pgBackRest"
+        where = f"{owner} backup {self.backup or '(none)'}"
         return Alert(
             status="firing" if v.verdict == "crit" else "resolved",
             kind="check",
             dedupe_key=dedupe_key(
-                "check", server=self.server, customer=self.customer, check="backup_verified"
+                "check", server=self.server, customer=customer, check="backup_verified"
             ),
             severity=HEALTH_SEVERITY.get("backup_verified", "P2"),
-            title=f"backup_verified critical on {self.customer}: {v.detail}"[:200],
+            title=f"backup_verified critical on {customer or self.server}: {v.detail}"[:200],
             source="health",
             alertname="backup_verified",
             server=self.server,
-            customer=self.customer,
+            customer=customer,
             detail=f"{where}: {v.detail}"[:500],
         )
 
@@ -187,6 +210,8 @@ class BackupService(FleetAccess):
         self.retry_after_s = RETRY_AFTER_S
         self.lock_deadline_s = LOCK_DEADLINE_S
         self.sleep: Callable[[float], object] = time.sleep  # a test seam, as clock is
+        # The physical restore tests the last verify_all ran (weekly: often none).
+        self.last_physical_tests: list[VerifyOutcome] = []
         # Backup locks (name, owner) whose release failed (dbops' database down): released
         # once it answers, not left to their lease.
         self._kept_locks: list[tuple[str, str]] = []
@@ -488,9 +513,12 @@ class BackupService(FleetAccess):
 
         outcomes = [first[c.name] for mine in by_server.values() for c in mine]
         glob = [first[f"{GLOBALS}@{name}"] for name in by_server if name in servers]
+        physical = self.backup_physical_all(parallel=parallel, actor=actor, now=started_at)
         self._release_kept_locks()
         unrecorded = self.flush_unrecorded()
-        run = BackupRun(started_at, time.monotonic() - t0, parallel, outcomes, glob)
+        run = BackupRun(
+            started_at, time.monotonic() - t0, parallel, outcomes, glob, physical=physical
+        )
         self._note(
             "backup.run",
             "backups",
@@ -501,6 +529,8 @@ class BackupService(FleetAccess):
                 "failed": [o.customer for o in run.failed],
                 "retried": [o.customer for o in run.retried],
                 "globals_failed": [g.server for g in glob if not g.ok],
+                "pgbackrest": [p.server for p in physical if p.ok and p.backup],
+                "pgbackrest_failed": [p.server for p in physical if not p.ok],
                 "unrecorded": len(unrecorded),
                 "wall_ms": int(run.wall_s * 1000),
             },
@@ -508,6 +538,83 @@ class BackupService(FleetAccess):
         )
         run.unrecorded.extend(self._still_kept())  # the run's own record among them, if kept
         return run
+
+    # -- pgBackRest: the nightly base backups -----------------------------------------------------
+
+    def backup_physical_all(
+        self, *, parallel: bool = True, actor: str = "scheduler", now: datetime | None = None
+    ) -> list[BackupOutcome]:
+        """The nightly run's base backup of every server that archives its WAL
+        (``pgbackrest_config``), servers side by side: full on ``[backups] full_backup_day``,
+        else differential, with ``retention_full`` / ``retention_diff`` (core.pitr.base_backup).
+        Each is an event (``backup.pgbackrest``, ``backup.pgbackrest_failed``, subject the
+        server); a failure is an outcome, not raised."""
+        servers = [s for s in self.fleet.servers if s.pgbackrest_config]
+        when = now or self.clock()
+
+        def one(server: Server) -> BackupOutcome:
+            return self._physical_one(server, when, actor)
+
+        if parallel and len(servers) > 1:
+            with ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="pgbr") as pool:
+                return list(pool.map(one, servers))
+        return [one(s) for s in servers]
+
+    def _physical_one(self, server: Server, now: datetime, actor: str) -> BackupOutcome:
+        from core import pitr  # imported when used: core.pitr imports core.backups' modules
+
+        policy = self.fleet.backups
+        started = time.monotonic()
+        kind = pitr.backup_type(now, policy.full_backup_day)
+        try:
+            runner = self.runners.get(server.name)
+            newest = pitr.read_info(runner, server).backups
+            if newest and now - newest[-1].stop < PHYSICAL_MIN_GAP:
+                return BackupOutcome(PHYSICAL, server.name, True, duration_s=0.0)
+            made = pitr.base_backup(
+                runner,
+                server,
+                type=kind,
+                retention_full=policy.retention_full,
+                retention_diff=policy.retention_diff,
+            )
+        except Exception as exc:
+            error = _error_text(exc)
+            if not isinstance(exc, DbopsError):
+                log.error("pgbackrest backup of %s failed", server.name, exc_info=exc)
+            self._note(
+                "backup.pgbackrest_failed",
+                server.name,
+                {"server": server.name, "type": kind, "error": error},
+                actor,
+            )
+            return BackupOutcome(
+                PHYSICAL,
+                server.name,
+                False,
+                duration_s=time.monotonic() - started,
+                error=error,
+                verdict="crit",
+                infrastructure=is_infrastructure(exc),
+            )
+        took = time.monotonic() - started
+        self._note(
+            "backup.pgbackrest",
+            server.name,
+            {
+                "server": server.name,
+                "type": made.type,
+                "asked": kind,
+                "backup": made.label,
+                "size_bytes": made.size_bytes,
+                "repo_bytes": made.repo_bytes,
+                "duration_ms": int(took * 1000),
+                "retention_full": policy.retention_full,
+                "retention_diff": policy.retention_diff,
+            },
+            actor,
+        )
+        return BackupOutcome(PHYSICAL, server.name, True, made.label, made.repo_bytes, took)
 
     def _pass(
         self,
@@ -606,7 +713,88 @@ class BackupService(FleetAccess):
                 results = list(pool.map(server_run, list(by_server)))
         else:
             results = [server_run(n) for n in by_server]
+        # Weekly, the physical backups of the same servers (those that archive their WAL).
+        self.last_physical_tests = self.verify_physical_all(
+            servers=list(by_server), parallel=parallel, actor=actor
+        )
         return [o for outs in results for o in outs]
+
+    # -- pgBackRest: the weekly restore test ------------------------------------------------------
+
+    def _last_physical_test(self, server: str) -> datetime | None:
+        found = [
+            e
+            for kind in ("backup.verified", "backup.verify_failed")
+            for e in self.events.query(subject=server, kind=kind, newest_first=True, limit=5)
+            if e.payload.get("kind") == "physical"
+        ]
+        times = [parse_time(e.payload.get("verified_at")) for e in found]
+        return max((t for t in times if t is not None), default=None)
+
+    def verify_physical(self, server_name: str, *, actor: str = "scheduler") -> VerifyOutcome:
+        """Restore-test the server's newest pgBackRest set now (core.pitr.physical_test),
+        recorded as the dump tests are (``backup.verified`` / ``backup.verify_failed``, with
+        ``"kind": "physical"``; subject the server) and, failed, an alert about the server's
+        ``backup_verified``."""
+        from core import pitr
+
+        server = self.fleet.server(server_name)
+        try:
+            got = pitr.physical_test(self.runners.get(server.name), server)
+        except Exception as exc:
+            if not isinstance(exc, DbopsError):
+                log.error("physical restore test on %s failed", server.name, exc_info=exc)
+            got = pitr.PhysicalTest(server.name, None, False, _error_text(exc)[:300])
+        v = Verification(got.ok, "ok" if got.ok else "crit", self.clock(), got.detail)
+        outcome = VerifyOutcome("", server.name, got.backup, v)
+        self.events.append(
+            "backup.verified" if got.ok else "backup.verify_failed",
+            server.name,
+            {
+                "server": server.name,
+                "kind": "physical",
+                "backup": got.backup,
+                "databases": got.databases,
+                "duration_ms": int(got.duration_s * 1000),
+                **v.as_json(),
+            },
+            actor=actor,
+        )
+        if self.on_alert is not None:
+            self.on_alert(outcome.alert())
+        return outcome
+
+    def verify_physical_all(
+        self,
+        *,
+        servers: Sequence[str] | None = None,
+        parallel: bool = True,
+        actor: str = "scheduler",
+        force: bool = False,
+    ) -> list[VerifyOutcome]:
+        """The weekly physical restore test: on the full backup's day, each archiving server (of
+        ``servers``) whose last one is older than PHYSICAL_TEST_EVERY (or every one, any day,
+        ``force``), side by side."""
+        from core import pitr
+
+        now = self.clock()
+        if not force and pitr.backup_type(now, self.fleet.backups.full_backup_day) != "full":
+            return []
+        due = []
+        for s in self.fleet.servers:
+            if not s.pgbackrest_config or (servers is not None and s.name not in servers):
+                continue
+            last = None if force else self._last_physical_test(s.name)
+            if last is None or now - last >= PHYSICAL_TEST_EVERY:
+                due.append(s.name)
+
+        def one(name: str) -> VerifyOutcome:
+            return self.verify_physical(name, actor=actor)
+
+        if parallel and len(due) > 1:
+            with ThreadPoolExecutor(max_workers=len(due), thread_name_prefix="pgbr-test") as pool:
+                return list(pool.map(one, due))
+        return [one(n) for n in due]
 
     @staticmethod
     def _pick(

@@ -12,11 +12,11 @@ from typing import Any
 
 from psycopg import sql
 
+from core.backups.client import client_for
 from core.backups.common import RESTORE_TIMEOUT_S, VERIFIED, Verdict, utcnow
 from core.backups.listing import BackupInfo, Verification
 from core.backups.server import (
     ROWCOUNTS_SQL,
-    _bin,
     _error_line,
     _ident,
     admin_conninfo,
@@ -113,13 +113,9 @@ def _pg_restore(runner: Runner, server: Server, dump: str, into: str, role: str)
     ``role``: whatever the load evaluates (CHECK constraints, defaults, triggers, generated
     columns, index expressions) runs with the customer's privileges, and everything restored is
     the customer's (``--no-owner``). The reason it failed, or None."""
-    result = runner.run(
-        [
-            _bin(server, "pg_restore"), "--exit-on-error", "--single-transaction", "--no-owner",
-            "-d", tenant_conninfo(server, role, into), dump,
-        ],
-        timeout=RESTORE_TIMEOUT_S,
-    )  # fmt: skip
+    client = client_for(runner, server)  # reads what pg_dump wrote, into this server
+    argv = client.restore_argv(tenant_conninfo(server, role, into), dump)
+    result = runner.run(argv, timeout=RESTORE_TIMEOUT_S)
     if result.ok:
         return None
     return f"pg_restore failed (exit {result.exit_code}): {_error_line(result.stderr)}"
@@ -159,12 +155,18 @@ def _analyze_as_owner(runner: Runner, server: Server, database: str, role: str) 
 # data), restored and counted as the customer (``target`` is a session as its role: see
 # _pg_restore), and dropped on exit whatever happened. Exit 20/21/22 say which stage failed.
 _SCRATCH_SCRIPT = r"""set -u -o pipefail
-admin=$1; target=$2; name=$3; dump=$4; bin=$5; counts_sql=$6; owner=$7
+admin=$1; target=$2; name=$3; dump=$4; bin=$5; counts_sql=$6; owner=$7; via_sql=$8
 "$bin/createdb" --maintenance-db="$admin" -T template0 -O "$owner" -- "$name" || exit 20
 trap '"$bin/dropdb" --maintenance-db="$admin" --if-exists -- "$name" >/dev/null' EXIT
 printf 'REVOKE ALL ON DATABASE :"db" FROM PUBLIC;\n' |
   "$bin/psql" -X -q -v ON_ERROR_STOP=1 -v db="$name" -d "$admin" -f - || exit 20
-"$bin/pg_restore" --exit-on-error --single-transaction --no-owner -d "$target" "$dump" || exit 21
+if [ "$via_sql" = 1 ]; then  # see core.backups.client.Client.restores_via_sql
+  "$bin/pg_restore" --no-owner -f - "$dump" | sed '1,60{/^SET transaction_timeout = 0;$/d;}' |
+    "$bin/psql" -X -q -v ON_ERROR_STOP=1 --single-transaction -d "$target" -f - >/dev/null ||
+    exit 21
+else
+  "$bin/pg_restore" --exit-on-error --single-transaction --no-owner -d "$target" "$dump" || exit 21
+fi
 "$bin/psql" -X -q -A -t -v ON_ERROR_STOP=1 -d "$target" -c "$counts_sql" || exit 22
 """
 _SCRATCH_STAGES = {20: "creating the scratch database", 21: "pg_restore", 22: "counting rows"}
@@ -210,10 +212,11 @@ def _scratch_restore(
     result: Callable[..., Verification],
 ) -> Verification:
     scratch = f"dbops_verify_{secrets.token_hex(5)}"
+    client = client_for(runner, server)  # pg_restore as new as the pg_dump that wrote it
     argv = [
         "bash", "-c", _SCRATCH_SCRIPT, "dbops-restore-test", admin_conninfo(server),
-        tenant_conninfo(server, role, scratch), scratch, info.dump, server.pg_bin.rstrip("/"),
-        ROWCOUNTS_SQL, validate_name(role, "role"),
+        tenant_conninfo(server, role, scratch), scratch, info.dump, client.bin.rstrip("/"),
+        ROWCOUNTS_SQL, validate_name(role, "role"), "1" if client.restores_via_sql else "0",
     ]  # fmt: skip
     ran = runner.run(argv, timeout=RESTORE_TIMEOUT_S)
     if not ran.ok:

@@ -35,6 +35,8 @@ def backups_by_customer(
         parts = path[len(root) + 1 :].split("/") if path.startswith(root + "/") else []
         if len(parts) != 3 or not _STAMP_DIR_RE.match(parts[1]):
             continue
+        if data.get("source") == "pitr":
+            continue  # a point-in-time restore's dump, not a backup taken: not backup_age's
         customer, stamp = parts[0], parts[1]
         finished = parse_time(data.get("finished_at"))
         out.setdefault(customer, []).append(BackupSeen(stamp, finished, data.get("ok") is True))

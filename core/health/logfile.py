@@ -31,6 +31,10 @@ LOG_LINES_THAT_MATTER = (
 )
 
 
+# dbops's own sessions (application_name exactly dbops, core.fleet.APP_NAME) in a line's prefix,
+# wherever log_line_prefix puts %a: a whole word, so neither a role nor a database of that name
+# ("dbops@db", "user@dbops") nor another application ("dbops-sandbox-fault") is taken for it.
+_OWN_APP_RE = re.compile(rf"(?<![\w.@-]){re.escape(APP_NAME)}(?![\w.@-])")
 _SEVERITY_RE = re.compile(
     r"\b(DEBUG\d?|LOG|INFO|NOTICE|WARNING|ERROR|FATAL|PANIC|DETAIL|HINT|CONTEXT|STATEMENT|"
     r"QUERY|LOCATION):  "
@@ -81,7 +85,7 @@ def scan_log(text: str, since: datetime | None, *, partial_first_line: bool = Fa
     """ERROR, FATAL and PANIC lines (counted), WARNING lines (counted apart) and LOG lines that
     matter (quoted), newer than ``since``.
 
-    Lines our own probes caused (application_name dbops-health in the line) are left out; lines
+    Lines dbops's own sessions caused (application_name dbops in the line) are left out; lines
     without a readable time stamp count, since the window is the end of the file anyway.
     """
     found = LogFindings()
@@ -98,7 +102,7 @@ def scan_log(text: str, since: datetime | None, *, partial_first_line: bool = Fa
                 continue
         elif severity not in (*LOG_ERROR_LEVELS, "WARNING"):
             continue
-        if APP_NAME in prefix:
+        if _OWN_APP_RE.search(prefix):
             continue
         if since is not None:
             when = _line_time(line)

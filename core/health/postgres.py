@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import UTC
+from datetime import UTC, date, datetime
 
 from core.health.queries import Activity, ClusterStats, DatabaseStats, Probe, VacuumStats
 from core.health.thresholds import (
@@ -240,6 +240,180 @@ def check_prepared_txns(stats: ClusterStats, warn: object, crit: object) -> Chec
     oldest_db, oldest = max(stats.prepared, key=lambda r: r[1])
     detail = f"{len(stats.prepared)} prepared, oldest {oldest}s in {oldest_db}"
     return Check(name, verdict, oldest, shown_w, shown_c, detail)
+
+
+def _not_read(name: str, stats: ClusterStats, what: str) -> Check | None:
+    if stats.capabilities is None:
+        return _unknown(name, f"{what} not read")
+    return None
+
+
+def check_replication_slots(stats: ClusterStats, warn: object, crit: object) -> Check:
+    """check_replication_slots: the most WAL any slot retains, in bytes, against the thresholds.
+
+    As check_postgres 2.25 measures it (WAL from the slot's restart_lsn to the server's current
+    position, 0 for a slot without one; no slots is ok), and beyond it: a slot whose WAL is gone
+    (wal_status ``lost``: its replica or subscriber can never catch up) is crit, one past
+    max_slot_wal_keep_size and about to lose it (``unreserved``) at least warn, whatever the
+    bytes; inactive slots are named. With ``max_slot_wal_keep_size = -1`` (the default) nothing
+    caps what a slot keeps: the detail says so, since then only the disk does.
+    """
+    name = "replication_slots"
+    missing = _not_read(name, stats, "replication slots")
+    if missing is not None:
+        return missing
+    try:
+        w = parse_bytes(warn, name) if warn not in (None, "") else None
+        c = parse_bytes(crit, name) if crit not in (None, "") else None
+    except BadThreshold as exc:
+        return _unknown(name, exc)
+    if not stats.slots:
+        return Check(name, "ok", 0, w, c, "no replication slots")
+    top = max(stats.slots, key=lambda s: (s.retained, s.name))
+    verdict: Verdict = (
+        "crit"
+        if c is not None and top.retained >= c
+        else "warn"
+        if w is not None and top.retained >= w
+        else "ok"
+    )
+    lost = [s for s in stats.slots if s.wal_status == "lost"]
+    unreserved = [s for s in stats.slots if s.wal_status == "unreserved"]
+    if lost:
+        verdict = "crit"
+    elif unreserved and verdict == "ok":
+        verdict = "warn"
+    parts = [f"{top.name} retains {pretty_bytes(top.retained)} of WAL"]
+    if lost:
+        why = {s.invalidation_reason for s in lost if s.invalidation_reason}
+        parts.append(
+            f"lost (its WAL is gone, the consumer must be re-synced): "
+            f"{', '.join(s.name for s in lost)}" + (f" ({', '.join(sorted(why))})" if why else "")
+        )
+    if unreserved:
+        parts.append(
+            "past max_slot_wal_keep_size, about to be lost: "
+            + ", ".join(s.name for s in unreserved)
+        )
+    inactive = [s for s in stats.slots if not s.active and s.wal_status != "lost"]
+    if inactive:
+        parts.append(
+            "inactive: "
+            + ", ".join(
+                s.name + (f" since {s.inactive_since[:19]}" if s.inactive_since else "")
+                for s in inactive
+            )
+        )
+    keep = stats.capabilities.max_slot_wal_keep_size if stats.capabilities else None
+    if keep == "-1":
+        parts.append("max_slot_wal_keep_size = -1: slots may keep WAL until the disk is full")
+    return Check(name, verdict, top.retained, w, c, "; ".join(parts))
+
+
+def check_checkpoint(stats: ClusterStats, warn: object, crit: object) -> Check:
+    """check_postgres's checkpoint: seconds since the last checkpoint, against the thresholds.
+
+    check_postgres runs pg_controldata on the server's data directory; this reads the same
+    field of pg_control through pg_control_checkpoint(), which answers alike on every major and
+    needs no shell on the server (and on a standby, as there, it is the last restartpoint). The
+    counters in the detail come from pg_stat_checkpointer where the server has it (17+), else
+    from pg_stat_bgwriter.
+
+    Deliberately unlike it: PostgreSQL skips the timed checkpoint when no WAL was written since
+    the last one, so an idle server's last checkpoint can be hours old and nothing is at risk.
+    Less than one WAL segment written since it (the checkpoint's own record, a switch forced by
+    archive_timeout) is ok whatever the age.
+    """
+    name = "checkpoint"
+    missing = _not_read(name, stats, "checkpoint")
+    if missing is not None:
+        return missing
+    try:
+        w, c = optional_seconds(warn, name), optional_seconds(crit, name)
+    except BadThreshold as exc:
+        return _unknown(name, exc)
+    sw = int(w) if w is not None else None
+    sc = int(c) if c is not None else None
+    cp = stats.checkpoint
+    if cp is None or cp.age_s is None:
+        why = cp.unreadable if cp is not None and cp.unreadable else "no checkpoint on record"
+        return Check(name, "unknown", None, sw, sc, why)
+    age = max(0, cp.age_s)
+    caps = stats.capabilities
+    detail = f"last checkpoint {pretty_age(age)} ago"
+    if caps is not None and caps.in_recovery:
+        detail = f"last restartpoint {pretty_age(age)} ago"
+    if cp.timed is not None and cp.requested is not None:
+        detail += f"; {cp.timed} timed, {cp.requested} requested ({cp.source})"
+    if caps is not None and caps.checkpoint_timeout_s:
+        detail += f"; checkpoint_timeout {pretty_age(caps.checkpoint_timeout_s)}"
+    segment = (caps.wal_segment_size if caps is not None else None) or 16 * 1024 * 1024
+    if cp.wal_since is not None and cp.wal_since < segment:
+        idle = "no WAL to speak of since (PostgreSQL skips checkpoints when idle)"
+        return Check(name, "ok", age, sw, sc, f"{detail}; {idle}")
+    verdict: Verdict = (
+        "crit" if c is not None and age >= c else "warn" if w is not None and age >= w else "ok"
+    )
+    return Check(name, verdict, age, sw, sc, detail)
+
+
+# Each major's end of life: the PostgreSQL project supports a major for five years, to the
+# second Thursday of November (https://www.postgresql.org/support/versioning/).
+END_OF_LIFE: dict[int, date] = {
+    12: date(2024, 11, 21),
+    13: date(2025, 11, 13),
+    14: date(2026, 11, 12),
+    15: date(2027, 11, 11),
+    16: date(2028, 11, 9),
+    17: date(2029, 11, 8),
+    18: date(2030, 11, 14),
+}
+
+
+def check_version(stats: ClusterStats, warn: object, crit: object) -> Check:
+    """The cluster's major against its end of life (ours: check_postgres's ``version`` compares
+    with a version string instead). ``warn`` and ``crit`` are how long before the end of life
+    the verdict turns: 6 months and none by default, so a major is warn for its last half year
+    of updates and crit once it gets no more (no security fixes; the next upgrade is overdue).
+    The value is the days left (negative past it)."""
+    name = "version"
+    missing = _not_read(name, stats, "server version")
+    if missing is not None or stats.capabilities is None:
+        return missing or _unknown(name, "server version not read")
+    try:
+        w, c = optional_seconds(warn, name), optional_seconds(crit, name)
+    except BadThreshold as exc:
+        return _unknown(name, exc)
+    sw = f"{int(w // 86400)}d" if w is not None else None
+    sc = f"{int(c // 86400)}d" if c is not None else None
+    caps = stats.capabilities
+    major, full = caps.major, caps.version.split()[0]
+    eol = END_OF_LIFE.get(major)
+    if eol is None:
+        if major > max(END_OF_LIFE):
+            return Check(name, "ok", None, sw, sc, f"PostgreSQL {full}: newer than dbops knows")
+        return Check(name, "crit", None, sw, sc, f"PostgreSQL {full}: long past its end of life")
+    today = (stats.at or datetime.now(UTC)).astimezone(UTC).date()
+    left = (eol - today).days
+    when = f"{eol:%B} {eol.day}, {eol.year}"
+    if left < 0:
+        detail = (
+            f"PostgreSQL {full}: {major} reached its end of life on {when} and gets no more "
+            "fixes, security ones included; upgrade to a supported major"
+        )
+    else:
+        detail = f"PostgreSQL {full}: {major} is supported until {when} ({left} days)"
+    seconds = left * 86400
+    verdict: Verdict = (
+        "crit"
+        if c is not None and seconds < c
+        else "warn"
+        if w is not None and seconds < w
+        else "ok"
+    )
+    if verdict == "warn":
+        detail += "; plan the upgrade"
+    return Check(name, verdict, left, sw, sc, detail)
 
 
 def is_full(error: str) -> bool:

@@ -6,16 +6,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from psycopg import conninfo as pg_conninfo
 
 from core.backups import pin_search_path
+from core.fleet import APP_NAME as APP_NAME  # every health session's application_name
 from core.fleet import Server
-
-APP_NAME = "dbops-health"
 
 
 @dataclass(frozen=True)
@@ -128,6 +127,64 @@ FROM pg_catalog.pg_database d LEFT JOIN pg_catalog.pg_stat_database sd ON (sd.da
 ORDER BY d.datname
 """
 
+# What this server can answer, asked before anything that differs between majors (13 to 18) is:
+# a view by to_regclass, a column by pg_attribute, a function by the role's privilege, a setting
+# by pg_settings (a setting a major lacks is NULL). No version number decides what is asked.
+# Differences that matter to the checks: the checkpoint counters moved from pg_stat_bgwriter
+# (checkpoints_timed, checkpoints_req) to pg_stat_checkpointer (num_timed, num_requested) in 17;
+# pg_replication_slots grew conflicting (16), inactive_since and invalidation_reason (17);
+# reserved_connections came in 16. Every expression here exists on every major from 13 on.
+CAPABILITIES_SQL = """
+SELECT pg_catalog.current_setting('server_version_num')::int AS version_num,
+  pg_catalog.current_setting('server_version') AS version,
+  pg_catalog.pg_is_in_recovery() AS in_recovery,
+  pg_catalog.to_regclass('pg_catalog.pg_stat_checkpointer') IS NOT NULL AS checkpointer,
+  EXISTS (SELECT FROM pg_catalog.pg_attribute
+          WHERE attrelid = pg_catalog.to_regclass('pg_catalog.pg_stat_bgwriter')
+            AND attname = 'checkpoints_timed' AND NOT attisdropped) AS bgwriter_checkpoints,
+  pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', 'EXECUTE')
+    AS control_checkpoint,
+  (SELECT setting FROM pg_catalog.pg_settings WHERE name = 'max_slot_wal_keep_size')
+    AS max_slot_wal_keep_size,
+  (SELECT setting::bigint FROM pg_catalog.pg_settings WHERE name = 'wal_segment_size')
+    AS wal_segment_size,
+  (SELECT setting::int FROM pg_catalog.pg_settings WHERE name = 'checkpoint_timeout')
+    AS checkpoint_timeout_s,
+  (SELECT setting::int FROM pg_catalog.pg_settings WHERE name = 'superuser_reserved_connections')
+    AS superuser_reserved,
+  (SELECT setting::int FROM pg_catalog.pg_settings WHERE name = 'reserved_connections')
+    AS reserved
+"""
+# Where the server's WAL is now: the insert position on a primary; on a standby what it has
+# received (else replayed): pg_current_wal_lsn() raises during recovery, and CASE never calls it
+# there.
+_WAL_NOW = """CASE WHEN pg_catalog.pg_is_in_recovery()
+  THEN COALESCE(pg_catalog.pg_last_wal_receive_lsn(), pg_catalog.pg_last_wal_replay_lsn())
+  ELSE pg_catalog.pg_current_wal_lsn() END"""
+# check_replication_slots's delta (WAL from the slot's restart_lsn to now, 0 without one), with
+# each slot's whole row as JSON: the columns this major has (wal_status and safe_wal_size from
+# 13, inactive_since and invalidation_reason from 17) and no error for those it lacks.
+SLOTS_SQL = f"""
+SELECT pg_catalog.to_jsonb(s) AS slot,
+  COALESCE(pg_catalog.pg_wal_lsn_diff({_WAL_NOW}, s.restart_lsn), 0)::bigint AS retained
+FROM pg_catalog.pg_replication_slots s ORDER BY s.slot_name
+"""
+# The last checkpoint as pg_control has it (what check_postgres's checkpoint reads with
+# pg_controldata, here through SQL: the same on every major, on a standby its restartpoint):
+# its age in whole seconds and the WAL written since its record.
+CONTROL_CHECKPOINT_SQL = f"""
+SELECT pg_catalog.round(EXTRACT(epoch FROM pg_catalog.now() - checkpoint_time))::bigint,
+  pg_catalog.pg_wal_lsn_diff({_WAL_NOW}, checkpoint_lsn)::bigint
+FROM pg_catalog.pg_control_checkpoint()
+"""
+# Checkpoints since the statistics were reset, timed and requested: the view by capability.
+CHECKPOINTER_SQL = (
+    "SELECT num_timed, num_requested, stats_reset FROM pg_catalog.pg_stat_checkpointer"
+)
+BGWRITER_CHECKPOINTS_SQL = (
+    "SELECT checkpoints_timed, checkpoints_req, stats_reset FROM pg_catalog.pg_stat_bgwriter"
+)
+
 
 # check_last_vacuum_analyze's query, aggregated in SQL to one row (a customer database may hold
 # thousands of tables): its tables are every ordinary table outside information_schema, less
@@ -180,6 +237,64 @@ class DatabaseStats:
     stats_reset: datetime | None = None
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """CAPABILITIES_SQL's row: what the server is and can answer."""
+
+    version_num: int
+    version: str
+    in_recovery: bool = False
+    checkpointer: bool = False  # pg_stat_checkpointer (17+)
+    bgwriter_checkpoints: bool = False  # pg_stat_bgwriter.checkpoints_timed (before 17)
+    control_checkpoint: bool = False  # the role may run pg_control_checkpoint()
+    max_slot_wal_keep_size: str | None = None  # MB; "-1": no limit
+    wal_segment_size: int | None = None  # bytes
+    checkpoint_timeout_s: int | None = None
+    superuser_reserved: int | None = None
+    reserved: int | None = None  # reserved_connections (16+)
+
+    @property
+    def major(self) -> int:
+        return self.version_num // 10000
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A replication slot: SLOTS_SQL's row, the columns this major has."""
+
+    name: str
+    type: str
+    active: bool
+    retained: int  # bytes of WAL from its restart_lsn to now
+    wal_status: str | None = None  # reserved, extended, unreserved, lost (13+)
+    inactive_since: str | None = None  # 17+
+    invalidation_reason: str | None = None  # 17+
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], retained: int) -> Slot:
+        return cls(
+            name=str(row.get("slot_name")),
+            type=str(row.get("slot_type")),
+            active=bool(row.get("active")),
+            retained=int(retained),
+            wal_status=row.get("wal_status"),
+            inactive_since=row.get("inactive_since"),
+            invalidation_reason=row.get("invalidation_reason"),
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointStats:
+    """The last checkpoint (pg_control_checkpoint) and the counters since the stats reset."""
+
+    age_s: int | None = None
+    wal_since: int | None = None  # bytes of WAL written since its record
+    timed: int | None = None
+    requested: int | None = None
+    source: str = ""  # the view the counters came from
+    unreadable: str = ""  # why the age could not be read
+
+
 @dataclass
 class ClusterStats:
     """What one pass over a cluster's views returned."""
@@ -191,24 +306,76 @@ class ClusterStats:
     activity: list[Activity] = field(default_factory=list)
     prepared: list[tuple[str, int]] = field(default_factory=list)
     databases: dict[str, DatabaseStats] = field(default_factory=dict)
+    # Read when the rest was; None only in a ClusterStats made by hand.
+    capabilities: Capabilities | None = None
+    slots: list[Slot] = field(default_factory=list)
+    checkpoint: CheckpointStats | None = None
+    # When the pass ran, by this machine's clock (what the version check dates against).
+    at: datetime | None = None
+
+
+def checkpoint_queries(caps: Capabilities) -> list[str]:
+    """What the checkpoint check asks of this server: pg_control_checkpoint() where the role may
+    run it, then the counters from the view this server has (none when it has neither)."""
+    queries = [CONTROL_CHECKPOINT_SQL] if caps.control_checkpoint else []
+    if caps.checkpointer:
+        queries.append(CHECKPOINTER_SQL)
+    elif caps.bgwriter_checkpoints:
+        queries.append(BGWRITER_CHECKPOINTS_SQL)
+    return queries
+
+
+def _checkpoint(caps: Capabilities, rows: list[list[tuple[Any, ...]]]) -> CheckpointStats:
+    age = wal_since = timed = requested = None
+    if caps.control_checkpoint:
+        control = rows.pop(0)
+        if control:
+            age, wal_since = control[0][0], control[0][1]
+    source = ""
+    if rows and rows[0]:
+        timed, requested = rows[0][0][0], rows[0][0][1]
+        source = "pg_stat_checkpointer" if caps.checkpointer else "pg_stat_bgwriter"
+    return CheckpointStats(
+        age_s=None if age is None else int(age),
+        wal_since=None if wal_since is None else int(wal_since),
+        timed=None if timed is None else int(timed),
+        requested=None if requested is None else int(requested),
+        source=source,
+        unreadable=""
+        if caps.control_checkpoint
+        else "the monitoring role may not run pg_control_checkpoint() (grant pg_monitor)",
+    )
 
 
 def fetch_cluster(server: Server, limits: Limits) -> ClusterStats:
-    """One connection, one pipeline: everything the cluster-wide checks read."""
+    """One connection, two pipelines: everything the cluster-wide checks read.
+
+    The first asks what every major answers alike, the server's capabilities among it; the
+    second what differs between majors, chosen by those capabilities (never an SQL error in
+    the server's log for a view or column this major lacks).
+    """
     started = time.monotonic()
+    at = datetime.now(UTC)
     with psycopg.connect(health_conninfo(server.dsn, limits), autocommit=True) as conn:
         connect_ms = int((time.monotonic() - started) * 1000)
+        first = (
+            LOCKS_SQL, BACKENDS_SQL, ACTIVITY_SQL, PREPARED_SQL, DATABASES_SQL,
+            CAPABILITIES_SQL, SLOTS_SQL,
+        )  # fmt: skip
         with conn.pipeline():
-            cursors = [conn.cursor() for _ in range(5)]
-            for cur, sql in zip(
-                cursors,
-                (LOCKS_SQL, BACKENDS_SQL, ACTIVITY_SQL, PREPARED_SQL, DATABASES_SQL),
-                strict=True,
-            ):
+            cursors = [conn.cursor() for _ in first]
+            for cur, sql in zip(cursors, first, strict=True):
                 cur.execute(sql)
-        locks_rows, backend_rows, activity_rows, prepared_rows, db_rows = (
-            c.fetchall() for c in cursors
-        )
+        (
+            locks_rows, backend_rows, activity_rows, prepared_rows, db_rows, caps_rows, slot_rows
+        ) = (c.fetchall() for c in cursors)  # fmt: skip
+        caps = Capabilities(*caps_rows[0])
+        second = checkpoint_queries(caps)
+        with conn.pipeline():
+            cursors = [conn.cursor() for _ in second]
+            for cur, sql in zip(cursors, second, strict=True):
+                cur.execute(sql)
+        checkpoint = _checkpoint(caps, [c.fetchall() for c in cursors])
     activity = [Activity(*row[:9]) for row in activity_rows if not row[9]]
     ours = {row[0] for row in activity_rows if row[9]}
     stats = ClusterStats(connect_ms=connect_ms)
@@ -218,6 +385,10 @@ def fetch_cluster(server: Server, limits: Limits) -> ClusterStats:
     stats.activity = activity
     stats.prepared = [(str(db), int(age)) for db, age in prepared_rows]
     stats.databases = {r[0]: DatabaseStats(*r) for r in db_rows}
+    stats.capabilities = caps
+    stats.slots = [Slot.from_row(row, retained) for row, retained in slot_rows]
+    stats.checkpoint = checkpoint
+    stats.at = at
     return stats
 
 

@@ -8,9 +8,10 @@ How a sweep talks to a server, and why:
   check_postgres's does.
 * One short connection per customer database for ``connection`` (connect_timeout small),
   which then asks for ``last_vacuum``'s figures: one more query, no other connection.
-* Every connection says application_name=dbops-health and carries statement_timeout and
-  lock_timeout as startup options, so no health query can hang on a lock or run away. Our own
-  probes are left out of backends, activity, locks and the log.
+* Every connection says application_name=dbops and carries statement_timeout and
+  lock_timeout as startup options, so no health query can hang on a lock or run away. dbops's
+  own sessions (application_name dbops: these probes, a backup's pg_dump, a restore test) are
+  left out of backends, activity, locks and the log.
 * Every connection pins search_path to pg_catalog, pg_temp (a startup option too, which
   outranks a database's or a role's own) and every query names pg_catalog's objects: a
   customer's functions, operators and types never run as the monitoring role. Inside a customer
@@ -23,12 +24,21 @@ How a sweep talks to a server, and why:
   (the monitoring DSN, ``pgbouncer_port``, ``dbname=pgbouncer``) for SHOW DATABASES and SHOW
   POOLS, in the simple query protocol the console speaks. A server without it has no
   ``pgbouncer`` check at all rather than a verdict about nothing.
+* Where the server archives its WAL with pgBackRest (``pgbackrest_config``): the archiver's
+  row on a connection of its own (``archiving``), and the recovery window through the runner
+  (``pgbackrest info`` and ``repo-ls``), read once and shared by the server's databases as
+  their ``recovery`` (core.health.archiving).
+* ``disk_runway``, where the caller hands the sweep a source of runways (core.capacity.Trends:
+  the measurement history, fitted once an hour per server): read in the caller's thread while
+  the servers answer, so it costs the sweep no time; a history that cannot be read makes the
+  check ``unknown``, never the sweep fail.
 * Every piece runs in its own daemon thread and a sweep waits on them only until its deadline:
   a server that hangs is marked ``crit`` by the waiter, nobody joins the stuck thread.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,10 +49,12 @@ from typing import Any, Generic, Literal, TypeVar
 
 import psycopg
 
-from core.backups import backup_files_argv, parse_backup_files
+from core import pitr
+from core.backups import backup_files_argv, backups_from_files, parse_backup_files
 from core.customers import Customer
 from core.errors import DbopsError, Unreachable
 from core.fleet import Fleet, Server
+from core.health.archiving import fetch_archiver, read_recovery
 from core.health.backup_checks import BackupSeen, backup_perms_argv, backups_by_customer
 from core.health.disk import Filesystem, df_argv, parse_df
 from core.health.logfile import LOG_TAIL_BYTES, log_argv, scan_log
@@ -68,6 +80,9 @@ from core.health.table import (
 )
 from core.health.thresholds import Check
 from core.remote import CommandResult, Runner
+from core.trends import Runway
+
+log = logging.getLogger(__name__)
 
 # Probes per server at a time: enough that a typical server's databases are probed in one wave
 # (each probe is 4-5 round trips), few enough to leave max_connections alone.
@@ -134,6 +149,12 @@ class DatabaseHealth:
     last_backup_at: datetime | None
     connections: int | None
     checks: list[Check]
+    # DESIGN.md's ``recovery`` ({earliest, latest, rpo_seconds}): its server's recovery window,
+    # None where the server has no archiving or no window yet.
+    recovery: dict[str, Any] | None = None
+    # The newest complete backup's duration and size (for the measurement history).
+    backup_seconds: float | None = None
+    backup_bytes: int | None = None
 
 
 @dataclass
@@ -144,6 +165,12 @@ class ServerHealth:
     checks: list[Check]
     databases: list[DatabaseHealth]
     filesystems: list[Filesystem] = field(default_factory=list)
+    # The recovery window (servers with pgbackrest_config that have one), read this sweep.
+    recovery: pitr.RecoveryWindow | None = None
+    # Client backends on the cluster, ours left out (None: PostgreSQL not answering).
+    backends: int | None = None
+    # The runways the disk_runway check judged (empty: the sweep was given no history).
+    runways: list[Runway] = field(default_factory=list)
 
     def check(self, name: str) -> Check | None:
         return next((c for c in self.checks if c.name == name), None)
@@ -163,6 +190,9 @@ class _Pending:
     perms: Future[CommandResult]
     # None: the server has no pgBouncer configured, so no pgbouncer check.
     pgbouncer: Future[PgBouncerStats] | None = None
+    # None: the server has no WAL archiving configured, so no archiving check, no recovery.
+    archiver: Future[dict[str, Any]] | None = None
+    recovery: Future[pitr.RecoveryWindow | None] | None = None
 
 
 def _connect(runner: Runner, timeout: float) -> None:
@@ -198,6 +228,13 @@ def start_server(
         found = command(backup_files_argv(server, names))
         return parse_backup_files(found.stdout, server.backup_path)
 
+    def recovery(now: datetime) -> pitr.RecoveryWindow | None:
+        if runner is None or connected is None:
+            raise Unreachable(f"no runner for {server.name}")
+        connected.result()
+        return read_recovery(runner, server, now, timeout=limits.command_timeout_s)
+
+    archiving = bool(server.pgbackrest_config)
     return _Pending(
         server=server,
         customers=mine,
@@ -217,6 +254,12 @@ def start_server(
             if server.pgbouncer_ini
             else None
         ),
+        archiver=(
+            spawn(lambda: fetch_archiver(server, limits), f"{tag}-archiver") if archiving else None
+        ),
+        recovery=(
+            spawn(lambda: recovery(datetime.now(UTC)), f"{tag}-recovery") if archiving else None
+        ),
     )
 
 
@@ -226,6 +269,7 @@ def all_futures(pending: Iterable[_Pending]) -> list[Future[Any]]:
         out += [p.cluster, p.df, p.log, p.backups, p.perms, *p.probes.values()]
         if p.pgbouncer is not None:
             out.append(p.pgbouncer)
+        out += [f for f in (p.archiver, p.recovery) if f is not None]
     return out
 
 
@@ -250,9 +294,16 @@ def _outcome(future: Future[T], waited_s: float) -> Outcome[T]:
 
 
 def finish_server(
-    p: _Pending, fleet: Fleet, waited_s: float, now: datetime, log_since: datetime | None
+    p: _Pending,
+    fleet: Fleet,
+    waited_s: float,
+    now: datetime,
+    log_since: datetime | None,
+    *,
+    runways: Outcome[list[Runway]] | None = None,
 ) -> ServerHealth:
-    """Turn one server's futures, done or not, into its checks."""
+    """Turn one server's futures, done or not, into its checks (``runways``: what the
+    disk_runway check judges; None, no such check)."""
     server = p.server
     stats_out = _outcome(p.cluster, waited_s)
     stats, cluster_error = stats_out.value, stats_out.error
@@ -277,6 +328,12 @@ def finish_server(
             )
     else:
         checks.append(Check("disk_space", "crit", detail=f"server not answering: {df_error}"))
+    if runways is not None:
+        if runways.value is not None:
+            checks.append(run_check("disk_runway", fleet, runways.value))
+        else:
+            why = f"cannot read the disk history: {runways.error}"
+            checks.append(Check("disk_runway", "unknown", detail=why))
 
     log_out = _outcome(p.log, waited_s)
     log, log_error = log_out.value, log_out.error
@@ -312,6 +369,16 @@ def finish_server(
                 error=bouncer.error,
             )
         )
+
+    if p.archiver is not None:
+        archiver = _outcome(p.archiver, waited_s)
+        checks.append(run_check("archiving", fleet, archiver.value, now, error=archiver.error))
+    window = _outcome(p.recovery, waited_s).value if p.recovery is not None else None
+    if window is not None:  # the RPO as of the sweep's own time
+        window = pitr.RecoveryWindow(
+            window.earliest, window.latest, max(0, int((now - window.latest).total_seconds()))
+        )
+    recovery = window.as_json() if window is not None else None
 
     backups_out = _outcome(p.backups, waited_s)
     backups, backup_error = backups_out.value, backups_out.error
@@ -357,6 +424,21 @@ def finish_server(
             vac = with_cluster_stats(probe.vacuum, db)
             vacuum = run_database_check("last_vacuum", fleet, vac, error=why)
         connections = stats.backends.get(customer.database) if stats else None
+        newest = next(
+            (
+                b
+                for b in backups_from_files(
+                    backups or {}, server.backup_path, server.name, customer.name
+                )
+                if b.complete
+            ),
+            None,
+        )
+        took = (
+            (newest.finished_at - newest.started_at).total_seconds()
+            if newest and newest.started_at and newest.finished_at
+            else None
+        )
         databases.append(
             DatabaseHealth(
                 customer=customer.name,
@@ -366,7 +448,10 @@ def finish_server(
                 size_bytes=db.size_bytes if db else None,
                 last_backup_at=last,
                 connections=connections,
+                backup_seconds=took,
+                backup_bytes=newest.size_bytes if newest else None,
                 checks=in_report_order([conn, size, ratio, vacuum, age, verified], DATABASE_CHECKS),
+                recovery=recovery,
             )
         )
     return ServerHealth(
@@ -376,6 +461,9 @@ def finish_server(
         checks=in_report_order(checks, SERVER_CHECKS),
         databases=databases,
         filesystems=filesystems,
+        recovery=window,
+        backends=sum(stats.backends.values()) if stats is not None else None,
+        runways=list(runways.value or []) if runways is not None else [],
     )
 
 
@@ -405,8 +493,12 @@ def check_fleet(
     servers: Sequence[str] | None = None,
     now: datetime | None = None,
     log_window: timedelta | None = timedelta(hours=24),
+    runways: Callable[[str, datetime], Sequence[Runway]] | None = None,
 ) -> list[ServerHealth]:
-    """Every check on every server (or the named ones), in parallel, back by ``deadline_s``."""
+    """Every check on every server (or the named ones), in parallel, back by ``deadline_s``.
+
+    ``runways(server, now)``: the server's disk runways, for the disk_runway check (None: no
+    such check)."""
     started = time.monotonic()
     now = now or datetime.now(UTC)
     limits = Limits.for_deadline(deadline_s)
@@ -419,9 +511,24 @@ def check_fleet(
         except DbopsError:
             runner = None
         pending.append(start_server(server, people, runner, limits))
+    fitted = {s.name: _runways(runways, s.name, now) for s in chosen} if runways else {}
     # Leave a moment to assemble the answer inside the deadline.
     budget = max(0.05, deadline_s - 0.05 - (time.monotonic() - started))
     wait(all_futures(pending), timeout=budget)
     waited = round(time.monotonic() - started, 1)
     since = now - log_window if log_window is not None else None
-    return [finish_server(p, fleet, waited, now, since) for p in pending]
+    return [
+        finish_server(p, fleet, waited, now, since, runways=fitted.get(p.server.name))
+        for p in pending
+    ]
+
+
+def _runways(
+    source: Callable[[str, datetime], Sequence[Runway]], server: str, now: datetime
+) -> Outcome[list[Runway]]:
+    """The server's runways, or why they could not be read (logged: it is our own database)."""
+    try:
+        return Outcome(list(source(server, now)), "")
+    except Exception as exc:
+        log.exception("disk runway of %s not read", server)
+        return Outcome(None, type(exc).__name__)

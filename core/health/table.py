@@ -9,12 +9,14 @@ from typing import Any, Literal
 import psycopg
 
 from core.fleet import Fleet, Server
+from core.health.archiving import check_archiving
 from core.health.backup_checks import check_backup_age, check_backup_perms, check_backup_verified
 from core.health.disk import check_disk_space
 from core.health.logfile import check_logfile
 from core.health.pgbouncer import check_pgbouncer
 from core.health.postgres import (
     check_backends,
+    check_checkpoint,
     check_database_connection,
     check_database_size,
     check_hitratio,
@@ -22,13 +24,16 @@ from core.health.postgres import (
     check_locks,
     check_prepared_txns,
     check_query_time,
+    check_replication_slots,
     check_server_connection,
     check_txn_idle,
     check_txn_time,
     check_txn_wraparound,
+    check_version,
     is_full,
 )
 from core.health.queries import ClusterStats, Limits, fetch_cluster, pg_error_text
+from core.health.runway import check_disk_runway
 from core.health.thresholds import Check, _limits
 
 Scope = Literal["server", "cluster", "database"]
@@ -78,10 +83,17 @@ CHECKS: tuple[CheckSpec, ...] = (
     CheckSpec("query_time", "cluster", check_query_time, ("query_time",)),
     CheckSpec("locks", "cluster", check_locks, ("locks",)),
     CheckSpec("prepared_txns", "cluster", check_prepared_txns, ("prepared_txns",)),
+    CheckSpec("replication_slots", "cluster", check_replication_slots, ("replication_slots",)),
+    CheckSpec("checkpoint", "cluster", check_checkpoint, ("checkpoint",)),
+    CheckSpec("version", "cluster", check_version, ("version",)),
     CheckSpec("disk_space", "server", check_disk_space, ("disk_space",)),
+    # From the measurement history, only where the sweep is given it (core.capacity.Trends).
+    CheckSpec("disk_runway", "server", check_disk_runway, ("disk_runway",)),
     CheckSpec("logfile", "server", check_logfile, ("logfile",)),
     CheckSpec("backup_perms", "server", check_backup_perms),
     CheckSpec("pgbouncer", "server", check_pgbouncer, ("pgb_pool_cl_waiting", "pgb_pool_maxwait")),
+    # Only where the server archives its WAL (pgbackrest_config), as pgbouncer only where set up.
+    CheckSpec("archiving", "server", check_archiving),
     CheckSpec("connection", "database", check_database_connection),
     CheckSpec("database_size", "database", check_database_size, ("database_size",)),
     CheckSpec("hitratio", "database", check_hitratio, ("hitratio",)),
