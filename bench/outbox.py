@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import Engine
 
-from bot.notifier import SlackNotifier, web_client
+from bot.notifiers import SlackNotifier, web_client
 from bot.outbox import build_outbox_notifier
 from core.notify import Message
 from core.settings import load_settings

@@ -339,7 +339,7 @@ def _ops(ctx: Context) -> Ops:
 @app.command("report")
 def report_cmd(as_json: JsonFlag = False) -> None:
     """The morning report (SOP-101): servers, databases, backups, disk, log errors."""
-    from bot.tables import report_table
+    from bot.views.tables import report_table
     from core.report import render_text
 
     ctx = _ctx().ready()
@@ -526,7 +526,7 @@ def sandbox_heal(directory: SandboxDir) -> None:
 
 
 def _worker_notifier(ctx: Context, console: TextIO | None = None) -> Any:
-    from bot.notifier import ConsoleNotifier
+    from bot.notifiers import ConsoleNotifier
     from bot.outbox import outbox_notifier
 
     if ctx.settings.slack_bot_token is not None:
@@ -651,9 +651,9 @@ def jobs_run(
 
 def _register_surfaces() -> None:
     """Commands that live beside the surfaces they start (Slack app, shell, demo)."""
-    from bot import cli_slack
+    from bot import serve
 
-    cli_slack.register(app)
+    serve.register(app)
 
 
 _register_surfaces()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bot.blocks import Reply
+    from bot.views.blocks import Reply
     from core.billing import Billing
     from core.incidents import Incidents
     from core.notify import MessageRef, Notifier

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
-from bot.notifier import SlackNotifier
-from bot.slack_health import TOKEN_ERRORS
+from bot.notifiers import SlackNotifier
+from bot.slack.health import TOKEN_ERRORS
 from core.notify import Message, MessageRef, NotifyError, inert_payload
 from core.outbox import (
     Courier,
@@ -44,7 +44,7 @@ from core.settings import Settings
 from storage.events import EventLog, EventLogUnavailable
 
 if TYPE_CHECKING:
-    from bot.router import Registry
+    from bot.commands.router import Registry
 
 log = logging.getLogger("dbops.outbox")
 
@@ -310,7 +310,7 @@ def outbox_notifier(
     clock: Callable[[], datetime] | None = None,
 ) -> OutboxNotifier:
     """The process's outbox notifier for ``events.engine``, these Slack settings and
-    ``registry`` (a page's Ack button: bot.notifier.SlackNotifier)."""
+    ``registry`` (a page's Ack button: bot.notifiers.SlackNotifier)."""
     key = (
         events.engine,
         registry,
@@ -338,7 +338,7 @@ def build_outbox_notifier(
     owner: str | None = None,
     lease_s: float | None = None,
 ) -> OutboxNotifier:
-    from bot.notifier import web_client
+    from bot.notifiers import web_client
 
     extra: dict[str, Any] = {}
     if clock is not None:

@@ -28,7 +28,7 @@ from core.settings import Settings, load_settings
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from bot.router import Registry
+    from bot.commands.router import Registry
     from core.backups import Backups
     from core.escalation import Escalator
     from core.fleet import Fleet
@@ -189,7 +189,7 @@ class Runtime:
             from bot.outbox import outbox_notifier
 
             return outbox_notifier(self.settings, self.events, registry=self.registry)
-        from bot.notifier import QuietNotifier
+        from bot.notifiers import QuietNotifier
 
         return QuietNotifier()
 

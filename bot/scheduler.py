@@ -29,11 +29,11 @@ from slack_sdk.models.blocks import (
     PlainTextObject,
 )
 
-from bot.blocks import clip, escape
-from bot.incident_cards import as_message
-from bot.incident_commands import announce
-from bot.render import report_parts, report_summary
-from bot.router import Rt
+from bot.commands.cards import as_message
+from bot.commands.incidents import announce
+from bot.commands.router import Rt
+from bot.views.blocks import clip, escape
+from bot.views.render import report_parts, report_summary
 from core import checklists as cl
 from core.alerts import alerts_from_report
 from core.backups import Backups

@@ -24,9 +24,9 @@ from slack_sdk.models.blocks import (
     TextObject,
 )
 
-from bot.blocks import Reply
-from bot.listeners.errors import reply_for
-from bot.router import Invocation, Router
+from bot.commands.errors import reply_for
+from bot.commands.router import Invocation, Router
+from bot.views.blocks import Reply
 
 HINT = "Type `/db help` for commands, `press N` to press button N, `exit` to leave."
 _LINK = re.compile(r"<([^<>|]+)\|([^<>]+)>")

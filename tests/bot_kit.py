@@ -13,8 +13,8 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from bot.roles import Roles
-from bot.router import Registry, Router
+from bot.commands.roles import Roles
+from bot.commands.router import Registry, Router
 from bot.runtime import Runtime
 from core.fleet import Fleet
 from core.notify import Notifier

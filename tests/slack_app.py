@@ -10,9 +10,10 @@ from typing import Any
 
 from slack_bolt.request.async_request import AsyncBoltRequest
 
-from bot.app import Services, build_services, create_app
-from bot.router import Router
+from bot.commands.router import Router
 from bot.runtime import Runtime
+from bot.slack.app import create_app
+from bot.slack.background import Services, build_services
 from core.settings import load_settings
 from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, SlackStub, sign
 

@@ -9,7 +9,7 @@ Slack's own answer (HTTP 200, ``ok: false`` and the error code; the reasons in
   conversations.list, conversations.history, conversations.replies, views.open, views.update,
   views.push, views.publish; anything else is ``unknown_method``. A bot token is needed
   (``not_authed``, ``invalid_auth``; Socket Mode's app token for apps.connections.open only).
-- Messages and views go through ``bot.slack_rules`` (the checker the Block Kit tests use):
+- Messages and views go through ``bot.slack.rules`` (the checker the Block Kit tests use):
   ``invalid_blocks``, ``msg_too_long``, ``msg_blocks_too_long``, ``no_text``, and
   ``invalid_arguments`` for a view.
 - Channels: names ("#db-ops") are taken by chat.postMessage and answered with the channel's id;
@@ -57,7 +57,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, urlparse
 
-from bot.slack_rules import check_message, check_view
+from bot.slack.rules import check_message, check_view
 
 DROP = 0  # a "status" for fail_next: close the connection without answering
 BOT_USER = "U0DBOPSBOT"

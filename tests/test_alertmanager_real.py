@@ -23,7 +23,7 @@ from pydantic import SecretStr
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 
-from bot.webhooks import AlertDesk, alertmanager_routes
+from bot.web.alertmanager import AlertDesk, alertmanager_routes
 from core.alerts import Alert
 from core.customers import Customer, upsert_customers
 from core.escalation import Escalator

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from bot.roles import Denied, Roles
-from bot.router import Invocation, Router, UsageError
+from bot.commands.roles import Denied, Roles
+from bot.commands.router import Invocation, Router, UsageError
 from core.customers import customer_from_mapping, upsert_customers
 from core.fleet import Fleet
 from storage.db import make_engine

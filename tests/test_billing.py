@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 
-from bot.stripe_webhook import stripe_routes
+from bot.web.stripe import stripe_routes
 from core.billing import BadSignature, Billing, OnboardingProposal, name_from_email
 from core.customers import Customer, upsert_customers
 from core.errors import DbopsError

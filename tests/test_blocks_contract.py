@@ -1,6 +1,6 @@
 """Every reply the bot can make keeps Slack's Block Kit contract.
 
-Slack's own rules, checked by bot/slack_rules.py (the checker the strict Slack stub refuses
+Slack's own rules, checked by bot/slack/rules.py (the checker the strict Slack stub refuses
 with: blocks, text limits, unique ids, ~12,000 characters of block text), and ours on top: a
 top-level text fallback, buttons that are registered and parse back, and every destructive
 button red behind a confirm dialog. Replies are rendered from real core data (the session
@@ -19,13 +19,13 @@ from zoneinfo import ZoneInfo
 import pytest
 from slack_sdk.models.blocks import Block
 
-from bot import render
-from bot.blocks import Reply
 from bot.commands.catalog import build_registry
-from bot.listeners.errors import reply_for
-from bot.roles import Denied, Role
-from bot.router import UsageError, parse
-from bot.slack_rules import assert_message_ok
+from bot.commands.errors import reply_for
+from bot.commands.roles import Denied, Role
+from bot.commands.router import UsageError, parse
+from bot.slack.rules import assert_message_ok
+from bot.views import render
+from bot.views.blocks import Reply
 from core.customers import customer_from_mapping, upsert_customers
 from core.errors import DbopsError, NotFound
 from core.fleet import Fleet

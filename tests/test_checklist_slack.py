@@ -19,10 +19,11 @@ import pytest
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
 
-from bot.app import Services, build_services, create_app
-from bot.notifier import SlackNotifier, web_client
+from bot.notifiers import SlackNotifier, web_client
 from bot.runtime import Runtime
 from bot.scheduler import CHECKLIST_ACTION, checklist_message
+from bot.slack.app import create_app
+from bot.slack.background import Services, build_services
 from core import checklists as cl
 from storage.migrate import upgrade
 from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, SlackStub, sign

@@ -118,8 +118,8 @@ def test_a_failed_job_posts_its_correlation_id(
 
 
 def test_checklist_and_jobs_replies_keep_the_block_kit_contract(worker: Worker) -> None:
-    from bot.roles import Roles
-    from bot.router import Invocation, Router
+    from bot.commands.roles import Roles
+    from bot.commands.router import Invocation, Router
     from tests.test_blocks_contract import check_contract
 
     router = Router(worker.rt, roles=Roles(frozenset({"U_ALICE"})), registry=worker.rt.registry)

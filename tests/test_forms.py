@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-import bot.app
-from bot.blocks import Reply
+import bot.slack.background
 from bot.commands.catalog import build_registry
-from bot.roles import Roles
-from bot.router import Arg, Call, Router, Spec
+from bot.commands.roles import Roles
+from bot.commands.router import Arg, Call, Router, Spec
+from bot.views.blocks import Reply
 from core.errors import DbopsError
 from tests.bot_kit import make_router, no_fleet
 from tests.slack_app import SlackApp
@@ -135,7 +135,7 @@ def test_a_form_ready_in_time_opens_as_it_is(router: Router, stub: SlackStub) ->
 def test_a_slow_form_opens_a_placeholder_then_fills_it(
     router: Router, stub: SlackStub, gate: Gate, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bot.app, "FORM_WAIT_S", 0.05)
+    monkeypatch.setattr(bot.slack.background, "FORM_WAIT_S", 0.05)
     gate.wait = True
 
     def once_the_placeholder_is_open() -> None:
@@ -155,7 +155,7 @@ def test_a_slow_form_opens_a_placeholder_then_fills_it(
 def test_an_error_after_the_placeholder_shows_in_it(
     router: Router, stub: SlackStub, gate: Gate, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bot.app, "FORM_WAIT_S", 0.05)
+    monkeypatch.setattr(bot.slack.background, "FORM_WAIT_S", 0.05)
     gate.wait = gate.fail = True
 
     def once_the_placeholder_is_open() -> None:

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import Engine
 
-from bot.listeners.errors import reply_for
+from bot.commands.errors import reply_for
 from storage.events import EventLog
 from storage.group_commit import EventLogUnavailable, GroupCommitLog
 

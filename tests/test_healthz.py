@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-import bot.slack_health
-from bot.http import build_asgi
+import bot.slack.health
 from bot.runtime import Runtime
-from bot.slack_health import NOTICED
+from bot.slack.health import NOTICED
+from bot.web.asgi import build_asgi
 from core.notify import Message, NotifyError
 from storage.migrate import upgrade
 from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, SlackStub
@@ -129,7 +129,7 @@ def test_healthz_makes_no_slack_call_on_the_request_path(tmp_path: Path, stub: S
 def test_the_checks_refresh_in_the_background(
     tmp_path: Path, stub: SlackStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bot.slack_health, "REFRESH_S", 0.05)
+    monkeypatch.setattr(bot.slack.health, "REFRESH_S", 0.05)
     stub.expect_refusals("invalid_auth")
     revoked = "SLACK_BOT_TOKEN refused by Slack: invalid_auth"
     with serving(app_for(tmp_path, stub)) as client:
@@ -154,7 +154,7 @@ def eventually(
 def test_a_permanent_error_the_notifier_met_shows_until_a_later_send_works(
     tmp_path: Path, stub: SlackStub
 ) -> None:
-    from bot.notifier import SlackNotifier, web_client
+    from bot.notifiers import SlackNotifier, web_client
 
     app = app_for(tmp_path, stub)
     notifier = SlackNotifier(

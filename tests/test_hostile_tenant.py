@@ -24,7 +24,7 @@ import pytest
 from psycopg import sql
 from sqlalchemy import Engine
 
-from bot.router import Router
+from bot.commands.router import Router
 from bot.shell import Shell
 from core import hostile_tenant
 from core import sandbox as sandbox_mod

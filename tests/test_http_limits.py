@@ -24,8 +24,8 @@ from subprocess import Popen
 import httpx
 import pytest
 
-from bot.app import NoBodies, withhold_bodies
-from bot.http_limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_BODY_BYTES, MAX_WAITING
+from bot.slack.app import NoBodies, withhold_bodies
+from bot.web.limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_BODY_BYTES, MAX_WAITING
 from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, SlackStub, sign, slash_body
 from tests.test_slack_http import serving
 

@@ -19,8 +19,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import Engine, text
 
-from bot.roles import Roles
-from bot.router import Invocation
+from bot.commands.roles import Roles
+from bot.commands.router import Invocation
 from core.fleet import load_fleet
 from storage.events import EventLog, NewEvent
 from tests.bot_kit import make_router, runtime

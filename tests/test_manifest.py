@@ -17,9 +17,10 @@ import pytest
 from slack_bolt.request.async_request import AsyncBoltRequest
 from sqlalchemy import Engine
 
-from bot.app import build_services, create_app
 from bot.commands.catalog import build_registry
 from bot.runtime import Runtime
+from bot.slack.app import create_app
+from bot.slack.background import build_services
 from tests.slack_stub import (
     BOT_TOKEN,
     SCOPES,
@@ -139,7 +140,7 @@ def test_bolt_routes_every_registered_command_and_action(sqlite_engine: Engine) 
         url = stub.response_url  # one per request, as Slack gives
         known = [slash_body("help", response_url=url())]
         known += [action_body(a, "report", response_url=url()) for a in REGISTRY.action_ids()]
-        # A repeat in a block (bot.blocks.numbered) goes to the same listener.
+        # A repeat in a block (bot.views.blocks.numbered) goes to the same listener.
         known += [
             action_body(f"{a}:2", "report", response_url=url()) for a in REGISTRY.action_ids()
         ]

@@ -38,9 +38,9 @@ from psycopg import sql
 from sqlalchemy import Engine, event
 
 from bot.commands.catalog import build_registry
-from bot.provision_commands import provisioned_reply
-from bot.restart_commands import restarted_reply
-from bot.restore_commands import _done_reply
+from bot.commands.provision import provisioned_reply
+from bot.commands.restart import restarted_reply
+from bot.commands.restore import _done_reply
 from core.backups import RESTORE_STEPS, Backups, RestoreFailed, RestoreResult
 from core.customers import Customer, customer_from_mapping, upsert_customers
 from core.fleet import Fleet

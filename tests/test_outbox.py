@@ -28,10 +28,10 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, select, update
 from sqlmodel import SQLModel
 
-from bot import blocks
-from bot.blocks import Reply
 from bot.outbox import EVENT_TYPE, OutboxNotifier, build_outbox_notifier, forget_outbox_notifiers
-from bot.slack_health import NOTICED
+from bot.slack.health import NOTICED
+from bot.views import blocks
+from bot.views.blocks import Reply
 from core.notify import Message, NotifyError
 from core.outbox import LEASE_S, Outbox, T, placeholder_id
 from core.settings import Settings, load_settings
@@ -352,7 +352,7 @@ def test_the_same_key_twice_is_one_message(engine: Engine, stub: SlackStub) -> N
 
 def test_the_incident_desk_posts_through_the_outbox(stub: SlackStub, tmp_path: Path) -> None:
     """The card of an incident opened during a rate limit, then acked: one card, updated."""
-    from bot.incident_commands import announce
+    from bot.commands.incidents import announce
     from bot.runtime import Runtime
     from tests.test_page_buttons import fleet
 

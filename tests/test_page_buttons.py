@@ -23,9 +23,9 @@ from slack_sdk import WebClient
 from slack_sdk.models.blocks import Block
 
 from bot.commands.catalog import build_registry
-from bot.notifier import SlackNotifier
-from bot.roles import Roles
-from bot.router import Invocation, Registry, Router, parse
+from bot.commands.roles import Roles
+from bot.commands.router import Invocation, Registry, Router, parse
+from bot.notifiers import SlackNotifier
 from core.fleet import Fleet, parse_fleet
 from core.notify import Message
 from storage.db import make_engine

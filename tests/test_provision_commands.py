@@ -32,11 +32,11 @@ import time_machine
 from aiosmtpd.controller import Controller
 from starlette.routing import BaseRoute
 
-from bot.app import build_services
-from bot.http import build_asgi, webhook_routes
-from bot.roles import Roles
-from bot.router import Invocation, Router
+from bot.commands.roles import Roles
+from bot.commands.router import Invocation, Router
 from bot.runtime import Runtime
+from bot.slack.background import build_services
+from bot.web.asgi import build_asgi, webhook_routes
 from core.customers import customer_from_mapping, get_customer, upsert_customers
 from core.fleet import Fleet
 from core.settings import load_settings

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from bot import render
+from bot.views import render
 from core import health, sandbox
 from core.customers import Customer, customer_from_mapping
 from core.fleet import Fleet

@@ -17,10 +17,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from bot import render
-from bot.notifier import SlackNotifier, web_client
+from bot.notifiers import SlackNotifier, web_client
 from bot.runtime import Runtime
 from bot.scheduler import Worker
+from bot.views import render
 from core.report import text_view
 from storage.migrate import upgrade
 from tests.slack_stub import BOT_TOKEN, Call, SlackStub

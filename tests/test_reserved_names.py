@@ -25,7 +25,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import Engine
 
 from bot.commands.catalog import build_registry
-from bot.provision_commands import onboarding_reply
+from bot.commands.provision import onboarding_reply
 from core.billing import Billing
 from core.errors import DbopsError
 from core.fleet import Fleet

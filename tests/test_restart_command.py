@@ -17,12 +17,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from bot import restart_commands
-from bot.blocks import Reply
+from bot.commands import restart
 from bot.commands.catalog import build_registry
-from bot.listeners.errors import reply_for
-from bot.roles import Denied
-from bot.router import Invocation, Router, UsageError, parse
+from bot.commands.errors import reply_for
+from bot.commands.roles import Denied
+from bot.commands.router import Invocation, Router, UsageError, parse
+from bot.views.blocks import Reply
 from core.customers import customer_from_mapping, upsert_customers
 from core.errors import DbopsError, NotFound
 from core.fleet import Fleet
@@ -291,7 +291,7 @@ def test_an_unknown_name_gets_a_clear_error(router: Router) -> None:
 def test_the_button_is_red_behind_a_confirm() -> None:
     registry = build_registry()
     spec = registry.get("restart")
-    assert spec is restart_commands.SPEC and spec.usage == "/db restart <server|customer>"
+    assert spec is restart.SPEC and spec.usage == "/db restart <server|customer>"
     button = registry.button("restart vps2").to_dict()
     assert button["action_id"] == "db_restart" and button["value"] == "restart vps2"
     assert button["style"] == "danger"

@@ -17,10 +17,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from bot.blocks import Reply
-from bot.listeners.errors import reply_for
-from bot.roles import Roles
-from bot.router import Invocation, Router, parse
+from bot.commands.errors import reply_for
+from bot.commands.roles import Roles
+from bot.commands.router import Invocation, Router, parse
+from bot.views.blocks import Reply
 from core.customers import customer_from_mapping, upsert_customers
 from core.errors import DbopsError
 from core.fleet import Fleet

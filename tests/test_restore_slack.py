@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from bot.roles import Denied
-from bot.router import Invocation, Router, UsageError
+from bot.commands.roles import Denied
+from bot.commands.router import Invocation, Router, UsageError
 from core.customers import Customer, customer_from_mapping, upsert_customers
 from core.fleet import Fleet
 from storage.db import make_engine

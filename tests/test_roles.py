@@ -13,12 +13,13 @@ import pytest
 from slack_bolt.request.async_request import AsyncBoltRequest
 from sqlalchemy import Engine
 
-from bot.app import build_services, create_app
-from bot.blocks import Reply
 from bot.commands.catalog import build_registry
-from bot.listeners.errors import reply_for
-from bot.roles import Denied, Role, Roles
-from bot.router import Arg, Call, Invocation, Registry, Router, Spec
+from bot.commands.errors import reply_for
+from bot.commands.roles import Denied, Role, Roles
+from bot.commands.router import Arg, Call, Invocation, Registry, Router, Spec
+from bot.slack.app import create_app
+from bot.slack.background import build_services
+from bot.views.blocks import Reply
 from core.settings import Settings
 from tests.bot_kit import ALICE, BOB, CAROL, ROLES, make_router, no_fleet
 from tests.slack_stub import BOT_TOKEN, SIGNING_SECRET, SlackStub, action_body, sign, slash_body

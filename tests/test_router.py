@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot import render, router
-from bot.blocks import Reply
-from bot.commands import catalog
-from bot.router import Arg, Command, Registry, Spec, UsageError
+from bot.commands import catalog, router
+from bot.commands.router import Arg, Command, Registry, Spec, UsageError
+from bot.views import render
+from bot.views.blocks import Reply
 from core.names import NAME_RE, SERVER_RE
 
 REGISTRY = catalog.build_registry()

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from bot import blocks
-from bot.blocks import Reply
 from bot.commands.catalog import build_registry
-from bot.roles import Role, Roles
-from bot.router import Arg, Call, Registry, Router, Spec
+from bot.commands.roles import Role, Roles
+from bot.commands.router import Arg, Call, Registry, Router, Spec
 from bot.shell import HINT, Shell, plain, render_blocks
+from bot.views import blocks
+from bot.views.blocks import Reply
 from core.customers import customer_from_mapping, upsert_customers
 from storage.db import make_engine
 from storage.migrate import upgrade

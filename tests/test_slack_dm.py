@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from slack_bolt.request.async_request import AsyncBoltRequest
 
-from bot.listeners.messages import command_line
-from bot.roles import Roles
-from bot.router import Router
+from bot.commands.roles import Roles
+from bot.commands.router import Router
+from bot.slack.listeners.messages import command_line
 from core.fleet import Fleet
 from storage.db import make_engine
 from storage.events import EventLog

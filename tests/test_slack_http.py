@@ -309,7 +309,7 @@ def test_healthz_is_503_on_an_old_schema_and_serve_needs_a_signing_secret(
 ) -> None:
     from starlette.testclient import TestClient
 
-    from bot.http import build_asgi
+    from bot.web.asgi import build_asgi
     from core.errors import DbopsError
 
     with TestClient(build_asgi(_ctx(tmp_path, stub))) as client:  # an empty database
@@ -327,7 +327,7 @@ def test_socket_mode_when_an_app_token_is_set(tmp_path: Any, stub: SlackStub) ->
     while /healthz answers."""
     from starlette.testclient import TestClient
 
-    from bot.http import build_asgi
+    from bot.web.asgi import build_asgi
     from storage.migrate import upgrade
 
     ctx = _ctx(tmp_path, stub, slack_app_token="xapp-1-test-token")
@@ -348,10 +348,11 @@ def test_an_unexpected_error_shows_only_a_correlation_id(
 
     from slack_bolt.request.async_request import AsyncBoltRequest
 
-    from bot.app import build_services, create_app
     from bot.commands.catalog import build_registry
-    from bot.roles import Roles
-    from bot.router import Router, Spec
+    from bot.commands.roles import Roles
+    from bot.commands.router import Router, Spec
+    from bot.slack.app import create_app
+    from bot.slack.background import build_services
     from storage.migrate import upgrade
 
     def boom(call: Any) -> Any:
@@ -383,7 +384,7 @@ def test_an_unexpected_error_shows_only_a_correlation_id(
 def test_the_work_after_an_ack_waits_for_a_burst_of_acks_to_pass() -> None:
     import asyncio
 
-    from bot.app import Quiet
+    from bot.slack.background import Quiet
 
     async def scenario() -> tuple[float, float]:
         quiet = Quiet(quiet_s=0.05, max_defer_s=0.3)

@@ -20,15 +20,15 @@ from zoneinfo import ZoneInfo
 import pytest
 import time_machine
 
-from bot.blocks import Reply
+from bot.commands.cards import credit_buttons, resolution_reply
 from bot.commands.catalog import build_registry
-from bot.incident_cards import credit_buttons, resolution_reply
-from bot.listeners.errors import reply_for
-from bot.roles import Denied, Roles
-from bot.router import Invocation, Router, UsageError, parse
+from bot.commands.errors import reply_for
+from bot.commands.roles import Denied, Roles
+from bot.commands.router import Invocation, Router, UsageError, parse
 from bot.runtime import Runtime
 from bot.shell import render_blocks
-from bot.slack_rules import assert_message_ok
+from bot.slack.rules import assert_message_ok
+from bot.views.blocks import Reply
 from core.customers import customer_from_mapping, upsert_customers
 from core.fleet import Fleet
 from core.incidents import CreditProposal, Incident, Resolution, credit_cents
@@ -94,7 +94,7 @@ def press(router: Router, user: str, line: str) -> Reply:
     )
     try:
         reply = router.run(inv)
-    except Exception as exc:  # what the Slack app does with it (bot.app.Background)
+    except Exception as exc:  # what the Slack app does with it (bot.slack.background.Background)
         reply = reply_for(exc)
     assert reply is not None
     check_contract(line, reply)

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from slack_sdk import WebClient
 
-from bot.notifier import SlackNotifier
+from bot.notifiers import SlackNotifier
 from bot.runtime import Runtime
 from bot.scheduler import Worker
 from core.customers import customer_from_mapping, upsert_customers

@@ -23,9 +23,9 @@ from zoneinfo import ZoneInfo
 import pytest
 import time_machine
 
-from bot import incident_commands
+from bot.commands import incidents
+from bot.commands.router import Router
 from bot.desk import Desk
-from bot.router import Router
 from core.customers import Customer, customer_from_mapping, upsert_customers
 from core.fleet import Fleet
 from storage.db import make_engine
@@ -158,7 +158,7 @@ def test_a_resolve_note_with_fifteen_credits_and_each_apply_credits_its_customer
     inc = env.desk.incidents.open(
         "vps1 lost its disk", "P0", actor=ALICE, customers=CREDITED, server="vps1"
     )
-    said = incident_commands.announce(env.router.rt, inc.id)
+    said = incidents.announce(env.router.rt, inc.id)
     assert said.ref is not None
     with time_machine.travel(datetime.now(UTC) + timedelta(hours=2), tick=True):
         note = typed(env, ALICE, f"incident resolve {inc.id} the disk was replaced")

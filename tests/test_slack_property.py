@@ -7,7 +7,7 @@ failed or stale, warnings, log errors, full disks, open incidents) and any words
 `/db report` reply, and the morning report's summary and every part of its thread), status,
 servers, log, backups, the incident list, card and resolve note with many customers,
 checklists, the restore form with many backups, the onboarding card, pages and the on-call
-reply; and asserts Slack's rules hold for each (bot/slack_rules.py, the checker the strict
+reply; and asserts Slack's rules hold for each (bot/slack/rules.py, the checker the strict
 stub refuses with). Pages go through the strict stub itself. The fleets are made on paper
 (tests/synthetic_fleet.py), so this runs in seconds.
 """
@@ -26,24 +26,24 @@ from hypothesis import strategies as st
 from slack_sdk import WebClient
 from sqlalchemy import Engine
 
-from bot import render
-from bot.backup_commands import backups_reply
-from bot.blocks import Reply
-from bot.commands.catalog import build_registry
-from bot.forms import with_destination
-from bot.incident_cards import (
+from bot.commands.backups import backups_reply
+from bot.commands.cards import (
     card_reply,
     credit_buttons,
     list_reply,
     oncall_reply,
     resolution_reply,
 )
-from bot.listeners.delivery import Destination
-from bot.notifier import SlackNotifier
-from bot.provision_commands import onboarding_reply
-from bot.restore_commands import _preview_reply, restore_view
+from bot.commands.catalog import build_registry
+from bot.commands.provision import onboarding_reply
+from bot.commands.restore import _preview_reply, restore_view
+from bot.notifiers import SlackNotifier
 from bot.scheduler import checklist_message
-from bot.slack_rules import assert_message_ok, assert_view_ok, check_message
+from bot.slack.forms import with_destination
+from bot.slack.listeners.delivery import Destination
+from bot.slack.rules import assert_message_ok, assert_view_ok, check_message
+from bot.views import render
+from bot.views.blocks import Reply
 from core import checklists as cl
 from core import oncall
 from core.backups import BackupInfo, RestorePreview, Verification

@@ -16,7 +16,7 @@ import pytest
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
-from bot.notifier import SlackNotifier
+from bot.notifiers import SlackNotifier
 from core.notify import Message, MessageRef, NotifyError
 from tests.slack_stub import (
     BOT_TOKEN,

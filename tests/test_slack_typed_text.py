@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from bot.blocks import unescape
-from bot.roles import Roles
-from bot.router import Router
+from bot.commands.roles import Roles
+from bot.commands.router import Router
+from bot.views.blocks import unescape
 from core.customers import customer_from_mapping, upsert_customers
 from core.fleet import Fleet
 from storage.db import make_engine

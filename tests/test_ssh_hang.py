@@ -23,8 +23,8 @@ from typing import Any
 import paramiko
 import pytest
 
-from bot.roles import Roles
-from bot.router import Invocation, Router
+from bot.commands.roles import Roles
+from bot.commands.router import Invocation, Router
 from core.customers import customer_from_mapping, upsert_customers
 from core.errors import Unreachable
 from core.fleet import Fleet

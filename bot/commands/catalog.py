@@ -12,26 +12,26 @@ capability's block; a new capability goes at the end. tests/test_router.py holds
 
 from __future__ import annotations
 
-from bot import (
-    backup_commands,
-    incident_commands,
-    provision_commands,
-    restart_commands,
-    restore_commands,
+from bot.commands import (
+    backups,
+    checklists,
+    incidents,
+    provision,
+    restart,
+    restore,
     router,
-    scheduler_commands,
 )
-from bot.router import Kind, Registry, Spec
+from bot.commands.router import Kind, Registry, Spec
 
 # (the commands, the kinds of argument they add), in help order.
 CAPABILITIES: list[tuple[list[Spec], dict[str, Kind]]] = [
     (router.SPECS, dict(router.KINDS)),  # help, status, report, servers, log
-    (backup_commands.SPECS, {}),  # backups, backup
-    (incident_commands.SPECS, dict(incident_commands.KINDS)),  # incident ..., oncall [set]
-    (provision_commands.SPECS, dict(provision_commands.KINDS)),  # provision, credit apply
-    (restart_commands.SPECS, {}),  # restart
-    (restore_commands.SPECS, dict(restore_commands.KINDS)),  # restore
-    (scheduler_commands.SPECS, {}),  # checklist, jobs
+    (backups.SPECS, {}),  # backups, backup
+    (incidents.SPECS, dict(incidents.KINDS)),  # incident ..., oncall [set]
+    (provision.SPECS, dict(provision.KINDS)),  # provision, credit apply
+    (restart.SPECS, {}),  # restart
+    (restore.SPECS, dict(restore.KINDS)),  # restore
+    (checklists.SPECS, {}),  # checklist, jobs
 ]
 
 

@@ -47,15 +47,15 @@ def register(app: typer.Typer) -> None:
         port: Annotated[int, typer.Option(help="Port to listen on.")] = 3000,
     ) -> None:
         """The Slack app: POST /slack/events, GET /healthz (Socket Mode with SLACK_APP_TOKEN)."""
-        from bot import http
-        from bot.provision_commands import require_email_branding
+        from bot.commands.provision import require_email_branding
         from bot.runtime import Runtime
+        from bot.web import asgi
 
         _logging()
         # Appends from many threads go in together (storage/group_commit.py).
         rt = Runtime.load(group_commit=True).ready()
         require_email_branding(rt.settings, lambda: rt.fleet)
-        http.serve(rt, host, port)
+        asgi.serve(rt, host, port)
 
     @app.command("shell")
     def shell(
@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         ] = "U_SHELL",
     ) -> None:
         """The bot in a terminal: type `/db ...` lines, `press N` to press a button."""
-        from bot.provision_commands import require_email_branding
+        from bot.commands.provision import require_email_branding
         from bot.runtime import Runtime
 
         rt = Runtime.load().ready()
@@ -107,8 +107,8 @@ def _moved_note(directory: Path, state: dict[str, Any]) -> str:
 
 
 def _run_shell(rt: Runtime, user: str, extra_admins: list[str] | None = None) -> None:
-    from bot.app import checkpointer_for, make_router
     from bot.shell import HINT, Shell
+    from bot.slack.background import checkpointer_for, make_router
 
     router = make_router(rt, extra_admins=extra_admins or [])
     checkpointer = checkpointer_for(rt, router.events)
@@ -189,7 +189,7 @@ def _demo_outbox(outbox: Path) -> str:
 
 
 def _serve_in_background(rt: Runtime) -> None:
-    from bot.http import uvicorn_server
+    from bot.web.asgi import uvicorn_server
 
     port = int(os.environ.get("PORT", "3000"))
     server = uvicorn_server(rt, "127.0.0.1", port)

@@ -1,6 +1,6 @@
 """A posted checklist's checkboxes: a click applies only the item it ticks or unticks, under the
 operator role, and the message is updated for everyone (`/db checklist` and the scheduler post
-the checklist: bot/scheduler_commands.py, bot/scheduler.py)."""
+the checklist: bot/commands/checklists.py, bot/scheduler.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from bot.roles import Role
+from bot.commands.roles import Role
 from bot.scheduler import CHECKLIST_ACTION, ChecklistBlock, checklist_message, parse_checklist_block
 from core import checklists as cl
 from core.errors import DbopsError
@@ -17,7 +17,7 @@ from core.errors import DbopsError
 if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncAck, AsyncApp
 
-    from bot.app import Services
+    from bot.slack.background import Services
 
 log = logging.getLogger("dbops.checklists")
 

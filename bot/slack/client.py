@@ -19,7 +19,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from bot.blocks import Reply
+from bot.views.blocks import Reply
 from core.notify import inert_payload
 from core.settings import Settings
 

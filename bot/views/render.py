@@ -1,4 +1,4 @@
-"""Core's data -> replies (bot.blocks.Reply). Long text comes from templates/slack/*.md.j2.
+"""Core's data -> replies (bot.views.blocks.Reply). Long text comes from templates/slack/*.md.j2.
 
 The templates run in Jinja's sandbox, and every ``{{ }}`` is mrkdwn-escaped on the way out
 (``finalize``) unless the value was built here as ``Mrkdwn``: customer names, check details and
@@ -20,16 +20,16 @@ from jinja2 import FileSystemLoader, StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 from slack_sdk.models.blocks import Block, ButtonElement
 
-from bot import blocks
-from bot.blocks import Reply, escape
-from bot.roles import Role
+from bot.commands.roles import Role
+from bot.views import blocks
+from bot.views.blocks import Reply, escape
 from core.errors import DbopsError
 from core.report import text_view
 from core.settings import SLACK_USER_ID
 from core.units import pretty_age, pretty_bytes
 from storage.events import StoredEvent
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "slack"
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "slack"
 ROLES_NOTE = (
     "Anyone may read; operators may ack, back up and restart; admins may restore and provision."
 )
@@ -104,7 +104,7 @@ def _check(checks: Sequence[Mapping[str, Any]], name: str) -> Mapping[str, Any] 
 
 
 class Listed(Protocol):
-    """A command as `/db help` lists it (bot.router's Spec)."""
+    """A command as `/db help` lists it (bot.commands.router's Spec)."""
 
     @property
     def name(self) -> str: ...
@@ -242,7 +242,7 @@ def status_reply(
 # --- report, servers -------------------------------------------------------------------------
 
 
-# Block text per message of the report: well under Slack's ~12,000 (bot/slack_rules.py), with
+# Block text per message of the report: well under Slack's ~12,000 (bot/slack/rules.py), with
 # room for the header, the notes and the buttons.
 REPORT_PART_BUDGET = 9000
 REPORT_ELSEWHERE = (

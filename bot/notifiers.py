@@ -17,15 +17,15 @@ from slack_sdk.http_retry.builtin_handlers import (
 )
 from slack_sdk.models.blocks import ButtonElement
 
-from bot import blocks
-from bot.slack_health import NOTICED
+from bot.slack.health import NOTICED
+from bot.views import blocks
 from core.errors import DbopsError
 from core.notify import Message, MessageRef, NotifyError, inert_payload
 from core.settings import Settings
 from storage.events import EventLog
 
 if TYPE_CHECKING:
-    from bot.router import Registry
+    from bot.commands.router import Registry
 
 log = logging.getLogger("dbops.notifier")
 

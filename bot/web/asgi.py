@@ -4,7 +4,7 @@
 401 otherwise); ``GET /healthz`` answers JSON with the schema state. With SLACK_APP_TOKEN set,
 Slack is reached over Socket Mode instead and /slack/events is not served; /healthz still is,
 and later webhooks (Stripe, Alertmanager) mount beside it with ``extra_routes``.
-Every route sits behind the body cap and read deadlines of ``bot.http_limits``.
+Every route sits behind the body cap and read deadlines of ``bot.web.limits``.
 """
 
 from __future__ import annotations
@@ -25,16 +25,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from bot.app import Services, build_services, create_app, withhold_bodies
-from bot.http_limits import (
+from bot.runtime import Runtime
+from bot.slack.app import create_app, withhold_bodies
+from bot.slack.background import Services, build_services
+from bot.slack.health import SlackHealth
+from bot.web.limits import (
     KEEP_ALIVE_S,
     LIMIT_CONCURRENCY,
     MAX_HEADER_BYTES,
     BodyLimits,
     shedding_protocol,
 )
-from bot.runtime import Runtime
-from bot.slack_health import SlackHealth
 from core.errors import DbopsError
 from core.outbox import failures as outbox_failures
 from storage.migrate import current_revision, head_revision
@@ -169,7 +170,7 @@ def uvicorn_server(rt: Runtime, host: str, port: int, **kwargs: Any) -> uvicorn.
         log_level="warning",
         access_log=False,
         lifespan="on",
-        # Read deadlines and caps: bot/http_limits.py says why each figure is what it is.
+        # Read deadlines and caps: bot/web/limits.py says why each figure is what it is.
         http=shedding_protocol(),
         limit_concurrency=LIMIT_CONCURRENCY,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
@@ -182,11 +183,11 @@ def uvicorn_server(rt: Runtime, host: str, port: int, **kwargs: Any) -> uvicorn.
 def webhook_routes(rt: Runtime) -> list[BaseRoute]:
     """POST /alerts/alertmanager (alerts open incidents that page through Slack) and
     POST /stripe/webhook (a paid checkout proposes onboarding in the ops channel)."""
-    from bot.incident_cards import as_message
-    from bot.incident_commands import announce
-    from bot.provision_commands import onboarding_reply
-    from bot.stripe_webhook import stripe_routes
-    from bot.webhooks import AlertDesk, alertmanager_routes
+    from bot.commands.cards import as_message
+    from bot.commands.incidents import announce
+    from bot.commands.provision import onboarding_reply
+    from bot.web.alertmanager import AlertDesk, alertmanager_routes
+    from bot.web.stripe import stripe_routes
     from core.billing import Billing, OnboardingProposal
 
     def billing() -> Billing:

@@ -1,5 +1,5 @@
 """`/db checklist <name>` and `/db jobs`. A posted checklist's checkboxes (who ticked what,
-when) are bot/listeners/checklists.py.
+when) are bot/slack/listeners/checklists.py.
 
 ``SPECS`` go on the router through bot/commands/catalog.py.
 """
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from bot import blocks
-from bot.blocks import Reply, escape
-from bot.roles import Role
-from bot.router import Arg, Call, Spec
+from bot.commands.roles import Role
+from bot.commands.router import Arg, Call, Spec
 from bot.scheduler import checklist_message, jobs_table
+from bot.views import blocks
+from bot.views.blocks import Reply, escape
 from core import checklists as cl
 from core.jobs import job_specs
 

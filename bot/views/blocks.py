@@ -5,7 +5,7 @@ clients), at most 50 blocks and well under Slack's ~12,000 characters of block t
 visibility (ephemeral or in the channel). The helpers here clip text to Slack's limits on a
 line boundary instead of letting a long check detail or log line make the whole reply fail;
 a reply too long for one message says how much it left out and where the rest is.
-(Slack's rules themselves, and the checker the tests and the stub use: bot/slack_rules.py.)
+(Slack's rules themselves, and the checker the tests and the stub use: bot/slack/rules.py.)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from slack_sdk.models.blocks import (
     SectionBlock,
 )
 
-from bot import slack_rules
+from bot.slack import rules as slack_rules
 
 MAX_BLOCKS = 50
 SECTION_MAX = 3000
@@ -48,7 +48,7 @@ MORE = "…"
 # transport may lengthen a little (inert markup).
 BLOCK_TEXT_BUDGET = 11_000
 # A button repeated in one block gets its position after this (db_incident_ack:2); the router
-# runs it as the command it names (bot.router.base_action_id).
+# runs it as the command it names (bot.commands.router.base_action_id).
 REPEAT = ":"
 _REPEATED = re.compile(re.escape(REPEAT) + r"\d+$")
 

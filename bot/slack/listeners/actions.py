@@ -2,8 +2,8 @@
 included (a confirm dialog is not an authorization).
 
 A message with several buttons for one command (an Ack per incident, an Apply per credit)
-numbers the repeats (db_incident_ack, db_incident_ack:2, ...; bot.blocks.numbered), since Slack
-refuses a block where two share an action_id; each listener matches its action_id and its
+numbers the repeats (db_incident_ack, db_incident_ack:2, ...; bot.views.blocks.numbered), since
+Slack refuses a block where two share an action_id; each listener matches its action_id and its
 repeats, and the value says which incident or customer was meant."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 from slack_bolt.async_app import AsyncAck
 from slack_bolt.request.async_request import AsyncBoltRequest
 
-from bot.listeners.delivery import Destination, delivery_key, trigger_of
-from bot.router import Invocation, action_pattern
+from bot.commands.router import Invocation, action_pattern
+from bot.slack.listeners.delivery import Destination, delivery_key, trigger_of
 
 if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncApp
 
-    from bot.app import Services
+    from bot.slack.background import Services
 
 
 def register(app: AsyncApp, services: Services) -> list[str]:

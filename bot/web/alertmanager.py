@@ -2,7 +2,7 @@
 
 Mount with ``build_asgi(rt, extra_routes=alertmanager_routes(factory))``. The factory is called
 once, at the first request, and returns an ``AlertDesk`` over the runtime's incident desk
-(``bot.http.webhook_routes``).
+(``bot.web.asgi.webhook_routes``).
 
 * No token configured: 503 (the endpoint is off). Missing or wrong token: 401, compared in
   constant time.

@@ -12,7 +12,7 @@ confirm dialog that carries that server and address; a name that is reserved or 
 server is refused at once, before anything is made.
 
 The onboarding card (``onboarding_reply``) is what a paid Stripe checkout or first invoice posts
-in OPS_CHANNEL (bot/http.py). Its Provision button (behind a confirm dialog) carries
+in OPS_CHANNEL (bot/web/asgi.py). Its Provision button (behind a confirm dialog) carries
 `provision <customer> --plan <plan> --server <server>`, so a press is parsed and role-checked
 like typing it; a reserved name gets no button.
 
@@ -34,10 +34,10 @@ from zoneinfo import ZoneInfo
 
 from slack_sdk.models.blocks import Block, ButtonElement
 
-from bot import blocks
-from bot.blocks import Reply, escape
-from bot.roles import Role
-from bot.router import Arg, Call, Kind, Look, Registry, Spec, UsageError, shown
+from bot.commands.roles import Role
+from bot.commands.router import Arg, Call, Kind, Look, Registry, Spec, UsageError, shown
+from bot.views import blocks
+from bot.views.blocks import Reply, escape
 from core import email as mail
 from core.billing import CreditResult, OnboardingProposal
 from core.errors import DbopsError

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bot.listeners import actions, checklists, commands, errors, messages, views
+from bot.slack.listeners import actions, checklists, commands, errors, messages, views
 
 if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncApp
 
-    from bot.app import Services
+    from bot.slack.background import Services
 
 
 def register(app: AsyncApp, services: Services) -> dict[str, list[str]]:

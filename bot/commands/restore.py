@@ -14,7 +14,7 @@ The result goes to the channel the command came from, saying what state was reac
 back (the customer's database as before, untouched or swapped back), or not.
 
 ``SPECS`` go on the router through bot/commands/catalog.py (with ``KINDS``, the backup and the
-typed name); the modal's submit is bot/listeners/views.py.
+typed name); the modal's submit is bot/slack/listeners/views.py.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from slack_sdk.models.blocks import (
 )
 from slack_sdk.models.views import View
 
-from bot import blocks
-from bot.blocks import Reply, escape
-from bot.incident_cards import mention
-from bot.roles import Role
-from bot.router import Arg, Call, Kind, Spec
+from bot.commands.cards import mention
+from bot.commands.roles import Role
+from bot.commands.router import Arg, Call, Kind, Spec
+from bot.views import blocks
+from bot.views.blocks import Reply, escape
 from core.backups import BackupInfo, RestoreFailed, RestorePreview, RestoreResult, parse_stamp
 from core.errors import DbopsError
 from core.units import pretty_age, pretty_bytes

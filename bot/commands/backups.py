@@ -1,7 +1,7 @@
 """`/db backups <customer>` and `/db backup <customer>` (operator).
 
 ``SPECS`` go on the router through bot/commands/catalog.py. Restores are
-bot/restore_commands.py.
+bot/commands/restore.py.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 
 from slack_sdk.models.blocks import ButtonElement
 
-from bot import blocks
-from bot.blocks import Reply, escape
-from bot.roles import Role
-from bot.router import Arg, Call, Spec
+from bot.commands.roles import Role
+from bot.commands.router import Arg, Call, Spec
+from bot.views import blocks
+from bot.views.blocks import Reply, escape
 from core.backups import BackupInfo
 from core.units import pretty_age, pretty_bytes
 

@@ -16,9 +16,9 @@ from zoneinfo import ZoneInfo
 
 from slack_sdk.models.blocks import Block, ButtonElement
 
-from bot import blocks
-from bot.blocks import Reply, escape
-from bot.router import Registry
+from bot.commands.router import Registry
+from bot.views import blocks
+from bot.views.blocks import Reply, escape
 from core.incidents import Incident, Resolution
 from core.notify import Message, inert
 from core.oncall import OnCallNow
@@ -260,7 +260,7 @@ def list_reply(
     unacked = sum(1 for inc in incidents if inc.status == "open")
     if unacked > len(buttons):
         out.append(blocks.context("Ack the others with `/db incident ack <id>`."))
-    if buttons:  # an Ack per incident, each its own action_id (bot.blocks.numbered)
+    if buttons:  # an Ack per incident, each its own action_id (bot.views.blocks.numbered)
         out.append(blocks.actions(buttons, block_id="incident-list"))
     return Reply(
         text=f"{len(incidents)} open incidents",

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bot.webhooks import built_once
+from bot.web.alertmanager import built_once
 from core.billing import MAX_BODY_BYTES, BadSignature, Billing, OnboardingProposal, Received
 from core.errors import DbopsError
 

@@ -20,9 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from slack_sdk.models.blocks import ButtonElement
 
-from bot import blocks
-from bot.blocks import Reply, escape
-from bot.incident_cards import (
+from bot.commands.cards import (
     acked_note,
     card_reply,
     credit_buttons,
@@ -33,8 +31,10 @@ from bot.incident_cards import (
     resolution_reply,
     restart_reply,
 )
-from bot.roles import Role
-from bot.router import Arg, Call, Kind, Registry, Rt, Spec
+from bot.commands.roles import Role
+from bot.commands.router import Arg, Call, Kind, Registry, Rt, Spec
+from bot.views import blocks
+from bot.views.blocks import Reply, escape
 from core import oncall
 from core.customers import list_customers
 from core.errors import DbopsError

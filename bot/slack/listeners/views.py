@@ -1,4 +1,4 @@
-"""The restore form's submit (bot/restore_commands.py opens the form): the typed name checked at
+"""The restore form's submit (bot/commands/restore.py opens the form): the typed name checked at
 once (a mismatch keeps the modal open, with the error, and is an event), then the restore run
 after the ack like any command, through the router: role check again, events."""
 
@@ -8,9 +8,7 @@ import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
-from bot.blocks import unescape
-from bot.listeners.delivery import Destination
-from bot.restore_commands import (
+from bot.commands.restore import (
     BACKUP_ACTION,
     BACKUP_BLOCK,
     FORM_ID,
@@ -18,12 +16,14 @@ from bot.restore_commands import (
     NAME_BLOCK,
     progress_view,
 )
-from bot.router import Invocation, shown
+from bot.commands.router import Invocation, shown
+from bot.slack.listeners.delivery import Destination
+from bot.views.blocks import unescape
 
 if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncAck, AsyncApp
 
-    from bot.app import Services
+    from bot.slack.background import Services
 
 
 def _metadata(view: dict[str, Any]) -> dict[str, Any]:

@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from slack_bolt.request.async_request import AsyncBoltRequest
 
-from bot.blocks import unescape
-from bot.listeners.delivery import Destination, delivery_key
-from bot.router import Invocation
+from bot.commands.router import Invocation
+from bot.slack.listeners.delivery import Destination, delivery_key
+from bot.views.blocks import unescape
 
 if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncApp
 
-    from bot.app import Services
+    from bot.slack.background import Services
 
 BOT_EVENTS = ["message.im"]
 

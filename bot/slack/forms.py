@@ -2,8 +2,9 @@
 
 Slack's trigger_id is good for 3 seconds, and the form's content (a list of backups read over
 SSH) usually takes a fraction of that but can take longer. So the form opens as it is when the
-command answers in time (bot.app.FORM_WAIT_S); otherwise a placeholder modal opens with the
-trigger and is updated in place with the form, or with the error, when the command answers.
+command answers in time (FORM_WAIT_S in bot.slack.background); otherwise a placeholder modal
+opens with the trigger and is updated in place with the form, or with the error, when the
+command answers.
 Where no modal can open (an expired trigger), the command's reply goes out as a message
 instead: it says how to do the same by typing.
 """
@@ -20,8 +21,8 @@ from slack_sdk.models.blocks import MarkdownTextObject, SectionBlock
 from slack_sdk.models.views import View
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.blocks import Reply, clip, escape
-from bot.listeners.delivery import Destination
+from bot.slack.listeners.delivery import Destination
+from bot.views.blocks import Reply, clip, escape
 from core.notify import inert_payload
 
 log = logging.getLogger("dbops.forms")

@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
 
-from bot import render
-from bot.blocks import Reply
-from bot.roles import Denied
-from bot.router import UsageError
+from bot.commands.roles import Denied
+from bot.commands.router import UsageError
+from bot.views import render
+from bot.views.blocks import Reply
 from core.errors import DbopsError
 from storage.group_commit import EventLogUnavailable
-
-if TYPE_CHECKING:
-    from slack_bolt.async_app import AsyncApp
-
-    from bot.app import Services
 
 log = logging.getLogger("dbops.bot")
 
@@ -49,13 +43,3 @@ def reply_for(exc: BaseException, *, where: str = "command") -> Reply:
     cid = correlation_id()
     log.error("unexpected error in %s [%s]", where, cid, exc_info=exc)
     return render.internal_error_reply(cid)
-
-
-def register(app: AsyncApp, services: Services) -> None:
-    @app.error
-    async def on_error(error: Exception, body: dict[str, Any]) -> None:
-        # Reached only when a listener itself fails (they ack and hand off, so rarely).
-        reply = reply_for(error, where="listener")
-        url = body.get("response_url") if isinstance(body, dict) else None
-        if url:
-            await services.replier.respond(url, reply)

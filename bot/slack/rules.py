@@ -9,7 +9,7 @@ style ("must be less than 3001 characters [json-pointer:/blocks/2/text/text]").
 Why in bot/ rather than tests/: three parties need the very same rules. The strict Slack stub
 (tests/slack_stub.py) refuses with them, the Block Kit contract and property tests assert with
 them, and the renderers fit with them: the morning report splits its details by
-``block_text_length``, and ``bot.blocks.Reply`` trims by it as a last resort. Were the numbers
+``block_text_length``, and ``bot.views.blocks.Reply`` trims by it as a last resort. Were the numbers
 in tests only, a renderer could drift from what the tests check and nobody would notice until
 Slack said no. Pure functions over dicts: no slack_sdk, no I/O, so a transport (the outbox)
 can also look before it sends.

@@ -25,9 +25,9 @@ from zoneinfo import ZoneInfo
 
 from slack_sdk.models.blocks import ButtonElement
 
-from bot import blocks, render
-from bot.blocks import Reply
-from bot.roles import Role, Roles
+from bot.commands.roles import Role, Roles
+from bot.views import blocks, render
+from bot.views.blocks import Reply
 from core.errors import DbopsError
 from core.names import validate_name, validate_server_name
 from core.ops import Ops
@@ -325,7 +325,7 @@ class Registry:
 
     def by_action(self, action_id: str) -> Spec | None:
         """The command a button runs, repeats included (``db_incident_ack:3``: see
-        bot.blocks.numbered)."""
+        bot.views.blocks.numbered)."""
         action_id = base_action_id(action_id)
         found = [s for s in self._specs.values() if s.button and s.action_id == action_id]
         return found[0] if found else None

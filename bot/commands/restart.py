@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot import blocks
-from bot.blocks import Reply, escape
-from bot.incident_cards import mention, restart_reply
-from bot.incident_commands import refresh_card
-from bot.roles import Role
-from bot.router import Arg, Call, Spec
+from bot.commands.cards import mention, restart_reply
+from bot.commands.incidents import refresh_card
+from bot.commands.roles import Role
+from bot.commands.router import Arg, Call, Spec
+from bot.views import blocks
+from bot.views.blocks import Reply, escape
 from core.restarts import Restarted
 from storage.spool import RECORD_LATER
 

@@ -1,0 +1,1 @@
+"""The Bolt transport: the app, the work after an ack, the Slack client and listeners."""

@@ -1,0 +1,1 @@
+"""Views: core data -> Reply/Message. Pure functions; buttons are passed in."""
