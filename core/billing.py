@@ -74,6 +74,14 @@ class BadSignature(DbopsError):
     """The webhook is not from Stripe (or not signed with our secret): answer 400."""
 
 
+def stripe_proposal(events: EventLog, customer: str) -> dict[str, Any] | None:
+    """The newest onboarding proposal a Stripe payment made for ``customer``, as recorded."""
+    found = events.query(
+        kind="billing.onboarding_proposed", subject=customer, newest_first=True, limit=1
+    )
+    return dict(found[0].payload) if found else None
+
+
 def credit_key(incident_id: int, customer: str) -> str:
     return f"sla-credit:{incident_id}:{customer}"
 

@@ -38,7 +38,8 @@ from bot.views.blocks import Reply, escape
 from core import oncall
 from core.customers import list_customers
 from core.errors import DbopsError
-from core.health import Limits, ServerHealth, check_fleet, fetch_cluster, pg_error_text
+from core.health import ServerHealth, check_fleet
+from core.health.diagnostics import diagnose
 from core.incident_report import duration, incident_report, timeline_lines
 from core.incident_report import render_text as render_incident_report
 from core.incidents import Incident, parse_incident_id, parse_severity
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("dbops.incidents.slack")
 
 HEALTH_DEADLINE_S = 3.0  # the card's state and the diagnostics: a quick look, not a sweep
-TOP_ACTIVITY = 5
 
 
 # --- argument kinds --------------------------------------------------------------------------
@@ -120,14 +120,12 @@ def restore_hint(rt: Rt, inc: Incident) -> dict[str, Any] | None:
     if len(inc.customers) != 1 or not inc.active:
         return None
     try:
-        found = rt.backups.list_backups(inc.customers[0])
+        newest = rt.backups.newest_verified(inc.customers[0])
     except DbopsError as exc:
         return {"reason": f"could not read the backups: {exc.message[:100]}"}
-    now = datetime.now(UTC)
-    for b in found:
-        if b.complete and b.verified:
-            return {"name": b.stamp, "age_s": b.age_s(now)}
-    return {"reason": "no restore-tested backup yet"}
+    if newest is None:
+        return {"reason": "no restore-tested backup yet"}
+    return {"name": newest.stamp, "age_s": newest.age_s(datetime.now(UTC))}
 
 
 def _card(
@@ -162,63 +160,6 @@ def refresh_card(desk: Desk, call: Call, inc_id: int, *, note: str = "") -> Repl
     return reply
 
 
-def diagnostics(ops: Ops, server: str, health: ServerHealth) -> dict[str, Any]:
-    """Top of pg_stat_activity, blocking locks, recent log errors, disk: short, from one quick
-    connection and the checks just run."""
-
-    def detail(name: str) -> str:
-        check = health.check(name)
-        return f"{check.verdict}: {check.detail}" if check else ""
-
-    out: dict[str, Any] = {
-        "server": server,
-        "postgres": health.postgres,
-        "connection": conn.detail if (conn := health.check("connection")) else "",
-        "activity": None,
-        "locks": detail("locks"),
-        "log": detail("logfile"),
-        "disk": detail("disk_space"),
-        "taken_at": datetime.now(UTC),
-    }
-    if health.postgres != "up":
-        return out
-    try:
-        stats = fetch_cluster(ops.fleet.server(server), Limits.for_deadline(HEALTH_DEADLINE_S))
-    except Exception as exc:  # diagnostics are a courtesy: never fail the open over them
-        out["connection"] = pg_error_text(exc)
-        return out
-    busy = sorted(
-        (a for a in stats.activity if a.state not in (None, "idle")),
-        key=lambda a: (a.xact_s, a.state_s),
-        reverse=True,
-    )
-    out["activity"] = [
-        {
-            "pid": a.pid,
-            "datname": a.datname,
-            "usename": a.usename,
-            "state": a.state,
-            "xact_s": a.xact_s,
-            "state_s": a.state_s,
-            "query": a.query,
-        }
-        for a in busy[:TOP_ACTIVITY]
-    ]
-    waiting: dict[str, int] = {}
-    for granted, mode, datname in stats.locks:
-        if granted is False:
-            key = f"{datname} {mode}"
-            waiting[key] = waiting.get(key, 0) + 1
-    if waiting:
-        top = sorted(waiting.items(), key=lambda kv: -kv[1])[:5]
-        out["locks"] = (
-            f"{sum(waiting.values())} waiting: "
-            + ", ".join(f"{n}x {k}" for k, n in top)
-            + (f" ({out['locks']})" if out["locks"] else "")
-        )
-    return out
-
-
 # --- handlers ---------------------------------------------------------------------------------
 
 
@@ -247,7 +188,7 @@ def announce(rt: Rt, incident_id: int, *, registry: Registry | None = None) -> A
     restart = _restart_view(inc, health) if health is not None else None
     card = _card(desk, registry, inc, view, restore=restore_hint(rt, inc), restart=restart)
     diag = (
-        diagnostics_reply(inc.ref, diagnostics(ops, inc.server, health), tz)
+        diagnostics_reply(inc.ref, diagnose(ops.fleet, inc.server, health, HEALTH_DEADLINE_S), tz)
         if health is not None and inc.server is not None
         else None
     )

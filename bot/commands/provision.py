@@ -39,15 +39,15 @@ from bot.commands.router import Arg, Call, Kind, Look, Registry, Spec, UsageErro
 from bot.views import blocks
 from bot.views.blocks import Reply, escape
 from core import email as mail
-from core.billing import CreditResult, OnboardingProposal
+from core.billing import CreditResult, OnboardingProposal, stripe_proposal
 from core.errors import DbopsError
 from core.fleet import Fleet
 from core.incidents import parse_incident_id
+from core.incidents.sla import proposed_credit
 from core.names import validate_new_name
 from core.provisioning import Provisioner, ProvisionResult, ServerCapacity
 from core.settings import Settings
 from core.units import pretty_bytes
-from storage.events import EventLog
 from storage.spool import RECORD_LATER
 
 SHOWN_SERVERS = 5
@@ -109,14 +109,6 @@ def plans_text(fleet: Fleet) -> str:
         f"{name} ({p.ram_mb:,} MB RAM, {p.storage_gb} GB, ${p.price_usd_month}/month)"
         for name, p in fleet.plans.items()
     )
-
-
-def stripe_proposal(events: EventLog, customer: str) -> dict[str, Any] | None:
-    """The newest onboarding proposal a Stripe payment made for ``customer``, as recorded."""
-    found = events.query(
-        kind="billing.onboarding_proposed", subject=customer, newest_first=True, limit=1
-    )
-    return dict(found[0].payload) if found else None
 
 
 def _arguments(call: Call) -> tuple[Provisioner, dict[str, Any], str]:
@@ -324,29 +316,6 @@ def onboarding_reply(proposal: OnboardingProposal, registry: Registry) -> Reply:
 
 
 # --- SLA credits ---------------------------------------------------------------------------------
-
-
-def proposed_credit(events: EventLog, incident_id: int, customer: str) -> int:
-    """The credit, in cents, core proposed for ``customer`` when it resolved the incident."""
-    ref = f"inc-{incident_id}"
-    for event in events.query(
-        subject=ref, kind="sla.credit_proposed", newest_first=True, limit=1000
-    ):
-        if event.payload.get("customer") != customer:
-            continue
-        cents = event.payload.get("credit_cents")
-        if type(cents) is int and cents > 0:
-            return cents
-        reason = str(event.payload.get("reason") or "no amount")
-        raise DbopsError(
-            f"The SLA credit proposed for {customer} in {ref} has no amount: {reason[:150]}.",
-            hint="Credit it by hand in Stripe, and note it in the incident.",
-        )
-    raise DbopsError(
-        f"No SLA credit was proposed for {customer} in {ref}.",
-        hint=f"Credits are proposed when an outage over an hour is resolved; `/db log {ref}` "
-        "shows what happened.",
-    )
 
 
 def _credit_apply(call: Call) -> Reply:

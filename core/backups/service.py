@@ -329,6 +329,10 @@ class BackupService(FleetAccess):
         c, server, runner = self._where(customer)
         return read_backups(runner, server, c.name)
 
+    def newest_verified(self, customer: str) -> BackupInfo | None:
+        """The newest complete backup whose restore test passed: what a restore should use."""
+        return next((b for b in self.list_backups(customer) if b.complete and b.verified), None)
+
     def take_backup(self, customer: str, actor: str, *, prune: bool = False) -> BackupInfo:
         """Back up one customer now (``/db backup acme``). Retention is the nightly run's job
         (``prune`` applies it here too): a backup taken by hand before a risky change must not

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from storage.events import StoredEvent
+from core.errors import DbopsError
+from storage.events import EventLog, StoredEvent
 
 SLA_THRESHOLD = timedelta(hours=1)
 SLA_MONTH = timedelta(days=30)
@@ -76,3 +77,26 @@ def _merge_downtime(parts: Iterable[dict[str, int]]) -> dict[str, int]:
         for name, secs in part.items():
             out[name] = out.get(name, 0) + secs
     return out
+
+
+def proposed_credit(events: EventLog, incident_id: int, customer: str) -> int:
+    """The credit, in cents, core proposed for ``customer`` when it resolved the incident."""
+    ref = f"inc-{incident_id}"
+    for event in events.query(
+        subject=ref, kind="sla.credit_proposed", newest_first=True, limit=1000
+    ):
+        if event.payload.get("customer") != customer:
+            continue
+        cents = event.payload.get("credit_cents")
+        if type(cents) is int and cents > 0:
+            return cents
+        reason = str(event.payload.get("reason") or "no amount")
+        raise DbopsError(
+            f"The SLA credit proposed for {customer} in {ref} has no amount: {reason[:150]}.",
+            hint="Credit it by hand in Stripe, and note it in the incident.",
+        )
+    raise DbopsError(
+        f"No SLA credit was proposed for {customer} in {ref}.",
+        hint=f"Credits are proposed when an outage over an hour is resolved; `/db log {ref}` "
+        "shows what happened.",
+    )
