@@ -561,9 +561,8 @@ def jobs_cmd(typer_ctx: typer.Context, as_json: JsonFlag = False) -> None:
         return
     from rich.table import Table
 
-    from bot.scheduler import jobs_table
     from core.checklists import load_checklists
-    from core.jobs import job_specs
+    from core.jobs import job_specs, jobs_table
 
     settings = _ctx().settings
     rows = jobs_table(job_specs(settings.tz, load_checklists()), datetime.now(UTC), settings.tz)

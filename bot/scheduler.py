@@ -15,7 +15,7 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -47,7 +47,6 @@ from core.jobs import (
     execute_manual,
     job_specs,
     missed_slots,
-    next_runs,
     owner_id,
 )
 from core.notify import Message, Notifier
@@ -393,24 +392,6 @@ class Worker:
             max_instances=1,
         )
         return scheduler
-
-
-def jobs_table(specs: list[JobSpec], now: datetime, tz: Any) -> list[dict[str, Any]]:
-    rows = []
-    for spec in specs:
-        nxt = next_runs(spec.trigger, now, 1)
-        rows.append(
-            {
-                "id": spec.id,
-                "description": spec.description,
-                "trigger": str(spec.trigger),
-                "next_run_utc": nxt[0].astimezone(UTC).isoformat() if nxt else None,
-                "next_run_local": nxt[0].astimezone(tz).isoformat() if nxt else None,
-                "misfire_grace_s": spec.misfire_grace_s,
-                "exactly_once": spec.exclusive,
-            }
-        )
-    return rows
 
 
 def run_forever(worker: Worker, stop: threading.Event | None = None) -> None:

@@ -478,3 +478,22 @@ def execute_manual(
     return RunResult(
         spec.id, now, ran=True, ok=ok, outcome=outcome, manual=True, duration_ms=duration_ms
     )
+
+
+def jobs_table(specs: list[JobSpec], now: datetime, tz: tzinfo) -> list[dict[str, Any]]:
+    """Each job, its trigger and its next run (UTC and ``tz``): `dbops jobs`, `/db jobs`."""
+    rows = []
+    for spec in specs:
+        nxt = next_runs(spec.trigger, now, 1)
+        rows.append(
+            {
+                "id": spec.id,
+                "description": spec.description,
+                "trigger": str(spec.trigger),
+                "next_run_utc": nxt[0].astimezone(UTC).isoformat() if nxt else None,
+                "next_run_local": nxt[0].astimezone(tz).isoformat() if nxt else None,
+                "misfire_grace_s": spec.misfire_grace_s,
+                "exactly_once": spec.exclusive,
+            }
+        )
+    return rows

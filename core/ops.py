@@ -25,6 +25,7 @@ from core.capacity import Attachment, Trends, review_text
 from core.customers import Customer, get_customer, list_customers
 from core.errors import DbopsError, NotFound
 from core.fleet import Fleet
+from core.health import ServerHealth, check_fleet
 from core.health.backup_run import backup_run_check
 from core.health.thresholds import Check
 from core.names import not_found, validate_server_name
@@ -125,6 +126,18 @@ class Ops(FleetAccess):
             why = f"cannot read the event log ({type(exc).__name__})"
             return [Check("backup_run", "unknown", detail=why)]
         return [found] if found is not None else []
+
+    def server_health(self, server: str, *, deadline_s: float) -> ServerHealth:
+        """One server's checks now (an incident card's quick look: the last hour of its log)."""
+        (health,) = check_fleet(
+            self.fleet,
+            list_customers(self.engine, server),
+            self.runners,
+            deadline_s=deadline_s,
+            servers=[server],
+            log_window=timedelta(hours=1),
+        )
+        return health
 
     def servers(
         self, *, deadline_s: float = 5.0, now: datetime | None = None

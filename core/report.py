@@ -436,3 +436,14 @@ def render_status_text(status: Mapping[str, Any], tz: ZoneInfo | None = None) ->
             problems=problems,
         )
     )
+
+
+def health_view(health: ServerHealth, customers: Sequence[str]) -> dict[str, Any]:
+    """A server's health as an incident card shows it: the server's JSON, and with it the
+    database's when the incident is about one customer."""
+    server = server_json(health)
+    if len(customers) == 1:
+        db = next((d for d in health.databases if d.customer == customers[0]), None)
+        if db is not None:
+            return {"server": server, "database": database_json(db)}
+    return server

@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 
 from bot.commands.roles import Role
 from bot.commands.router import Arg, Call, Spec
-from bot.scheduler import checklist_message, jobs_table
+from bot.scheduler import checklist_message
 from bot.views import blocks
 from bot.views.blocks import Reply, escape
 from core import checklists as cl
-from core.jobs import job_specs
+from core.jobs import job_specs, jobs_table
 
 
 def _checklist(call: Call) -> Reply:

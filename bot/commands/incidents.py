@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from slack_sdk.models.blocks import ButtonElement
@@ -36,16 +36,14 @@ from bot.commands.router import Arg, Call, Kind, Registry, Rt, Spec
 from bot.views import blocks
 from bot.views.blocks import Reply, escape
 from core import oncall
-from core.customers import list_customers
 from core.errors import DbopsError
-from core.health import ServerHealth, check_fleet
+from core.health import ServerHealth
 from core.health.diagnostics import diagnose
 from core.incident_report import duration, incident_report, timeline_lines
 from core.incident_report import render_text as render_incident_report
 from core.incidents import Incident, parse_incident_id, parse_severity
 from core.notify import MessageRef
-from core.ops import Ops
-from core.report import database_json, server_json
+from core.report import health_view
 from core.restarts import Decision, Refused, decide, seen_from_health
 
 if TYPE_CHECKING:
@@ -67,29 +65,6 @@ KINDS: Mapping[str, Kind] = {"severity": _severity, "slack_user": oncall.parse_u
 
 
 # --- health, the card and the diagnostics ----------------------------------------------------
-
-
-def _server_health(ops: Ops, server: str) -> ServerHealth:
-    customers = list_customers(ops.engine, server)
-    (health,) = check_fleet(
-        ops.fleet,
-        customers,
-        ops.runners,
-        deadline_s=HEALTH_DEADLINE_S,
-        servers=[server],
-        log_window=timedelta(hours=1),
-    )
-    return health
-
-
-def _health_view(inc: Incident, health: ServerHealth) -> dict[str, Any]:
-    """The card's view of the server, and the database of a one-customer incident."""
-    server = server_json(health)
-    if len(inc.customers) == 1:
-        db = next((d for d in health.databases if d.customer == inc.customers[0]), None)
-        if db is not None:
-            return {"server": server, "database": database_json(db)}
-    return server
 
 
 def _restart_view(inc: Incident, health: ServerHealth) -> Decision:
@@ -149,8 +124,8 @@ def refresh_card(desk: Desk, call: Call, inc_id: int, *, note: str = "") -> Repl
     health, restart = None, None
     if inc.server is not None and inc.active:
         try:
-            seen = _server_health(call.ops, inc.server)
-            health, restart = _health_view(inc, seen), _restart_view(inc, seen)
+            seen = call.ops.server_health(inc.server, deadline_s=HEALTH_DEADLINE_S)
+            health, restart = health_view(seen, inc.customers), _restart_view(inc, seen)
         except DbopsError:
             health = None
     hint = restore_hint(call.rt, inc)
@@ -181,10 +156,10 @@ def announce(rt: Rt, incident_id: int, *, registry: Registry | None = None) -> A
     health: ServerHealth | None = None
     if inc.server is not None:
         try:
-            health = _server_health(ops, inc.server)
+            health = ops.server_health(inc.server, deadline_s=HEALTH_DEADLINE_S)
         except DbopsError as exc:
             log.warning("no health for %s at open: %s", inc.ref, exc.message)
-    view = _health_view(inc, health) if health is not None else None
+    view = health_view(health, inc.customers) if health is not None else None
     restart = _restart_view(inc, health) if health is not None else None
     card = _card(desk, registry, inc, view, restore=restore_hint(rt, inc), restart=restart)
     diag = (
