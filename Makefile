@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PG_BIN ?= /usr/lib/postgresql/15/bin
 
-.PHONY: install demo test lint typecheck pytest bench clean system-deps
+.PHONY: install demo test lint typecheck pytest test-heavy bench clean system-deps
 
 install: $(BIN)/dbops system-deps
 
@@ -64,8 +64,14 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Two passes: everything else on two workers, then the timing-sensitive tests alone (another
+# worker's CPU would decide their deadlines). The long end-to-end runs are `make test-heavy`.
 pytest: install pg-test-bins
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not heavy and not solo"
+	$(BIN)/pytest -n 0 -m "solo and not heavy"
+
+test-heavy: install
+	$(BIN)/pytest -m heavy
 
 test: lint typecheck pytest
 

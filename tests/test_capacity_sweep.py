@@ -130,7 +130,7 @@ def runway_of(entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return check, entry["runway"]
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_the_check_the_report_and_the_servers_show_the_same_runway(
     month: tuple[Ops, Disks, list[datetime]], sqlite_engine: Engine
 ) -> None:

@@ -274,7 +274,7 @@ def _port_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_restore_to_a_time_brings_back_exactly_that_moment(
     sandbox_fleet: Fleet,
     pool: RunnerPool,
@@ -338,7 +338,7 @@ def test_restore_to_a_time_brings_back_exactly_that_moment(
     )
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_the_dump_runs_as_the_customer_and_a_failure_removes_the_scratch_instance(
     sandbox: dict[str, Any], sandbox_fleet: Fleet, pool: RunnerPool, two_customers: Any
 ) -> None:

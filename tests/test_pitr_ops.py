@@ -261,7 +261,7 @@ def test_nightly_run_takes_a_pgbackrest_backup_with_the_fleets_retention(
     assert events.query(kind="backup.pgbackrest_failed")[-1].subject == SERVER
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_weekly_physical_restore_test_is_recorded_like_the_dump_tests(
     sandbox_fleet: Fleet, sqlite_engine: Engine, events: EventLog
 ) -> None:
@@ -305,7 +305,7 @@ def two_customers(
         yield one, other
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_restore_to_time_through_backups(
     sandbox_fleet: Fleet,
     sqlite_engine: Engine,

@@ -47,6 +47,9 @@ MARGIN = 1.0
 FACTOR = 3.0
 FLOOR_S = 0.5
 
+# Timing claims (the rest of the fleet unaffected by a hung server): run alone (make test).
+pytestmark = pytest.mark.solo
+
 
 @pytest.fixture
 def router(sandbox: dict[str, Any], sandbox_fleet: Fleet, tmp_path: Path) -> Iterator[Router]:
