@@ -67,7 +67,7 @@ def _authorised(request: Request, token: str) -> bool:
     return hmac.compare_digest(given.strip().encode("utf-8"), token.encode("utf-8"))
 
 
-async def _body(request: Request, limit: int) -> bytes | None:
+async def read_body(request: Request, limit: int) -> bytes | None:
     """The body, or None once it passes ``limit`` (read no further)."""
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -131,7 +131,7 @@ def alertmanager_routes(ctx_factory: Callable[[], AlertDesk], *, path: str = PAT
                 401,
                 headers={"WWW-Authenticate": 'Bearer realm="dbops"'},
             )
-        raw = await _body(request, MAX_BODY_BYTES)
+        raw = await read_body(request, MAX_BODY_BYTES)
         delivery = uuid.uuid4().hex[:12]
         if raw is None:
             await run_in_threadpool(

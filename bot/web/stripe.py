@@ -23,23 +23,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bot.web.alertmanager import built_once
+from bot.web.alertmanager import built_once, read_body
 from core.billing import MAX_BODY_BYTES, BadSignature, Billing, OnboardingProposal, Received
 from core.errors import DbopsError
 
 log = logging.getLogger("dbops.stripe")
 
 PATH = "/stripe/webhook"
-
-
-async def _body(request: Request, limit: int) -> bytes | None:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _process(
@@ -69,7 +59,7 @@ def stripe_routes(
             return JSONResponse(
                 {"error": "STRIPE_WEBHOOK_SECRET is not set: the Stripe endpoint is off"}, 503
             )
-        raw = await _body(request, MAX_BODY_BYTES)
+        raw = await read_body(request, MAX_BODY_BYTES)
         if raw is None:
             return JSONResponse({"error": f"body over {MAX_BODY_BYTES} bytes"}, 413)
         signature = request.headers.get("stripe-signature")
