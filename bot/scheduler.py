@@ -32,6 +32,7 @@ from slack_sdk.models.blocks import (
 from bot.commands.cards import as_message
 from bot.commands.incidents import announce
 from bot.commands.router import Rt
+from bot.notifiers import file_sender, upload_all
 from bot.views.blocks import clip, escape
 from bot.views.render import report_parts, report_summary
 from core import checklists as cl
@@ -49,7 +50,7 @@ from core.jobs import (
     missed_slots,
     owner_id,
 )
-from core.notify import Message, Notifier
+from core.notify import Message, MessageRef, Notifier
 from core.oncall import handoff
 from core.ops import Ops
 from storage.chain import Checkpoint
@@ -148,6 +149,30 @@ def _option(item: cl.Item) -> Option:
         text=MarkdownTextObject(text=text[:cut] + "…"),
         description=MarkdownTextObject(text=clip("…" + text[cut:].strip(), OPTION_MAX)),
     )
+
+
+def post_attachments(rt: Rt, checklist: cl.Checklist, ref: MessageRef, now: datetime) -> int:
+    """What ``checklist``'s posting carries besides its items (``attach``: the capacity
+    review's fleet disk chart, Ops.checklist_attachments) into the posting's thread, through
+    the runtime's notifier; how many went. Drawn only for a notifier that takes files. One that
+    did not go is a line in the thread saying why; it never undoes the posting (a failed job
+    would be posted again by hand, checklist and all)."""
+    if not checklist.attach or file_sender(rt.notifier) is None:
+        return 0
+    try:
+        files = rt.ops.checklist_attachments(checklist, now)
+    except Exception:
+        log.exception("could not make the attachments of %s", checklist.name)
+        files, failed = [], ["the chart could not be drawn (see the worker's log)"]
+    else:
+        failed = upload_all(rt.notifier, ref.channel, files, thread_ts=ref.ts, events=rt.events)
+    if failed:
+        note = f":warning: {len(failed)} file(s) of this checklist did not go: {failed[0]}"
+        try:
+            rt.notifier.post(ref.channel, Message(text=escape(note)), thread_ts=ref.ts)
+        except Exception:
+            log.exception("could not say that %s's files did not go", checklist.name)
+    return max(0, len(files) - len(failed))
 
 
 @dataclass
@@ -259,6 +284,7 @@ class Worker:
         )
         ref = self.notifier.post(self.channel, checklist_message(state, self.rt.tz))
         cl.attach_message(self.rt.engine, state.id, ref.channel, ref.ts)
+        post_attachments(self.rt, checklist, ref, self.clock())
         return cl.run_state(self.rt.engine, state.id)
 
     def checklist_nudge(self, slot: datetime, late_s: int) -> dict[str, Any]:

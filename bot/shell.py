@@ -2,7 +2,9 @@
 
 Reads lines from stdin (so it can be piped): ``/db ...`` runs a command, ``press N`` presses
 button N of the last reply through the same path (and the same role check) as a Slack button.
-A button with a confirm dialog asks for ``yes`` on the next line.
+A button with a confirm dialog asks for ``yes`` on the next line. A reply's files (the chart of
+``/db status acme --chart``) are saved in ``charts_dir``, the current directory unless given,
+never over an existing file, and each path is printed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import html
 import re
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TextIO
 
 from slack_sdk.models.blocks import (
@@ -24,6 +27,7 @@ from slack_sdk.models.blocks import (
     TextObject,
 )
 
+from bot.attachments import files_of, save
 from bot.commands.errors import reply_for
 from bot.commands.router import Invocation, Router
 from bot.views.blocks import Reply
@@ -95,10 +99,18 @@ def render_blocks(blocks: Sequence[Block], first: int = 1) -> tuple[str, list[Bu
 
 
 class Shell:
-    def __init__(self, router: Router, actor: str, out: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        actor: str,
+        out: TextIO | None = None,
+        *,
+        charts_dir: Path | None = None,
+    ) -> None:
         self.router = router
         self.actor = actor
         self.out = out or sys.stdout
+        self.charts_dir = charts_dir
         self.buttons: list[ButtonElement] = []
         self._confirming: ButtonElement | None = None
 
@@ -111,6 +123,13 @@ class Shell:
             return
         text, self.buttons = render_blocks(reply.blocks)
         self.say(text or reply.text)
+        for attachment in files_of(reply):
+            try:
+                path = save(attachment, self.charts_dir or Path.cwd())
+            except OSError as exc:
+                self.say(f"[!] Could not save {attachment.filename}: {exc.strerror or exc}")
+            else:
+                self.say(f"Chart saved: {path} ({attachment.title})")
 
     def run_invocation(self, inv: Invocation) -> None:
         try:

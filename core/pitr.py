@@ -419,7 +419,10 @@ def parse_target(text: str, timezone: str) -> datetime:
             when = when.replace(tzinfo=ZoneInfo(timezone))
         except (ZoneInfoNotFoundError, ValueError):
             raise DbopsError(f"unknown time zone {timezone!r} (TIMEZONE).") from None
-    return when.astimezone(UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:  # year 1 or 9999 shifted past the calendar's end
+        raise DbopsError(f"{value[:40]!r} is out of range.") from None
 
 
 def segment_number(name: str, segment_bytes: int) -> int:
@@ -430,7 +433,14 @@ def segment_number(name: str, segment_bytes: int) -> int:
 
 
 class Refused(DbopsError):
-    """A restore to a time that cannot be done; nothing was changed."""
+    """A restore to a time that cannot be done; nothing was changed. ``window``: the recovery
+    window, when it was read (what can be restored to instead)."""
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, window: RecoveryWindow | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.window = window
 
 
 @dataclass(frozen=True)
@@ -544,16 +554,18 @@ def decide(
         raise Refused(
             f"{_iso(target)} is in the future (now is {_iso(now)}); nothing was changed.",
             hint=f"{database} can be restored to {_iso(window.earliest)} .. now.",
+            window=window,
         )
     if target < window.earliest:
         raise Refused(
             f"{_iso(target)} is before the recovery window of {server}, which starts at "
             f"{_iso(window.earliest)} (the oldest base backup); nothing was changed.",
             hint="The nightly dumps (`/db backups`) may reach further back.",
+            window=window,
         )
     before = [b for b in info.backups if b.stop <= target]
     if not before:  # cannot happen when target >= earliest; kept for a hand-made info
-        raise Refused(f"no base backup of {server} ended before {_iso(target)}.")
+        raise Refused(f"no base backup of {server} ended before {_iso(target)}.", window=window)
     backup = before[-1]
     try:
         first = segment_number(backup.wal_start, sizes.segment)
@@ -589,6 +601,7 @@ def decide(
             f"~{pretty_bytes(need)}, {pretty_bytes(free_bytes)} free at {root}; nothing was "
             "changed.",
             hint="Free space there first.",
+            window=window,
         )
     return plan
 

@@ -30,6 +30,22 @@ Slack's own answer (HTTP 200, ``ok: false`` and the error code; the reasons in
   ``rate_limit(seconds)`` answers 429 with the Retry-After left until that much stub time has
   passed (``advance`` moves it); ``hold_next`` keeps a call's answer (or the call itself) back
   until released, for a client killed mid-call.
+- Files, as slack_sdk's ``files_upload_v2`` sends them: files.getUploadURLExternal (``filename``
+  and ``length`` required, ``invalid_arguments`` otherwise; a length of 1 byte to
+  ``file_limit_bytes``, Slack's 1 GB unless a test lowers it, else
+  ``file_upload_size_restricted``; ``alt_txt`` up to 1,000 characters, ``alt_txt_too_large``)
+  answers an ``upload_url`` on this stub (``/upload/v1/<ticket>``) and a ``file_id``; the POST
+  of the bytes there (raw, or multipart's one file part) must carry exactly the declared
+  length (HTTP 400 otherwise, 404 for a ticket unknown or already completed);
+  files.completeUploadExternal takes ``files`` (a JSON array of ``{id, title}``), ``channel_id``,
+  ``thread_ts`` and ``initial_comment``, and refuses a file id it never issued, one whose bytes
+  never arrived and one completed before (``file_not_found``, the reason in
+  ``response_metadata``), a channel name or a deleted channel (``channel_not_found``) and a
+  channel the bot is not in (``not_in_channel``). Stricter than Slack on one point: Slack keeps
+  a file completed without a channel as a private file nobody sees; here that is
+  ``invalid_arguments``, since dbops never means to upload a file nobody sees. Both methods need
+  ``files:write`` (``missing_scope``). ``files()`` returns the completed uploads, bytes and
+  all.
 - Message metadata (``metadata``: ``event_type`` and ``event_payload``, refused otherwise with
   ``invalid_metadata_format`` / ``invalid_metadata_schema``) is kept with the message and shown
   by conversations.history and conversations.replies only with ``include_all_metadata``; those
@@ -73,8 +89,10 @@ _JSON_FIELDS = ("blocks", "attachments", "view", "metadata")
 CHANNELS = ("db-ops", "db-escalations", "esc", "general")  # public, with the bot in them
 SCOPES = (
     "commands,chat:write,chat:write.public,im:write,im:history,channels:read,groups:read,"
-    "channels:history,groups:history"
+    "channels:history,groups:history,files:write"
 )
+FILE_MAX_BYTES = 1 << 30  # Slack takes files of up to 1 GB
+ALT_TXT_MAX = 1000
 # The scope conversations.history / .replies need, by the first letter of the channel id.
 HISTORY_SCOPES = {"C": "channels:history", "G": "groups:history", "D": "im:history"}
 _EVENT_TYPE = re.compile(r"^[A-Za-z0-9_]{1,255}$")
@@ -94,6 +112,8 @@ METHODS = {
     "views.update",
     "views.push",
     "views.publish",
+    "files.getUploadURLExternal",
+    "files.completeUploadExternal",
 }
 
 # Triggers issued in this process (trigger_id -> when, time.monotonic): Slack issues one per
@@ -180,6 +200,24 @@ class Hold:
         self.released.set()
 
 
+@dataclass
+class UploadedFile:
+    """One file through files.getUploadURLExternal: its bytes once posted to its URL, and where
+    files.completeUploadExternal shared it."""
+
+    id: str
+    filename: str
+    length: int
+    ticket: str
+    alt_txt: str | None = None
+    data: bytes | None = None  # posted to the upload URL
+    completed: bool = False
+    title: str | None = None
+    channel: str | None = None
+    thread_ts: str | None = None
+    initial_comment: str | None = None
+
+
 class SlackStub:
     def __init__(self) -> None:
         self.calls: list[Call] = []
@@ -195,6 +233,8 @@ class SlackStub:
         self._holds: list[Hold] = []
         self.scopes = set(SCOPES.split(","))  # what auth.test reports; remove one to test
         self.latency_s = 0.0  # how long each Web API answer takes (a slow network)
+        self.file_limit_bytes = FILE_MAX_BYTES  # lower it: the team restricts large uploads
+        self._uploads: dict[str, UploadedFile] = {}  # by file id
         self._expected: set[str] = set()
         self._channels: dict[str, dict[str, Any]] = {}
         for name in CHANNELS:
@@ -406,13 +446,23 @@ class SlackStub:
                     raise AssertionError(f"no matching call within {timeout}s; got {kinds}")
                 self._cond.wait(left)
 
+    def files(self, channel: str | None = None) -> list[UploadedFile]:
+        """Every file completed (shared) so far, oldest first; in ``channel`` only if given."""
+        with self._cond:
+            done = [f for f in self._uploads.values() if f.completed]
+        return [f for f in done if channel is None or f.channel == self.channel_id(channel)]
+
     def replies_to(self, token: str) -> list[Call]:
         return self.find(lambda c: c.path == f"/response/{token}" and c.status == 200)
 
     def refused(self) -> list[Call]:
         """Every call Slack would have refused (not a failure a test injected)."""
         return self.find(
-            lambda c: not c.ok and not c.injected and c.path.startswith(("/api/", "/response/"))
+            lambda c: (
+                not c.ok
+                and not c.injected
+                and c.path.startswith(("/api/", "/response/", "/upload/"))
+            )
         )
 
     @contextmanager
@@ -435,6 +485,11 @@ class SlackStub:
         length = int(req.headers.get("Content-Length") or 0)
         raw = req.rfile.read(length) if length else b""
         ctype = req.headers.get("Content-Type", "")
+        url = urlparse(req.path)
+        path = url.path
+        if path.startswith("/upload/"):  # a file's bytes, not a form
+            self._upload(req, path, ctype, raw)
+            return
         body: dict[str, Any]
         try:
             if "json" in ctype:
@@ -443,13 +498,13 @@ class SlackStub:
                 body = dict(parse_qsl(raw.decode("utf-8")))
         except ValueError:
             body = {}
-        url = urlparse(req.path)
-        path = url.path
         if path.startswith("/_stub/"):  # for a benchmark in another process: unrecorded
             self._send(req, 200, self._control(path, parse_qs(url.query)), {})
             return
         kind = "response" if path.startswith("/response/") else path.removeprefix("/api/")
-        if kind != "response" and req.command == "GET":
+        if kind != "response" and (req.command == "GET" or url.query):
+            # Slack reads arguments from the query string too, with a POST as with a GET
+            # (AsyncWebClient sends files.getUploadURLExternal's there).
             body = {**dict(parse_qsl(url.query)), **body}
         headers = {k.lower(): v for k, v in req.headers.items()}
         hold = self._hold(path)
@@ -620,6 +675,13 @@ class SlackStub:
             return {"ok": True, "channel": {"id": self.dm_channel(users)}}
         if kind in ("conversations.history", "conversations.replies"):
             return self._history(kind, body)
+        if kind.startswith("files."):
+            if "files:write" not in self.scopes:
+                provided = ",".join(sorted(self.scopes))
+                return {**_error("missing_scope"), "needed": "files:write", "provided": provided}
+            if kind == "files.getUploadURLExternal":
+                return self._upload_url(body)
+            return self._complete_upload(body)
         if kind in ("chat.postMessage", "chat.postEphemeral"):
             return self._post(kind, body)
         if kind in ("chat.update", "chat.delete"):
@@ -756,6 +818,147 @@ class SlackStub:
             self._views[view_id] = shown
         return {"ok": True, "view": shown}
 
+    def _upload_url(self, body: dict[str, Any]) -> dict[str, Any]:
+        """files.getUploadURLExternal: a ticket for one file of ``length`` bytes."""
+        filename = str(body.get("filename") or "")
+        length_arg = body.get("length")
+        given = (("filename", filename), ("length", length_arg))
+        missing = [name for name, value in given if value in (None, "")]
+        if missing:
+            return _error(
+                "invalid_arguments", tuple(f"[ERROR] missing required field: {n}" for n in missing)
+            )
+        try:
+            length = int(str(length_arg))
+        except ValueError:
+            return _error("invalid_arguments", ("[ERROR] invalid type for field: length",))
+        if length < 1:
+            return _error("invalid_arguments", ("[ERROR] length must be at least 1 byte",))
+        if length > self.file_limit_bytes:
+            return _error("file_upload_size_restricted")
+        alt = body.get("alt_txt")
+        if alt is not None and len(str(alt)) > ALT_TXT_MAX:
+            return _error("alt_txt_too_large")
+        upload = UploadedFile(
+            id=f"F{uuid.uuid4().hex[:10].upper()}",
+            filename=filename,
+            length=length,
+            ticket=uuid.uuid4().hex,
+            alt_txt=None if alt is None else str(alt),
+        )
+        with self._cond:
+            self._uploads[upload.id] = upload
+        url = f"http://127.0.0.1:{self.port}/upload/v1/{upload.ticket}"
+        return {"ok": True, "upload_url": url, "file_id": upload.id}
+
+    def _upload(self, req: BaseHTTPRequestHandler, path: str, ctype: str, raw: bytes) -> None:
+        """The POST of a file's bytes to its upload_url: HTTP 200 when they are all there."""
+        headers = {k.lower(): v for k, v in req.headers.items()}
+        ticket = path.removeprefix("/upload/v1/")
+        data = _file_part(ctype, raw)
+        injected = self._injected(path, "response")  # an upload says no with an HTTP status
+        found: UploadedFile | None = None
+        if injected is not None:
+            status, answer, extra = injected
+        else:
+            extra = {}
+            with self._cond:
+                found = next((f for f in self._uploads.values() if f.ticket == ticket), None)
+                if found is None or found.completed:
+                    status, answer = 404, b"not_found"  # no such ticket, or it is used up
+                elif data is None:
+                    status, answer = 400, b"invalid_form_data"  # a multipart body, no file
+                elif len(data) != found.length:
+                    status, answer = 400, f"length_mismatch: {len(data)} != {found.length}".encode()
+                else:
+                    found.data = data
+                    status, answer = 200, f"OK - {len(data)}".encode()
+        body = {"filename": found.filename if found else None, "length": len(data or b"")}
+        call = Call("upload", path, headers, body, status, answer=answer)
+        call.ok = status == 200
+        call.error = None if call.ok else answer.decode().split(":")[0]
+        call.injected = injected is not None
+        if status == DROP:
+            call.ok, call.error = False, "dropped"
+        with self._cond:
+            self.calls.append(call)
+            self._cond.notify_all()
+        if status == DROP:
+            req.close_connection = True
+        else:
+            self._send(req, status, answer, extra)
+
+    def _complete_upload(self, body: dict[str, Any]) -> dict[str, Any]:
+        """files.completeUploadExternal: share uploaded files in one channel (or thread)."""
+        files = body.get("files")
+        if isinstance(files, str):
+            try:
+                files = json.loads(files)
+            except ValueError:
+                return _error("invalid_arguments", ("[ERROR] invalid JSON for field: files",))
+        if not files:
+            return _error("invalid_arguments", ("[ERROR] missing required field: files",))
+        if not isinstance(files, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("id"), str) for f in files
+        ):
+            return _error("invalid_arguments", ("[ERROR] files: an array of {id, title}",))
+        targets = [str(body.get("channel_id") or "")] if body.get("channel_id") else []
+        targets += [c for c in str(body.get("channels") or "").split(",") if c]
+        if not targets:
+            # Slack keeps such a file private, shared nowhere: dbops never means that.
+            return _error(
+                "invalid_arguments",
+                ("[ERROR] channel_id: without one the file is shared nowhere",),
+            )
+        thread = str(body.get("thread_ts") or "") or None
+        if thread is not None and len(targets) > 1:
+            return _error("invalid_arguments", ("[ERROR] thread_ts takes a single channel",))
+        shared = []
+        for target in targets:
+            if _USER_ID.fullmatch(target):
+                shared.append(self.dm_channel(target))
+                continue
+            if not _CHANNEL_ID.fullmatch(target):  # ids only: a name is not found
+                return _error("channel_not_found")
+            with self._cond:
+                info = self._channels.get(target)
+            if info is not None and info.get("deleted"):
+                return _error("channel_not_found")
+            if info is not None and not info["is_member"]:
+                return _error("not_in_channel")
+            shared.append(target)
+        with self._cond:
+            for f in files:
+                upload = self._uploads.get(f["id"])
+                why = (
+                    "no upload has this id"
+                    if upload is None
+                    else "already completed: a file is completed once"
+                    if upload.completed
+                    else "nothing was posted to its upload_url"
+                    if upload.data is None
+                    else None
+                )
+                if why is not None:
+                    return _error("file_not_found", (f"[ERROR] {str(f['id'])[:20]}: {why}",))
+            done = []
+            for f in files:
+                upload = self._uploads[f["id"]]
+                upload.completed = True
+                upload.title = str(f.get("title") or upload.filename)
+                upload.channel = shared[0]
+                upload.thread_ts = thread
+                upload.initial_comment = body.get("initial_comment")
+                done.append(
+                    {
+                        "id": upload.id,
+                        "name": upload.filename,
+                        "title": upload.title,
+                        "size": upload.length,
+                    }
+                )
+        return {"ok": True, "files": done}
+
     def _use_trigger(self, trigger: str) -> str | None:
         with _triggers_lock:
             issued = _triggers.get(trigger)
@@ -819,6 +1022,23 @@ def _decoded(body: dict[str, Any]) -> dict[str, Any]:
             except ValueError:
                 out[key] = None if key == "view" else out[key]
     return out
+
+
+def _file_part(ctype: str, raw: bytes) -> bytes | None:
+    """The bytes of an upload: the body itself, or a multipart body's file part (None if it
+    has none); Slack takes either."""
+    if not ctype.lower().startswith("multipart/form-data"):
+        return raw
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    head = f"Content-Type: {ctype}\r\n\r\n".encode()
+    message = BytesParser(policy=HTTP).parsebytes(head + raw)
+    for part in message.iter_parts():
+        if part.get_filename() is not None:
+            payload = part.get_payload(decode=True)
+            return payload if isinstance(payload, bytes) else None
+    return None
 
 
 def _error(code: str, messages: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -79,7 +79,8 @@ def _posts(stub: SlackStub) -> list[Call]:
 
 def _shown(call: Call) -> dict[str, Any]:
     """What a post shows, minus the moment it was made: the report's context line says when it
-    ran and how long it took, which two runs never share."""
+    ran and how long it took, and its worst RPO how old the newest archived WAL was then, which
+    two runs never share."""
     blocks = call.body.get("blocks") or []
     if isinstance(blocks, str):
         blocks = json.loads(blocks)
@@ -89,6 +90,10 @@ def _shown(call: Call) -> dict[str, Any]:
             (element,) = block["elements"]
             assert re.search(r"; \d+ ms$", element["text"]), element
             block = {**block, "elements": [{**element, "text": "<when>; <n> ms"}]}
+        elif block.get("type") == "section" and "Worst RPO: " in block["text"]["text"]:
+            # The RPO is the age of the newest archived WAL at the moment of the run.
+            text = re.sub(r"Worst RPO: \S+ \(", "Worst RPO: <age> (", block["text"]["text"])
+            block = {**block, "text": {**block["text"], "text": text}}
         kept.append(block)
     return {
         "channel": call.body.get("channel"),

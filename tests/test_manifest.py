@@ -119,6 +119,7 @@ def test_the_manifest_declares_what_the_app_registers(
         "groups:read",
         "channels:history",  # the outbox finds a post whose answer was lost (metadata)
         "groups:history",
+        "files:write",  # charts: files.getUploadURLExternal / files.completeUploadExternal
     }
     # What the strict stub grants is what the manifest asks for.
     assert set(manifest["oauth_config"]["scopes"]["bot"]) == set(SCOPES.split(","))

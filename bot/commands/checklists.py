@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from bot.attachments import with_files
 from bot.commands.roles import Role
 from bot.commands.router import Arg, Call, Spec
-from bot.scheduler import checklist_message
+from bot.scheduler import checklist_message, post_attachments
 from bot.views import blocks
 from bot.views.blocks import Reply, escape
 from core import checklists as cl
@@ -27,17 +28,20 @@ def _checklist(call: Call) -> Reply:
     if settings.slack_bot_token is not None:
         ref = call.rt.notifier.post(settings.ops_channel, message)
         cl.attach_message(ops.engine, state.id, ref.channel, ref.ts)
+        sent = post_attachments(call.rt, checklist, ref, call.rt.clock())
+        with_chart = f", with {sent} chart{'' if sent == 1 else 's'} in its thread" if sent else ""
         return Reply(
-            text=f"Posted “{checklist.title}” in {settings.ops_channel}.",
+            text=f"Posted “{checklist.title}” in {settings.ops_channel}{with_chart}.",
             blocks=[
                 blocks.section(
-                    f"Posted *{escape(checklist.title)}* in {escape(settings.ops_channel)}."
+                    f"Posted *{escape(checklist.title)}* in {escape(settings.ops_channel)}"
+                    f"{with_chart}."
                 )
             ],
         )
-    # No Slack (the shell): the checklist itself is the reply.
+    # No Slack (the shell): the checklist itself is the reply, its files saved by the shell.
     items = "\n".join(f"☐ {escape(i.text)}" for i in state.items)
-    return Reply(
+    reply = Reply(
         text=message.text,
         blocks=[
             blocks.header(checklist.title),
@@ -45,6 +49,9 @@ def _checklist(call: Call) -> Reply:
             blocks.context(f"run {state.id} · `/db checklist {escape(name)}`"),
         ],
     )
+    if not checklist.attach:
+        return reply
+    return with_files(reply, ops.checklist_attachments(checklist, call.rt.clock()))
 
 
 def _jobs(call: Call) -> Reply:

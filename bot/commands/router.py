@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo
 
 from slack_sdk.models.blocks import ButtonElement
 
+from bot.attachments import chart_file, with_files
 from bot.commands.roles import Role, Roles
 from bot.views import blocks, render
 from bot.views.blocks import Reply
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from core.settings import Settings
 
 MAX_TEXT = 500  # longer than any command; more is a paste gone wrong
+SWITCH_ON = "on"  # the value of a switch that was given (Arg.switch: --chart)
 _INCIDENT = re.compile(r"^(?:inc-)?([0-9]{1,9})$")
 _WORD = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
 
@@ -168,11 +170,12 @@ class Arg:
     flag: bool = False  # given as --name VALUE
     metavar: str | None = None
     rest: bool = False  # the last positional only: every remaining word, as one value
+    switch: bool = False  # a flag with no value (--chart): present or not, kept as SWITCH_ON
 
     @property
     def usage(self) -> str:
         meta = f"<{self.metavar or self.name}{'...' if self.rest else ''}>"
-        text = f"--{self.name} {meta}" if self.flag else meta
+        text = f"--{self.name}" if self.switch else f"--{self.name} {meta}" if self.flag else meta
         return f"[{text}]" if self.optional else text
 
 
@@ -260,7 +263,10 @@ class Command:
         for arg in self.spec.args:
             if arg.name in self.args:
                 value = self.args[arg.name]
-                parts += [f"--{arg.name}", value] if arg.flag else [value]
+                if arg.switch:
+                    parts.append(f"--{arg.name}")
+                else:
+                    parts += [f"--{arg.name}", value] if arg.flag else [value]
         return " ".join(parts)
 
     @property
@@ -398,7 +404,9 @@ def _bind(spec: Spec, words: list[str]) -> dict[str, str]:
     loose: list[str] = []
     it = iter(words)
     for word in it:
-        if word.startswith("--") and word[2:].lower() in flags:
+        if word.startswith("--") and word[2:].lower() in flags and flags[word[2:].lower()].switch:
+            values[word[2:].lower()] = SWITCH_ON
+        elif word.startswith("--") and word[2:].lower() in flags:
             value = next(it, None)
             if value is None:
                 raise UsageError(f"{word} needs a value.", usage=spec.usage)
@@ -583,7 +591,13 @@ def _status(call: Call) -> Reply:
     status = call.ops.status(name)
     registry = call.router.registry
     buttons = [registry.button("report"), registry.button(f"log {name}")]
-    return render.status_reply(status, call.tz, buttons)
+    reply = render.status_reply(status, call.tz, buttons)
+    if "chart" not in call.command.args:
+        return reply
+    now = call.rt.clock()
+    chart = call.ops.customer_chart(name, now)
+    comment = f"`/db status {name} --chart`"
+    return with_files(reply, [chart_file(chart, f"{name}-{now:%Y%m%d-%H%M}.png", comment)])
 
 
 def _report(call: Call) -> Reply:
@@ -592,7 +606,13 @@ def _report(call: Call) -> Reply:
 
 def _servers(call: Call) -> Reply:
     buttons = [call.router.registry.button("report")]
-    return render.servers_reply(call.ops.servers(), call.tz, buttons)
+    reply = render.servers_reply(call.ops.servers(), call.tz, buttons)
+    if "chart" not in call.command.args:
+        return reply
+    now = call.rt.clock()
+    chart = call.ops.fleet_chart(now)
+    filename = f"fleet-disk-{now:%Y%m%d-%H%M}.png"
+    return with_files(reply, [chart_file(chart, filename, "`/db servers --chart`")])
 
 
 def _log(call: Call) -> Reply:
@@ -600,13 +620,17 @@ def _log(call: Call) -> Reply:
     return render.log_reply(subject, call.ops.log(subject), call.tz)
 
 
+# `--chart`: the reply comes with a chart (a PNG uploaded after it; the shell saves it).
+CHART = Arg("chart", "word", optional=True, flag=True, switch=True)
+
 SPECS: list[Spec] = [
     Spec("help", "what I can do", _help, (Arg("command", "word", optional=True),)),
     Spec(
         "status",
-        "a customer's database: online, size, connections, last backup, disk, problems",
+        "a customer's database: online, size, connections, last backup, disk, runway, "
+        "recovery window, problems; --chart: its size and connections over 30 days",
         _status,
-        (Arg("customer", "customer"),),
+        (Arg("customer", "customer"), CHART),
         public=True,
         shared=True,
     ),
@@ -620,8 +644,10 @@ SPECS: list[Spec] = [
     ),
     Spec(
         "servers",
-        "every server: reachable, PostgreSQL, customers, problems",
+        "every server: reachable, PostgreSQL, customers, disk runway, problems; "
+        "--chart: every disk over 30 days",
         _servers,
+        (CHART,),
         button="Servers",
         public=True,
         shared=True,

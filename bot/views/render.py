@@ -223,7 +223,16 @@ def status_reply(
                 ("Verdict", f"{EMOJI.get(v['verdict'], '')} {escape(v['verdict'])}"),
             ]
         ),
-        *blocks.text_sections(template("status.md.j2", tz, problems=v["problems"])),
+        *blocks.text_sections(
+            template(
+                "status.md.j2",
+                tz,
+                problems=v["problems"],
+                server=v["host"],
+                runway=status["server"].get("runway"),
+                recovery=status["database"].get("recovery"),
+            )
+        ),
         blocks.context(escape(note)),
     ]
     if buttons := list(buttons):
@@ -379,6 +388,7 @@ def servers_reply(
                 "summary": summary,
                 "customers": s.get("customers", 0),
                 "disk": value if isinstance(value, int) else None,
+                "runway": s.get("runway"),
                 "problems": problems,
             }
         )
