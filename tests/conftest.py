@@ -30,12 +30,29 @@ def pg_databases() -> Iterator[Databases]:
             dbs.drop_all()
 
 
+@pytest.fixture(scope="session")
+def pg_migrated_template(pg_databases: Databases) -> str:
+    """A PostgreSQL database migrated to the head once per session, to copy (CREATE DATABASE
+    ... TEMPLATE: ~0.2 s instead of ~0.8 s of migrations for each of ~120 tests)."""
+    url = pg_databases.create()
+    eng = make_engine(url)
+    try:
+        upgrade(eng)
+    finally:
+        eng.dispose()
+    return pg_databases.made[-1]
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty database URL: SQLite in a temp dir, or a new PostgreSQL database."""
+    """A fresh, empty database URL: SQLite in a temp dir, or a new PostgreSQL database. A test
+    that also uses ``engine`` (which migrates it to the head) gets a PostgreSQL database copied
+    from one already at the head: the same schema, ``engine``'s upgrade then finds nothing to do."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'dbops.db'}"
     dbs: Databases = request.getfixturevalue("pg_databases")
+    if "engine" in request.fixturenames:
+        return dbs.create(template=request.getfixturevalue("pg_migrated_template"))
     return dbs.create()
 
 

@@ -130,10 +130,18 @@ class Databases:
         self.conninfo = conninfo
         self.made: list[str] = []
 
-    def create(self) -> str:
+    def create(self, template: str | None = None) -> str:
+        """A new database: empty, or a copy of ``template`` (one made here, nobody connected)."""
         name = f"dbops_test_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(self.conninfo, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            if template is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            else:
+                conn.execute(
+                    sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                        sql.Identifier(name), sql.Identifier(template)
+                    )
+                )
             # A scratch database need not outlive a crash of the server: commits return without
             # waiting for the WAL flush (the machine's server fsyncs; the suite commits a lot).
             conn.execute(
