@@ -9,6 +9,7 @@ imports none of this.
     rt.ops                           # core.ops.Ops over rt.fleet, rt.engine, rt.events
     rt.desk.incidents                # the incident desk: Incidents + its Escalator (pager)
     rt.backups, rt.restarts, rt.onboarding.provisioner, rt.onboarding.billing
+    rt.maintenance                   # core.maintenance.Maintenance: maintenance windows
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from core.escalation import Escalator
     from core.fleet import Fleet
     from core.incidents import Incidents
+    from core.maintenance import Maintenance
     from core.notify import Notifier
     from core.ops import Ops
     from core.restarts import Restarts
@@ -279,6 +281,22 @@ class Runtime:
             propose=provisioner.propose_server,
         )
         return Onboarding(provisioner, billing)
+
+    @cached_property
+    def maintenance(self) -> Maintenance:
+        """Maintenance windows (`/db maintenance`, the modal, the scheduler's end of each
+        window): one per process, like the incident desk. The fleet is read when first needed
+        (the list needs none)."""
+        from core.maintenance import Maintenance
+
+        return Maintenance(
+            self.engine,
+            self.events,
+            self._get_fleet,
+            clock=self.clock,
+            tz=self.tz,
+            smtp_url=self.smtp_url,
+        )
 
     @property
     def smtp_url(self) -> str | None:

@@ -50,6 +50,7 @@ from core.jobs import (
     missed_slots,
     owner_id,
 )
+from core.maintenance import Maintenance
 from core.notify import Message, MessageRef, Notifier
 from core.oncall import handoff
 from core.ops import Ops
@@ -229,10 +230,36 @@ class Worker:
         verdict = report["summary"]["verdict"]
         return {"verdict": verdict, "late_s": late_s, "ts": ref.ts, "parts": len(parts)}
 
+    @property
+    def maintenance(self) -> Maintenance:
+        """The runtime's maintenance windows (bot/runtime.py)."""
+        return self.rt.maintenance
+
+    def maintenance_close(self) -> list[int]:
+        """Windows whose end has passed (core.maintenance.close_due: what still fails is raised
+        again, the end notices go): each summary in its announcement's thread, else the ops
+        channel. First thing in a sweep, so what still fails pages at this sweep."""
+        now = self.clock()
+        posted = []
+        for closing in self.maintenance.close_due(
+            now, raise_again=lambda alerts: self.incidents.ingest(alerts, now=now)
+        ):
+            key = f"maintenance-summary-{closing.window.id}"
+            message = Message(text=closing.text, meta={"outbox_key": key})
+            self.notifier.post(closing.channel or self.channel, message, closing.thread_ts)
+            self.maintenance.summary_posted(closing.window.id, now)
+            posted.append(closing.window.id)
+        return posted
+
     def health_sweep(self, slot: datetime, late_s: int) -> dict[str, Any]:
         # Once a minute, events kept while the log was down (by any process sharing the spool
         # file) go in, if they have not already: storage/spool.py.
         flush_spool(self.rt.events)
+        try:
+            closed = self.maintenance_close()
+        except Exception:  # the sweep goes on; the next one tries the windows again
+            log.exception("could not handle the maintenance windows that ended")
+            closed = []
         report = self.ops.report(deadline_s=20.0)
         outcomes = self.incidents.ingest(alerts_from_report(report), now=self.clock())
         opened = [o.incident.id for o in outcomes if o.action == "opened" and o.incident]
@@ -245,6 +272,7 @@ class Worker:
             "verdict": report["summary"]["verdict"],
             "alerts": len(outcomes),
             "opened": len(opened),
+            **({"maintenance_closed": closed} if closed else {}),
         }
 
     def nightly_backups(

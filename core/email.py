@@ -239,9 +239,19 @@ def send(
     sender: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = SMTP_TIMEOUT_S,
+    source: str = "dbops",
+    source_id: str | None = None,
 ) -> dict[str, Any]:
     """Send ``email``; record ``email.sent`` (or ``email.failed``) about ``subject`` (an incident
-    ref or a customer). A failure is a DbopsError saying what the server answered."""
+    ref or a customer). A failure is a DbopsError saying what the server answered.
+
+    ``source_id`` makes the email one of a kind (a maintenance notice per window, phase and
+    customer): its ``email.sent`` event carries it, and an email whose event is already in the
+    log is not sent again (returned as ``{"already_sent": True, ...}``)."""
+    if source_id is not None:
+        before = events.get(source, source_id)
+        if before is not None and before.kind == "email.sent":
+            return {**before.payload, "already_sent": True}
     if not smtp_url:
         raise DbopsError("no SMTP server configured.", hint="Set SMTP_URL, e.g. smtp://host:587.")
     if not email.to:
@@ -282,7 +292,9 @@ def send(
     delivered = [a for a in email.to if a not in refused]
     out = {**record, "delivered": delivered, "refused": sorted(refused)}
     # Best effort (storage.spool): the email went, whatever the event log does now.
-    record_event(events, "email.sent", subject, out, actor=actor)
+    record_event(
+        events, "email.sent", subject, out, actor=actor, source=source, source_id=source_id
+    )
     return out
 
 

@@ -24,6 +24,17 @@ leaves its claim to lapse; the next tick after the lease retries the step, and s
 when the step's event shows it already went out. So a restart neither drops nor doubles a step;
 the one window left is between a message leaving and its event being written (a crash there
 resends it after the lease: better twice than never).
+
+Holds (core.windows, core.flapping): a page or reminder due while its incident's subject is
+in a maintenance window is not sent but *held*: the incident's pending pages move later
+together (the plan keeps its spacing) so the first comes due when the cover ends, event
+``escalation.held``. Steps planned before the window started obey this too. Ending a window
+early brings its held steps back to now (``release_held``). A page due after a window, for an
+incident that recovered inside a window covering it, is dropped: a failure that recovered
+inside a window pages no one. A page of an incident whose key is flapping is held the same way
+until the flapping stops (or for ``FLAP_WINDOW``). Incidents opened by hand are never held:
+someone chose to open them. One more kind of step, ``flap``, is the one message saying a key
+is flapping.
 """
 
 from __future__ import annotations
@@ -44,9 +55,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
+from core.flapping import FLAP_CHANGES as FLAP_CHANGES_SAID
+from core.flapping import FLAP_WINDOW, FlapTracker
 from core.fleet import Escalation, Fleet
 from core.notify import Message, MessageRef, Notifier, NotifyError, inert
 from core.oncall import OnCallNow, current
+from core.windows import Cover, Window, cover_of_incident, load_windows
 from storage.db import is_sqlite
 from storage.events import EventLog, NewEvent
 from storage.models import Event
@@ -56,6 +70,10 @@ log = logging.getLogger("dbops.escalation")
 
 PAGE = "page"
 REMINDER = "reminder"
+FLAP = "flap"  # the one message saying an incident's check is flapping
+HELD = "held:"  # a pending step's outcome while it is held: held:mw-<id> or held:flap
+# How far back a window can explain a recovery (a window is at most a week long).
+RECENT_WINDOWS = timedelta(days=8)
 ESCALATING = frozenset({"P0", "P1"})
 REMINDER_EVERY = timedelta(minutes=15)
 # How long a claimed step is a worker's own; after that another worker may retry it. Far
@@ -174,6 +192,111 @@ def cancel_pending(
     return int(result.rowcount or 0)
 
 
+def schedule_flap_notice(session: Session, incident_id: int, episode: int, due: datetime) -> None:
+    """The one "this check is flapping" message of a flapping episode (inside the caller's
+    transaction); the same episode twice is one message."""
+    _insert_ignore(
+        session.connection(),
+        {
+            "incident_id": incident_id,
+            "kind": FLAP,
+            "round": episode,
+            "step": 0,
+            "target": "primary",
+            "due_at": utc(due),
+            "token": FLAP,
+            "state": "pending",
+            "attempts": 0,
+        },
+    )
+
+
+def hold_steps(
+    conn: Any, incident_id: int, until: datetime, marker: str, worker_id: str | None = None
+) -> int:
+    """Move the incident's pending pages later, together, so the first is due at ``until``;
+    its pending reminders to ``until`` at the earliest. Each is marked ``held:<marker>``, and a
+    claim ``worker_id`` holds on one is given up. Idempotent: once the first page is at or
+    after ``until`` nothing moves. Returns how many steps moved."""
+    rows = conn.execute(
+        select(TIMERS)
+        .where(
+            TIMERS.c.incident_id == incident_id,
+            TIMERS.c.state == "pending",
+            TIMERS.c.kind.in_((PAGE, REMINDER)),
+        )
+        .with_for_update()
+    ).all()
+    until = utc(until)
+    pages = [r._mapping for r in rows if r._mapping["kind"] == PAGE]
+    dues = [aware(m["due_at"]) for m in pages]
+    earliest = min((d for d in dues if d is not None), default=None)
+    shift = until - earliest if earliest is not None and earliest < until else timedelta(0)
+    moved = 0
+    for r in rows:
+        m = r._mapping
+        due = aware(m["due_at"])
+        assert due is not None
+        new_due = due + shift if m["kind"] == PAGE else max(due, until)
+        mine = worker_id is not None and m["claimed_by"] == worker_id
+        if new_due == due and not mine:
+            continue
+        values: dict[str, Any] = {"due_at": new_due, "outcome": f"{HELD}{marker}"[:200]}
+        if mine:
+            values.update(claimed_by=None, lease_until=None, attempts=max(0, m["attempts"] - 1))
+        conn.execute(update(TIMERS).where(TIMERS.c.id == m["id"]).values(**values))
+        moved += new_due != due
+    return moved
+
+
+def release_held(
+    engine: Engine,
+    marker: str,
+    now: datetime,
+    incident_ids: Sequence[int] | None = None,
+    *,
+    prefix: bool = False,
+) -> list[int]:
+    """Bring the steps held under ``marker`` (``mw-<id>``, ``flap``; with ``prefix``, every
+    marker starting so: ``mw-`` is every window's) back: each incident's held pages move
+    earlier together so the first is due ``now``; held reminders are due now. The pager then
+    looks again (another window may still cover them). Returns the incidents."""
+    now = utc(now)
+    held = f"{HELD}{marker}"[:200]
+    match = (
+        TIMERS.c.outcome.startswith(held, autoescape=True) if prefix else TIMERS.c.outcome == held
+    )
+    cond = and_(TIMERS.c.state == "pending", match)
+    if incident_ids is not None:
+        if not incident_ids:
+            return []
+        cond = and_(cond, TIMERS.c.incident_id.in_(list(incident_ids)))
+    with engine.connect() as conn:  # most releases find nothing: no write lock for those
+        if conn.execute(select(TIMERS.c.id).where(cond).limit(1)).first() is None:
+            return []
+    touched: set[int] = set()
+    with write_session(engine) as session:
+        conn = session.connection()
+        rows = [r._mapping for r in conn.execute(select(TIMERS).where(cond).with_for_update())]
+        by_incident: dict[int, list[Any]] = {}
+        for m in rows:
+            by_incident.setdefault(m["incident_id"], []).append(m)
+        for incident_id, steps in by_incident.items():
+            pages = [m for m in steps if m["kind"] == PAGE]
+            earliest = min((aware(m["due_at"]) or now for m in pages), default=now)
+            shift = now - earliest if earliest > now else timedelta(0)
+            for m in steps:
+                due = aware(m["due_at"]) or now
+                new_due = due + shift if m["kind"] == PAGE else min(due, now)
+                conn.execute(
+                    update(TIMERS)
+                    .where(TIMERS.c.id == m["id"])
+                    .values(due_at=new_due, outcome=None)
+                )
+            touched.add(incident_id)
+    return sorted(touched)
+
+
 def _next_reminder(due: datetime, now: datetime) -> datetime:
     """The next slot of the 15-minute cadence after ``now``: a worker that was down for an
     hour sends one late reminder, not four at once."""
@@ -197,6 +320,7 @@ class Timer:
     due_at: datetime
     token: str
     attempts: int
+    outcome: str | None = None  # while pending: held:<marker> when a hold moved it
 
     @classmethod
     def from_row(cls, row: Any) -> Timer:
@@ -213,6 +337,7 @@ class Timer:
             due,
             m["token"],
             m["attempts"],
+            m["outcome"],
         )
 
     @property
@@ -302,6 +427,13 @@ def page_text(inc: Any, timer: Timer, now: datetime, oncall: OnCallNow | None = 
     head = f"{inc.severity} inc-{inc.id}: {title}" + (f" ({inert(where)})" if where else "")
     ack = f"Ack with `/db incident ack {inc.id}`."
     again = f" Page {timer.round + 1}." if timer.round else ""
+    if timer.kind == FLAP:
+        return (
+            f":warning: {head} is flapping: its check changed state "
+            f"{FLAP_CHANGES_SAID} or more times within {int(FLAP_WINDOW.total_seconds() // 60)} "
+            "min. No more pages for it until it holds steady for two sweeps; every change "
+            f"stays on the incident's timeline (`/db log inc-{inc.id}`)."
+        )
     if timer.kind == REMINDER:
         return (
             f"inc-{inc.id} ({inc.severity}) is still open after {age}: send the customers an "
@@ -448,18 +580,28 @@ class Escalator:
         incidents = self._incidents(t.incident_id for t in claimed)
         already = self._already_sent([t for t in claimed if t.attempts > 1])
         oncall: OnCallNow | None = None
-        if any(t.kind == PAGE or t.kind == REMINDER for t in claimed):
+        if any(t.kind in (PAGE, REMINDER, FLAP) for t in claimed):
             oncall = current(self.engine, self.fleet, now=now, tz=self.tz)
+        holds = self._holds(claimed, incidents, now)
         work: list[tuple[Timer, Any]] = []
         decisions: list[_Decision] = []
+        held: dict[int, _Hold] = {}
         for t in claimed:
             inc = incidents.get(t.incident_id)
             if inc is None or self._stale(t, inc):
                 decisions.append(self._decide(t, "stale", "stale", None, now))
             elif t.id in already:
                 decisions.append(self._decide(t, "done", "resent-skipped", None, now))
+            elif (hold := holds.hold(t, inc, now)) is not None:
+                held[t.incident_id] = hold
+                decisions.append(self._decide(t, "held", "held", None, now, hold.why))
+            elif (window := holds.recovered_in_window(t, inc)) is not None:
+                why = f"recovered in maintenance {window}"
+                decisions.append(self._decide(t, "cancelled", "dropped", None, now, why))
             else:
                 work.append((t, inc))
+        if held:
+            self._hold(held, now)
         if self.send_workers > 1 and len(work) > 1:
             with ThreadPoolExecutor(self.send_workers, thread_name_prefix="escalate") as pool:
                 decisions += list(pool.map(lambda w: self._send(w[0], w[1], oncall, now), work))
@@ -473,7 +615,51 @@ class Escalator:
     def _stale(t: Timer, inc: Any) -> bool:
         if t.kind == REMINDER:
             return bool(inc.status == "resolved" or inc.severity != "P0")
+        if t.kind == FLAP:
+            return bool(inc.status == "resolved")
         return bool(t.token != inc.token or inc.status != "open")
+
+    def _holds(self, claimed: Sequence[Timer], incidents: dict[int, Any], now: datetime) -> _Holds:
+        """What may hold the claimed steps: the windows of the last week and ahead, and which
+        incidents' keys are flapping (read once per batch, only when a step may be held)."""
+        watched = [
+            incidents[t.incident_id]
+            for t in claimed
+            if t.kind in (PAGE, REMINDER) and t.incident_id in incidents
+        ]
+        watched = [inc for inc in watched if inc.kind != "manual"]
+        if not watched:
+            return _Holds([], set())
+        windows = load_windows(self.engine, now, since=now - RECENT_WINDOWS)
+        keys = {inc.dedupe_key for inc in watched if inc.dedupe_key}
+        flapping = FlapTracker(self.engine).flapping(keys, now) if keys else set()
+        return _Holds(windows, flapping)
+
+    def _hold(self, held: dict[int, _Hold], now: datetime) -> None:
+        """Move the held incidents' steps (``hold_steps``) and say so once per hold."""
+        events = []
+        with write_session(self.engine) as session:
+            conn = session.connection()
+            for incident_id, hold in sorted(held.items()):
+                moved = hold_steps(conn, incident_id, hold.until, hold.marker, self.worker_id)
+                events.append(
+                    NewEvent(
+                        "escalation.held",
+                        f"inc-{incident_id}",
+                        {
+                            "until": hold.until,
+                            "reason": hold.why,
+                            "window": hold.window,
+                            "moved": moved,
+                            "worker": self.worker_id,
+                        },
+                        actor="dbops",
+                        source="escalation",
+                        source_id=f"held-{incident_id}-{hold.marker}-{iso_z(hold.until)}",
+                        ts=now,
+                    )
+                )
+        self.events.append_many(events)
 
     def _decide(
         self,
@@ -599,6 +785,8 @@ class Escalator:
                 if d.state == "retry":
                     conn.execute(update(TIMERS).where(mine).values(lease_until=now + RETRY_AFTER))
                     continue
+                if d.state == "held":
+                    continue  # hold_steps moved it and gave up the claim
                 done = conn.execute(
                     update(TIMERS)
                     .where(mine)
@@ -709,6 +897,53 @@ class _IncidentView:
         customers = m["customers"]
         self.customers: list[str] = list(customers or [])
         self.opened_at: datetime | None = aware(m["opened_at"])
+        self.kind: str = m["kind"]
+        self.dedupe_key: str | None = m["dedupe_key"]
+        self.recovered_at: datetime | None = aware(m["recovered_at"])
+
+
+def iso_z(ts: datetime) -> str:
+    return utc(ts).strftime("%Y%m%dT%H%M%SZ")
+
+
+@dataclass(frozen=True)
+class _Hold:
+    until: datetime
+    marker: str  # mw-<id>, flap
+    why: str
+    window: str | None
+
+
+class _Holds:
+    """What holds a step back: a window covering its incident now, or its key flapping; and
+    which pages to drop (their incident recovered inside a window that covered it)."""
+
+    def __init__(self, windows: Sequence[Window], flapping: set[str]) -> None:
+        self.windows = list(windows)
+        self.flapping = flapping
+
+    def _cover(self, inc: _IncidentView, now: datetime) -> Cover | None:
+        return cover_of_incident(self.windows, now, inc.server, inc.customers)
+
+    def hold(self, t: Timer, inc: _IncidentView, now: datetime) -> _Hold | None:
+        if t.kind not in (PAGE, REMINDER) or inc.kind == "manual":
+            return None
+        cover = self._cover(inc, now) if self.windows else None
+        if cover is not None:
+            lead = cover.window
+            why = f"maintenance {lead.ref} until {iso_z(cover.until)}: {lead.reason}"[:200]
+            return _Hold(cover.until, lead.ref, why, lead.ref)
+        if t.kind == PAGE and inc.dedupe_key in self.flapping:
+            return _Hold(now + FLAP_WINDOW, "flap", "flapping", None)
+        return None
+
+    def recovered_in_window(self, t: Timer, inc: _IncidentView) -> str | None:
+        """The window the incident recovered in, when that window covered it (a page due
+        after it is dropped); None otherwise."""
+        if t.kind != PAGE or inc.kind == "manual" or inc.recovered_at is None:
+            return None
+        cover = self._cover(inc, inc.recovered_at) if self.windows else None
+        return cover.window.ref if cover is not None else None
 
 
 # --- the worker process ---------------------------------------------------------------------

@@ -12,6 +12,7 @@ is a core.charts.Chart: its ``png`` bytes and ``title``).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -31,12 +32,14 @@ from core.health.thresholds import Check
 from core.names import not_found, validate_server_name
 from core.remote import FleetAccess, RunnerPool
 from core.report import build_report, customer_status
+from core.windows import Covers
 from storage.events import EventLog, StoredEvent
 
 if TYPE_CHECKING:
     from core.charts import Chart
     from core.checklists import Checklist
 
+log = logging.getLogger("dbops.ops")
 _INCIDENT_NUMBER = re.compile(r"[0-9]{1,9}")
 # Slash commands must be answered within 3 s; status gets most of that, the report more
 # (it is posted after the ack, so its deadline is ours to choose).
@@ -87,8 +90,15 @@ class Ops(FleetAccess):
         """One customer's database, its server and the checks that matter, within the deadline."""
         customer = self.customer(name)
         runner = self.runners.get(customer.server)
+        now = now or datetime.now(UTC)
         result = customer_status(
-            self.fleet, customer, runner, deadline_s=deadline_s, now=now, trends=self.trends
+            self.fleet,
+            customer,
+            runner,
+            deadline_s=deadline_s,
+            now=now,
+            trends=self.trends,
+            maintenance=self.maintenance_covers(now),
         )
         result["plan"] = customer.plan
         return result
@@ -114,7 +124,17 @@ class Ops(FleetAccess):
             fleet_checks=self.fleet_checks(now),
             trends=self.trends,
             record=True,
+            maintenance=self.maintenance_covers(now),
         )
+
+    def maintenance_covers(self, now: datetime) -> Covers | None:
+        """The maintenance windows covering now, for the report's ``maintenance`` entries;
+        None when they cannot be read (the report goes on without them)."""
+        try:
+            return Covers.load(self.engine, now)
+        except Exception as exc:
+            log.warning("maintenance windows not read for the report: %s", type(exc).__name__)
+            return None
 
     def fleet_checks(self, now: datetime | None = None) -> list[Check]:
         """Checks of the fleet as a whole: ``backup_run`` once armed (core.health.backup_run)."""
@@ -151,6 +171,7 @@ class Ops(FleetAccess):
             log_window=timedelta(minutes=5),
             now=now,
             trends=self.trends,
+            maintenance=self.maintenance_covers(now or datetime.now(UTC)),
         )
         per_server: dict[str, int] = {}
         for db in report["databases"]:

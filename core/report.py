@@ -11,6 +11,11 @@ Given a ``core.capacity.Trends`` (the measurement history), each server carries 
 ``disk_runway`` check and ``runway``: ``{days, verdict, detail, full_at, paths[]}``, the
 check's own figures (core.health.runway.runway_json); ``runway`` is null without one. The
 report made with ``record=True`` (the health sweep's) keeps its measurements in the history.
+
+Given the maintenance windows covering now (``core.windows.Covers``), a server or database a
+window covers carries ``maintenance``: ``{id, ref, until, reason}`` (the key is absent when
+none does); its checks are reported as they are, but leave the summary's verdict alone, and
+the text says "in maintenance until ..." where it would name the failure.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from core.health import (
 from core.health.runway import runway_json
 from core.remote import Runner
 from core.units import pretty_age, pretty_bytes
+from core.windows import Cover, Covers
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
@@ -56,18 +62,21 @@ def _checks(checks: Iterable[Check]) -> list[dict[str, Any]]:
     return [c.as_json() for c in checks]
 
 
-def server_json(health: ServerHealth) -> dict[str, Any]:
-    return {
+def server_json(health: ServerHealth, cover: Cover | None = None) -> dict[str, Any]:
+    out = {
         "name": health.name,
         "reachable": health.reachable,
         "postgres": health.postgres,
         "checks": _checks(health.checks),
         "runway": runway_json(health.check("disk_runway"), health.runways),
     }
+    if cover is not None:
+        out["maintenance"] = cover.as_json()
+    return out
 
 
-def database_json(db: DatabaseHealth) -> dict[str, Any]:
-    return {
+def database_json(db: DatabaseHealth, cover: Cover | None = None) -> dict[str, Any]:
+    out = {
         "customer": db.customer,
         "server": db.server,
         "database": db.database,
@@ -77,6 +86,9 @@ def database_json(db: DatabaseHealth) -> dict[str, Any]:
         "recovery": dict(db.recovery) if db.recovery is not None else None,
         "checks": _checks(db.checks),
     }
+    if cover is not None:
+        out["maintenance"] = cover.as_json()
+    return out
 
 
 def worst_rpo(databases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -139,9 +151,10 @@ def summarize(
     databases: Sequence[dict[str, Any]],
     checks: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
+    # What a maintenance window covers is expected to fail: reported, not judged.
     verdicts = [c["verdict"] for c in checks]
-    verdicts += [c["verdict"] for s in servers for c in s["checks"]]
-    verdicts += [c["verdict"] for d in databases for c in d["checks"]]
+    verdicts += [c["verdict"] for s in servers if not s.get("maintenance") for c in s["checks"]]
+    verdicts += [c["verdict"] for d in databases if not d.get("maintenance") for c in d["checks"]]
     backups_ok = sum(
         1
         for d in databases
@@ -169,6 +182,7 @@ def build_report(
     fleet_checks: Sequence[Check] = (),
     trends: Trends | None = None,
     record: bool = False,
+    maintenance: Covers | None = None,
 ) -> dict[str, Any]:
     """DESIGN.md's Report JSON for the whole fleet, back within ``deadline_s``.
 
@@ -179,6 +193,7 @@ def build_report(
     ``worst_rpo``: see :func:`worst_rpo`.
     ``trends``: the measurement history: each server's ``disk_runway`` check and ``runway``;
     with ``record``, this sweep's figures are kept in it (at ``now``, the sweep's start).
+    ``maintenance``: the windows covering now (each covered entry's ``maintenance``).
     """
     started = time.monotonic()
     now = now or datetime.now(UTC)
@@ -197,8 +212,12 @@ def build_report(
     known = {s.name for s in fleet.servers}
     dbs = [db for h in healths for db in h.databases]
     dbs += [_orphan(c) for c in people if c.server not in known]
-    servers = [server_json(h) for h in healths]
-    databases = [database_json(d) for d in sorted(dbs, key=lambda d: d.customer)]
+    covers = maintenance if maintenance else None
+    servers = [server_json(h, covers.server(h.name) if covers else None) for h in healths]
+    databases = [
+        database_json(d, covers.database(d.customer, d.server) if covers else None)
+        for d in sorted(dbs, key=lambda d: d.customer)
+    ]
     checks = _checks(fleet_checks)
     return {
         "generated_at": iso(now),
@@ -236,10 +255,12 @@ def customer_status(
     deadline_s: float = 2.5,
     now: datetime | None = None,
     trends: Trends | None = None,
+    maintenance: Covers | None = None,
 ) -> dict[str, Any]:
     """`dbops status acme`: the customer's database entry, its server's entry, connections now
     and the server's disk; back within ``deadline_s`` (a slash command has 3 seconds).
-    ``trends``: the server's ``disk_runway`` check and ``runway`` from the history."""
+    ``trends``: the server's ``disk_runway`` check and ``runway`` from the history;
+    ``maintenance``: the windows covering now (``maintenance`` on the entries they cover)."""
     started = time.monotonic()
     now = now or datetime.now(UTC)
     server = fleet.server(customer.server)
@@ -255,9 +276,15 @@ def customer_status(
         runways=trends.runways if trends is not None else None,
     )
     db = health.databases[0]
-    server_entry = server_json(health)
-    database_entry = database_json(db)
-    checks = server_entry["checks"] + database_entry["checks"]
+    covers = maintenance if maintenance else None
+    server_entry = server_json(health, covers.server(health.name) if covers else None)
+    database_entry = database_json(db, covers.database(db.customer, db.server) if covers else None)
+    checks = [
+        c
+        for entry in (server_entry, database_entry)
+        if not entry.get("maintenance")
+        for c in entry["checks"]
+    ]
     return {
         "generated_at": iso(now),
         "duration_ms": int((time.monotonic() - started) * 1000),
@@ -268,6 +295,14 @@ def customer_status(
         "disk": _disk(health),
         "verdict": worst(c["verdict"] for c in checks),
     }
+
+
+def _in_maintenance(entry: Mapping[str, Any], tz: ZoneInfo | None) -> str | None:
+    """ "in maintenance until 14:30 EST (kernel upgrade)" for an entry a window covers."""
+    cover = entry.get("maintenance")
+    if not cover:
+        return None
+    return f"in maintenance until {_local(cover.get('until'), tz)} ({cover.get('reason', '')})"
 
 
 # --- text ------------------------------------------------------------------------------------
@@ -309,7 +344,7 @@ def text_view(report: Mapping[str, Any], tz: ZoneInfo | None = None) -> dict[str
             continue
         conn = _check(s["checks"], "connection")
         disk = _check(s["checks"], "disk_space")
-        why = (
+        why = _in_maintenance(s, tz) or (
             (disk or {}).get("detail", "not answering")
             if not s["reachable"]
             else "PostgreSQL down: " + (conn or {}).get("detail", "")
@@ -319,7 +354,8 @@ def text_view(report: Mapping[str, Any], tz: ZoneInfo | None = None) -> dict[str
         {
             "customer": d["customer"],
             "server": d["server"],
-            "why": (_check(d["checks"], "connection") or {}).get("detail", ""),
+            "why": _in_maintenance(d, tz)
+            or (_check(d["checks"], "connection") or {}).get("detail", ""),
         }
         for d in databases
         if not d["online"]
@@ -328,7 +364,23 @@ def text_view(report: Mapping[str, Any], tz: ZoneInfo | None = None) -> dict[str
     for d in databases:
         age = _check(d["checks"], "backup_age")
         if age is not None and age["verdict"] != "ok":
-            bad_backups.append({"customer": d["customer"], "why": age["detail"]})
+            why = _in_maintenance(d, tz) or age["detail"]
+            bad_backups.append({"customer": d["customer"], "why": why})
+    # The windows covering something now: one line each, whatever they cover.
+    maintenance: dict[str, dict[str, Any]] = {}
+    for entry in [*servers, *databases]:
+        cover = entry.get("maintenance")
+        if cover:
+            where = maintenance.setdefault(
+                str(cover.get("ref")),
+                {
+                    "ref": cover.get("ref"),
+                    "until": _local(cover.get("until"), tz),
+                    "reason": cover.get("reason", ""),
+                    "where": [],
+                },
+            )
+            where["where"].append(entry.get("name") or entry.get("customer"))
     disks = []
     for s in servers:
         disk = _check(s["checks"], "disk_space")
@@ -369,14 +421,24 @@ def text_view(report: Mapping[str, Any], tz: ZoneInfo | None = None) -> dict[str
     if runway is not None:
         shown.add("disk_runway")
     others = [
-        {"where": s["name"], "name": c["name"], "verdict": c["verdict"], "detail": c["detail"]}
+        {
+            "where": s["name"],
+            "name": c["name"],
+            "verdict": c["verdict"],
+            "detail": _in_maintenance(s, tz) or c["detail"],
+        }
         for s in servers
         if s["reachable"] and s["postgres"] == "up"
         for c in s["checks"]
         if c["verdict"] in ("warn", "crit") and c["name"] not in shown
     ]
     others += [
-        {"where": d["customer"], "name": c["name"], "verdict": c["verdict"], "detail": c["detail"]}
+        {
+            "where": d["customer"],
+            "name": c["name"],
+            "verdict": c["verdict"],
+            "detail": _in_maintenance(d, tz) or c["detail"],
+        }
         for d in databases
         if d["online"]
         for c in d["checks"]
@@ -406,6 +468,7 @@ def text_view(report: Mapping[str, Any], tz: ZoneInfo | None = None) -> dict[str
         "logs_ok": all(entry["verdict"] == "ok" and not entry["count"] for entry in logs),
         "incidents": report.get("open_incidents", []),
         "others": others,
+        "maintenance": list(maintenance.values()),
         "duration_ms": report.get("duration_ms"),
     }
 

@@ -89,6 +89,7 @@ def test_help_lists_every_command_in_the_written_down_order() -> None:
         *("incident open", "incident list", "incident ack", "incident restart", "incident resolve"),
         *("incident email", "incident email-send", "incident report", "oncall", "oncall set"),
         *("provision", "credit apply", "restart", "restore", "checklist", "jobs"),
+        *("maintenance", "maintenance schedule", "maintenance list", "maintenance end"),
     ]
     assert [s.name for s in REGISTRY.specs] == order
     assert [s.name for s in catalog.build_registry().specs] == order  # a new one: the same

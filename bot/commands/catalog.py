@@ -6,8 +6,9 @@ registry once (``rt.registry``); tests build their own the same way.
 
 The order is the one `/db help` has always shown: the foundation's reads first (what most
 people type), then each capability as a block: backups, incidents and on-call, onboarding
-(provision, SLA credits), restart, restore, checklists and jobs. A new command goes in its
-capability's block; a new capability goes at the end. tests/test_router.py holds the order.
+(provision, SLA credits), restart, restore, checklists and jobs, maintenance windows. A new
+command goes in its capability's block; a new capability goes at the end.
+tests/test_router.py holds the order.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from bot.commands import (
     backups,
     checklists,
     incidents,
+    maintenance,
     provision,
     restart,
     restore,
@@ -32,6 +34,7 @@ CAPABILITIES: list[tuple[list[Spec], dict[str, Kind]]] = [
     (restart.SPECS, {}),  # restart
     (restore.SPECS, dict(restore.KINDS)),  # restore
     (checklists.SPECS, {}),  # checklist, jobs
+    (maintenance.SPECS, dict(maintenance.KINDS)),  # maintenance [schedule|list|end]
 ]
 
 

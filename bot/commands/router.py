@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from core.escalation import Escalator
     from core.fleet import Fleet
     from core.incidents import Incidents
+    from core.maintenance import Maintenance
     from core.notify import Notifier
     from core.restarts import Restarts
     from core.settings import Settings
@@ -157,6 +158,8 @@ class Rt(Protocol):
     def restarts(self) -> Restarts: ...
     @property
     def onboarding(self) -> Onboarding: ...
+    @property
+    def maintenance(self) -> Maintenance: ...
     @property
     def smtp_url(self) -> str | None: ...
     def close(self) -> None: ...

@@ -4,12 +4,27 @@ Alerts (core.alerts) carry a dedupe key; one not-resolved incident exists per ke
 unique index makes that hold even for two raisers racing). A repeat firing is added to the
 timeline; a resolved alert marks the incident (or one of its customers) *recovered* and leaves
 resolving, with a cause, to a human.
+
+Maintenance (core.windows, core.maintenance): a firing alert whose subject a window covers,
+with no incident already open for it, opens nothing: it is recorded in the window (event
+``maintenance.suppressed`` the first time, ``maintenance.recovered`` when it clears) and its
+outcome is ``suppressed``. An incident opened before the window takes the alert as usual; the
+pager holds its pages.
+
+Flapping (core.flapping): every alert taken in is an observation of its key. A key that starts
+flapping gets ``incident.flapping`` on its incident's timeline and one message to the primary
+(a ``flap`` step), unless a window covers it; when it holds steady again,
+``incident.flapping_ended`` and the pages the pager held for it are due again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
@@ -17,14 +32,36 @@ from sqlmodel import Session, select
 from core.alerts import Alert
 from core.customers import get_customer
 from core.errors import DbopsError
+from core.escalation import release_held, schedule_flap_notice
+from core.flapping import FLAP_WINDOW, FlapChange, FlapTracker, State
 from core.incidents.desk import IncidentDesk
 from core.incidents.model import AlertOutcome, Incident, ref
+from core.windows import Cover, Covers, note_firing, note_recovered, window_ref
 from storage.events import NewEvent
 from storage.models_incidents import IncidentRow, write_session
+
+log = logging.getLogger("dbops.incidents")
 
 # A health sweep repeats its alerts every few minutes; only a re-firing after a recovery is
 # worth a line in the timeline. Alertmanager's repeats (hours apart) are all recorded.
 _QUIET_REPEATS = ("health",)
+
+
+def _failing(seen: Mapping[str, Any], key: str) -> bool:
+    """Whether a window's record has ``key`` failing (its last span open)."""
+    spans = (seen.get(key) or {}).get("spans") or []
+    return bool(spans) and spans[-1][1] is None
+
+
+@dataclass
+class _Batch:
+    """One delivery's view of the windows (read once), and the keys it noted in them."""
+
+    covers: Covers
+    noted: set[str] = field(default_factory=set)
+
+    def cover(self, alert: Alert, server: str | None) -> Cover | None:
+        return self.covers.alert(alert, server) if self.covers else None
 
 
 class AlertIntake(IncidentDesk):
@@ -34,13 +71,19 @@ class AlertIntake(IncidentDesk):
 
     def ingest(self, alerts: Iterable[Alert], *, now: datetime | None = None) -> list[AlertOutcome]:
         """Every alert of a webhook delivery or a health sweep, in order."""
-        return [self.raise_alert(a, now=now) for a in alerts]
+        now = self._now(now)
+        batch = _Batch(Covers.load(self.engine, now))
+        outcomes = [self._raise(a, now, batch) for a in alerts]
+        self._observe(outcomes, now, batch)
+        return outcomes
 
     def raise_alert(self, alert: Alert, *, now: datetime | None = None) -> AlertOutcome:
-        now = self._now(now)
+        return self.ingest([alert], now=now)[0]
+
+    def _raise(self, alert: Alert, now: datetime, batch: _Batch) -> AlertOutcome:
         if alert.status == "firing":
-            return self._firing(alert, now)
-        return self._resolved(alert, now)
+            return self._firing(alert, now, batch)
+        return self._resolved(alert, now, batch)
 
     def _customer_server(self, alert: Alert) -> str | None:
         if alert.customer is None:
@@ -73,10 +116,14 @@ class AlertIntake(IncidentDesk):
             ts=now,
         )
 
-    def _firing(self, alert: Alert, now: datetime) -> AlertOutcome:
+    def _firing(self, alert: Alert, now: datetime, batch: _Batch) -> AlertOutcome:
         server = alert.server
         if alert.kind == "db_down":
             server = self._customer_server(alert) or alert.server
+        where = self._where(alert, server, batch)
+        cover = batch.cover(alert, where)
+        if cover is not None and not self._already_open(alert, where):
+            return self._suppress(alert, where, cover, now, batch)
         for _attempt in range(3):
             try:
                 return self._firing_once(alert, server, now)
@@ -156,8 +203,155 @@ class AlertIntake(IncidentDesk):
         if events:
             self.events.append_many(events)
 
-    def _resolved(self, alert: Alert, now: datetime) -> AlertOutcome:
+    # -- maintenance -------------------------------------------------------------------------
+
+    def _where(self, alert: Alert, server: str | None, batch: _Batch) -> str | None:
+        """The server a window on it would cover this alert through: its own, else its
+        customer's (an Alertmanager alert may name only the customer). Looked up only while
+        some window is active."""
+        if server or not alert.customer or not batch.covers:
+            return server
+        return self._customer_server(alert)
+
+    def _already_open(self, alert: Alert, server: str | None) -> bool:
+        """An incident this alert would land on is open (from before the window)."""
+        if self._open_by_key(alert.dedupe_key) is not None:
+            return True
+        if alert.kind == "db_down" and server:
+            parent = self._open_by_key(f"server-down:{server}")
+            return parent is not None and alert.customer in parent.customers
+        return False
+
+    def _suppress(
+        self, alert: Alert, server: str | None, cover: Cover, now: datetime, batch: _Batch
+    ) -> AlertOutcome:
+        noted = dataclasses.replace(alert, server=server) if server != alert.server else alert
+        key = alert.dedupe_key
+        if key not in batch.noted and all(_failing(w.seen, key) for w in cover.windows):
+            return AlertOutcome("suppressed", alert, None)  # seen failing already: no write
+        news = note_firing(self.engine, cover.ids, noted, now)
+        batch.noted.add(alert.dedupe_key)
+        if news:
+            self.events.append(
+                "maintenance.suppressed",
+                (alert.customer or server or "fleet")[:200],
+                self._maintenance_payload(alert, server, cover, news),
+                actor=alert.source,
+                ts=now,
+            )
+        return AlertOutcome("suppressed", alert, None)
+
+    @staticmethod
+    def _maintenance_payload(
+        alert: Alert, server: str | None, cover: Cover, windows: list[int]
+    ) -> dict[str, object]:
+        return {
+            "windows": [window_ref(i) for i in windows],
+            "until": cover.until,
+            "check": alert.alertname or alert.kind,
+            "kind": alert.kind,
+            "dedupe_key": alert.dedupe_key,
+            "title": alert.title,
+            "server": server,
+            "customer": alert.customer,
+            "source": alert.source,
+            "detail": alert.detail,
+        }
+
+    def _recovered_in_window(
+        self, alert: Alert, server: str | None, now: datetime, batch: _Batch
+    ) -> bool:
+        """A key that failed inside a window covering it cleared: noted there."""
+        cover = batch.cover(alert, server)
+        if cover is None:
+            return False
+        key = alert.dedupe_key
+        if key not in batch.noted and not any(key in w.seen for w in cover.windows):
+            return False  # never failed in these windows: no write
+        back = note_recovered(self.engine, cover.ids, key, now)
+        if back:
+            self.events.append(
+                "maintenance.recovered",
+                (alert.customer or server or "fleet")[:200],
+                self._maintenance_payload(alert, server, cover, back),
+                actor=alert.source,
+                ts=now,
+            )
+        return bool(back)
+
+    # -- flapping ----------------------------------------------------------------------------
+
+    def _observe(self, outcomes: list[AlertOutcome], now: datetime, batch: _Batch) -> None:
+        """Every alert is an observation of its key; say when one starts or stops flapping."""
+        observations: list[tuple[str, State]] = [
+            (o.alert.dedupe_key, "firing" if o.alert.status == "firing" else "ok") for o in outcomes
+        ]
+        changes = FlapTracker(self.engine).observe(observations, now)
+        if not changes:
+            return
+        last = {o.alert.dedupe_key: o for o in outcomes}
+        for change in changes:
+            outcome = last[change.key]
+            try:
+                if change.what == "started":
+                    self._flapping(change, outcome, now, batch)
+                else:
+                    self._steady(change, outcome, now)
+            except Exception:  # the alerts are in; a flapping note must not undo that
+                log.exception("could not record %s flapping", change.key)
+
+    def _flap_incident(self, outcome: AlertOutcome) -> Incident | None:
+        inc = outcome.incident
+        if inc is not None and inc.active:
+            return inc
+        return self._open_by_key(outcome.alert.dedupe_key)
+
+    def _flapping(
+        self, change: FlapChange, outcome: AlertOutcome, now: datetime, batch: _Batch
+    ) -> None:
+        alert = outcome.alert
+        inc = self._flap_incident(outcome)
+        payload = {
+            "key": change.key,
+            "check": alert.alertname or alert.kind,
+            "changes": change.changes,
+            "within_min": int(FLAP_WINDOW.total_seconds() // 60),
+            "episode": change.episode,
+        }
+        covered = batch.cover(alert, inc.server if inc else alert.server) is not None
+        subject = inc.ref if inc is not None else (alert.customer or alert.server or "fleet")
+        self.events.append(
+            "incident.flapping",
+            subject[:200],
+            {**payload, "notified": inc is not None and not covered},
+            actor=alert.source,
+            ts=now,
+        )
+        if inc is None or covered:
+            return  # nobody to tell inside a window; no incident, no page to damp
+        with write_session(self.engine) as session:
+            schedule_flap_notice(session, inc.id, change.episode, now)
+        self._kick(inc.id, now)
+
+    def _steady(self, change: FlapChange, outcome: AlertOutcome, now: datetime) -> None:
+        inc = self._flap_incident(outcome)
+        subject = inc.ref if inc is not None else change.key
+        self.events.append(
+            "incident.flapping_ended",
+            subject[:200],
+            {"key": change.key, "episode": change.episode},
+            actor=outcome.alert.source,
+            ts=now,
+        )
+        if inc is not None:
+            release_held(self.engine, "flap", now, [inc.id])
+            self._kick(inc.id, now)
+
+    # -- resolved ----------------------------------------------------------------------------
+
+    def _resolved(self, alert: Alert, now: datetime, batch: _Batch) -> AlertOutcome:
         server = self._customer_server(alert) if alert.kind == "db_down" else alert.server
+        cleared = self._recovered_in_window(alert, self._where(alert, server, batch), now, batch)
         parent_key = f"server-down:{server}" if alert.kind == "db_down" and server else None
         customer: str | None = None
         with write_session(self.engine) as session:
@@ -196,7 +390,9 @@ class AlertIntake(IncidentDesk):
                 )
             self.events.append_many([ev])
         elif action == "unmatched":
-            if alert.source == "health":
+            if cleared:
+                action = "suppressed"  # it failed and cleared inside a window: noted there
+            elif alert.source == "health":
                 action = "ignored"  # every healthy check of every sweep: not news
             else:
                 self.events.append(

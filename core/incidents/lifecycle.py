@@ -34,9 +34,16 @@ from core.incidents.model import (
     parse_severity,
     ref,
 )
-from core.incidents.sla import SLA_THRESHOLD, _merge_downtime, credit_cents, downtime_from_timeline
+from core.incidents.sla import (
+    SLA_THRESHOLD,
+    Span,
+    _merge_downtime,
+    credit_cents,
+    downtime_from_timeline,
+)
 from core.notify import MessageRef
 from core.units import pretty_age
+from core.windows import Window, windows_overlapping
 from storage.events import NewEvent, StoredEvent
 from storage.models_incidents import IncidentRow, utc, write_session
 from storage.spool import record
@@ -249,6 +256,9 @@ class Incidents(AlertIntake):
             events.append(NewEvent("incident.resolved", ref(child), payload, actor=actor, ts=now))
         self.events.append_many(events)
         downtime = self.downtime(inc.id, until=now) if inc.is_outage else {}
+        raw = self.downtime(inc.id, until=now, maintenance=False) if inc.is_outage else {}
+        spared = {n: raw[n] - downtime.get(n, 0) for n in raw if raw[n] > downtime.get(n, 0)}
+        windows = [w.ref for w in self._windows_of(inc, now)] if spared else []
         credits = self.propose_credits(downtime)
         if credits:
             self.events.append_many(
@@ -259,17 +269,39 @@ class Incidents(AlertIntake):
             )
         if was_open:  # nobody acknowledged it: its pages are still asking
             self._settle_pages(inc, "resolved", actor, now)
-        return Resolution(inc, downtime, credits, children)
+        return Resolution(inc, downtime, credits, children, spared, windows)
 
     # -- SLA ---------------------------------------------------------------------------------
 
-    def downtime(self, incident_id: int | str, *, until: datetime | None = None) -> dict[str, int]:
+    def _windows_of(self, inc: Incident, end: datetime) -> list[Window]:
+        return windows_overlapping(self.engine, inc.opened_at, end, inc.server, inc.customers)
+
+    def _spans(self, inc: Incident, end: datetime) -> dict[str, list[Span]]:
+        """Per customer, the maintenance windows that covered it while the incident was open:
+        its server's and its own."""
+        windows = self._windows_of(inc, end)
+        return {
+            c: [
+                (w.starts_at, w.end)
+                for w in windows
+                if (w.target_kind == "server" and w.target == inc.server)
+                or (w.target_kind == "customer" and w.target == c)
+            ]
+            for c in inc.customers
+        }
+
+    def downtime(
+        self, incident_id: int | str, *, until: datetime | None = None, maintenance: bool = True
+    ) -> dict[str, int]:
         """Seconds of downtime per customer, from the timelines of the incident and of the
-        customers' incidents merged into it (overlaps are counted once per incident)."""
+        customers' incidents merged into it (overlaps are counted once per incident). Time
+        inside maintenance windows covering a customer is not counted (``maintenance=False``:
+        it is)."""
         inc = self.get(incident_id)
         end = utc(until or inc.resolved_at or self.clock())
         own = self.events.query(subject=inc.ref, limit=10_000)
-        parts = [downtime_from_timeline(own, inc.customers, end)]
+        spans = self._spans(inc, end) if maintenance else {}
+        parts = [downtime_from_timeline(own, inc.customers, end, spans)]
         for child_id in self._children(inc.id):
             child = self.get(child_id)
             child_end = min(end, child.resolved_at or end)
@@ -282,6 +314,7 @@ class Incidents(AlertIntake):
                     [e for e in child_events if merged_at is None or e.ts <= merged_at],
                     child.customers,
                     min(child_end, merged_at) if merged_at else child_end,
+                    self._spans(child, child_end) if maintenance else {},
                 )
             )
         return _merge_downtime(parts)
@@ -424,6 +457,8 @@ class Incidents(AlertIntake):
         if which == "resolved" and inc.status != "resolved":
             raise DbopsError(f"{inc.ref} is not resolved yet; resolve it with its cause first.")
         downtime = self.downtime(inc.id) if which == "resolved" and inc.is_outage else {}
+        raw = self.downtime(inc.id, maintenance=False) if downtime else {}
+        windows = self._windows_of(inc, inc.resolved_at or self.clock()) if downtime else []
         brand = mail.branding(self.fleet.business)
         if signature:
             brand["signature"] = signature
@@ -446,7 +481,12 @@ class Incidents(AlertIntake):
                 "note": note.strip(),
                 "cause": inc.cause or "",
                 "resolved": self._local(inc.resolved_at) if inc.resolved_at else "",
-                "downtime": pretty_age(downtime[name]) if name in downtime else "",
+                "downtime": pretty_age(downtime[name]) if downtime.get(name) else "",
+                "maintenance": self._maintenance_said(
+                    [w for w in windows if w.covers(inc.server, name)]
+                )
+                if raw.get(name, 0) > downtime.get(name, 0)
+                else "",
             }
             out.append(mail.render(f"incident-{which}", context, to=[customer.email]))
         return out
@@ -478,6 +518,15 @@ class Incidents(AlertIntake):
 
     def _local(self, ts: datetime | None) -> str:
         return ts.astimezone(self.tz).strftime("%Y-%m-%d %H:%M %Z") if ts else ""
+
+    def _maintenance_said(self, windows: Sequence[Window]) -> str:
+        """The windows as a customer reads them: "2026-03-02 09:00 EST to 09:45 EST"."""
+        return "; ".join(
+            f"{self._local(w.starts_at)} to {w.end.astimezone(self.tz).strftime('%H:%M %Z')}"
+            if w.starts_at.astimezone(self.tz).date() == w.end.astimezone(self.tz).date()
+            else f"{self._local(w.starts_at)} to {self._local(w.end)}"
+            for w in windows
+        )
 
 
 def _email_status(inc: Incident) -> str:

@@ -3,7 +3,7 @@ returns (an alert's outcome, a resolution, a credit proposal)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -191,6 +191,10 @@ class CreditProposal:
 @dataclass(frozen=True)
 class Resolution:
     incident: Incident
-    downtime_s: dict[str, int]
+    downtime_s: dict[str, int]  # what counts for the SLA: maintenance windows left out
     credits: list[CreditProposal]
     children: list[int]
+    # Downtime inside maintenance windows that covered the customers (not counted), and the
+    # windows ("mw-3").
+    maintenance_s: dict[str, int] = field(default_factory=dict)
+    windows: list[str] = field(default_factory=list)

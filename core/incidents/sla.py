@@ -5,11 +5,15 @@ firing) to when it recovers (its alert or the incident's resolves, mitigated, re
 one hour of downtime, resolving proposes a credit of the plan's monthly price pro-rated to the
 downtime (price * downtime / 30 days, in cents, rounded to the nearest cent). Outages are
 server-down and database-down incidents, and any P0 opened by hand.
+
+Downtime inside a maintenance window that covered the customer (its server's or its own;
+cancelled windows do not count) is not downtime for the SLA: it is left out before the
+threshold and the credit are worked out (``excluded``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from core.errors import DbopsError
@@ -32,12 +36,35 @@ def credit_cents(price_usd_month: int, downtime: timedelta) -> int:
     return (price_usd_month * 100 * secs * 2 + month) // (2 * month)
 
 
+Span = tuple[datetime, datetime]
+
+
+def _outside(start: datetime, end: datetime, excluded: Sequence[Span]) -> float:
+    """Seconds of ``[start, end)`` outside every span of ``excluded``."""
+    total = max(0.0, (end - start).total_seconds())
+    cut: list[Span] = []
+    for a, b in sorted(excluded):
+        a, b = max(a, start), min(b, end)
+        if a >= b:
+            continue
+        if cut and a <= cut[-1][1]:
+            cut[-1] = (cut[-1][0], max(cut[-1][1], b))
+        else:
+            cut.append((a, b))
+    return max(0.0, total - sum((b - a).total_seconds() for a, b in cut))
+
+
 def downtime_from_timeline(
-    timeline: Iterable[StoredEvent], customers: Iterable[str], until: datetime
+    timeline: Iterable[StoredEvent],
+    customers: Iterable[str],
+    until: datetime,
+    excluded: Mapping[str, Sequence[Span]] | None = None,
 ) -> dict[str, int]:
     """Seconds down per customer, walking an outage incident's events in order (see the module
     docstring for which events start and end a customer's downtime). Still down at the end of
-    the timeline counts up to ``until``."""
+    the timeline counts up to ``until``. ``excluded``: per customer, the spans (maintenance
+    windows) whose downtime does not count."""
+    spans = excluded or {}
     listed = list(customers)
     down_since: dict[str, datetime] = {}
     total: dict[str, float] = dict.fromkeys(listed, 0.0)
@@ -51,7 +78,7 @@ def downtime_from_timeline(
         for n in names:
             start = down_since.pop(n, None)
             if start is not None:
-                total[n] = total.get(n, 0.0) + max(0.0, (at - start).total_seconds())
+                total[n] = total.get(n, 0.0) + _outside(start, at, spans.get(n, ()))
 
     known: list[str] = []
     for ev in timeline:

@@ -10,6 +10,7 @@ import storage.models_billing
 import storage.models_history
 import storage.models_incidents
 import storage.models_jobs
+import storage.models_maintenance
 import storage.models_outbox  # noqa: F401
 
 target_metadata = SQLModel.metadata

@@ -1,7 +1,9 @@
-"""The restore forms' submits (bot/commands/restore.py opens them: ``FORM_ID`` restores a backup,
-``TO_FORM_ID`` restores to a moment): the typed name checked at once (a mismatch keeps the modal
-open, with the error, and is an event), then the restore run after the ack like any command,
-through the router: role check again, events."""
+"""The forms' submits. Restore (bot/commands/restore.py opens them: ``FORM_ID`` restores a
+backup, ``TO_FORM_ID`` restores to a moment): the typed name checked at once (a mismatch keeps
+the modal open, with the error, and is an event), then the restore run after the ack like any
+command, through the router: role check again, events. A maintenance window
+(bot/commands/maintenance.py, ``maintenance.FORM_ID``): each field checked at once (an error
+keeps the modal open under that field), then the window scheduled and announced the same way."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from bot.commands import maintenance
 from bot.commands.restore import (
     BACKUP_ACTION,
     BACKUP_BLOCK,
@@ -60,7 +63,7 @@ def _where(view: dict[str, Any]) -> tuple[str | None, str | None]:
 def register(app: AsyncApp, services: Services) -> list[str]:
     """The restore modals' submits (from a backup; to a moment): check the typed name now
     (Slack keeps the modal open with the error), then run the restore after the ack like any
-    command."""
+    command. The maintenance modal's: check its fields, then schedule it the same way."""
 
     async def refused(ack: AsyncAck, user: str, customer: str, payload: dict[str, Any]) -> None:
         await ack(
@@ -129,6 +132,28 @@ def register(app: AsyncApp, services: Services) -> list[str]:
 
         await run(ack, body, view, line, TO_FORM_ID, progress)
 
+    async def submitted_maintenance(
+        ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]
+    ) -> None:
+        """A maintenance window: every field checked now (the target is looked up, so off the
+        event loop); errors keep the modal open, each under its field."""
+        values = (view.get("state") or {}).get("values") or {}
+        form = maintenance.FormInput.from_state(values if isinstance(values, dict) else {})
+        rt = services.router.rt  # the runtime the commands run on
+        line, errors = await asyncio.get_running_loop().run_in_executor(
+            services.background.pool, lambda: maintenance.check_form(rt, form)
+        )
+        if line is None:
+            await ack(response_action="errors", errors=errors)
+            return
+        ops_channel = rt.settings.ops_channel
+
+        def progress(channel: str | None) -> dict[str, Any]:
+            return maintenance.progress_view(form.target, channel, ops_channel)
+
+        await run(ack, body, view, line, maintenance.FORM_ID, progress)
+
     app.view(FORM_ID)(submitted)
     app.view(TO_FORM_ID)(submitted_to)
-    return [FORM_ID, TO_FORM_ID]
+    app.view(maintenance.FORM_ID)(submitted_maintenance)
+    return [FORM_ID, TO_FORM_ID, maintenance.FORM_ID]
