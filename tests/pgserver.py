@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -153,11 +154,17 @@ class Databases:
         return sqlalchemy_url(psycopg.conninfo.make_conninfo(self.conninfo, dbname=name))
 
     def drop_all(self) -> None:
-        with psycopg.connect(self.conninfo, autocommit=True) as conn:
-            for name in self.made:
+        """Drops what was made, eight at a time: each DROP DATABASE waits for a checkpoint
+        (~0.5 s here), which drops running together share (70 databases: ~40 s -> ~8 s)."""
+
+        def drop(name: str) -> None:
+            with psycopg.connect(self.conninfo, autocommit=True) as conn:
                 conn.execute(
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
                 )
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(drop, self.made))
         self.made.clear()
 
 
