@@ -713,10 +713,17 @@ def _sshd_config(spec: dict[str, Any], authorized_keys: Path) -> str:
         ("MaxStartups", "50:30:100"),
         ("LogLevel", "ERROR"),
     ]
-    moved = _moved_clock_env()
-    if moved:
-        options.append(("SetEnv", " ".join(f'"{key}={value}"' for key, value in moved)))
+    # Sessions start in a home of the sandbox's own: bash sources ~/.bashrc for every command
+    # sshd runs, and a developer's (pyenv init, nvm, ...) costs ~150 ms a command, which a
+    # sweep pays for every check. A real server's user has its own; the sandbox's has none.
+    env = [("HOME", str(_session_home(spec))), *_moved_clock_env()]
+    options.append(("SetEnv", " ".join(f'"{key}={value}"' for key, value in env)))
     return "".join(f"{key} {value}\n" for key, value in options)
+
+
+def _session_home(spec: dict[str, Any]) -> Path:
+    """The (empty) home directory of the sandbox's SSH sessions."""
+    return Path(spec["sshd_dir"]) / "home"
 
 
 def _moved_clock_env() -> list[tuple[str, str]]:
@@ -756,6 +763,7 @@ def _start_sshd(spec: dict[str, Any], taken: set[int], authorized_keys: Path) ->
     base = Path(spec["sshd_dir"])
     config, log = base / "sshd_config", base / "sshd.log"
     result: CommandResult | None = None
+    _session_home(spec).mkdir(mode=0o700, exist_ok=True)
     for _attempt in range(3):
         config.write_text(_sshd_config(spec, authorized_keys), encoding="utf-8")
         runner = LocalRunner("sandbox")
