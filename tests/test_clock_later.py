@@ -75,7 +75,9 @@ def test_sshd_sessions_of_a_sandbox_under_libfaketime_get_its_clock(
     keys = tmp_path / "authorized_keys"
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("FAKETIME", "LD_PRELOAD"))}
     monkeypatch.setattr(os, "environ", clean)
-    assert "SetEnv" not in sandbox._sshd_config(spec, keys)
+    # Without libfaketime the sessions get only their own home (no ~/.bashrc of ours to run).
+    (line,) = [x for x in sandbox._sshd_config(spec, keys).splitlines() if x.startswith("SetEnv")]
+    assert line == f'SetEnv "HOME={tmp_path / "home"}"'
 
     moved = {
         "LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
@@ -86,7 +88,8 @@ def test_sshd_sessions_of_a_sandbox_under_libfaketime_get_its_clock(
     config = sandbox._sshd_config(spec, keys)
     (line,) = [x for x in config.splitlines() if x.startswith("SetEnv")]
     assert line == (
-        'SetEnv "FAKETIME=+365d" "FAKETIME_SHARED=/faketime_sem_1 /faketime_shm_1"'
+        f'SetEnv "HOME={tmp_path / "home"}"'
+        ' "FAKETIME=+365d" "FAKETIME_SHARED=/faketime_sem_1 /faketime_shm_1"'
         ' "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"'
     )
     # sshd accepts it (values with spaces quoted).
