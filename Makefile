@@ -160,6 +160,7 @@ bench: install
 	$(BIN)/python bench/events.py
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/escalation.py
+	$(BIN)/python bench/pitr.py
 	$(BIN)/python bench/ack.py
 	$(BIN)/python bench/worker_idle.py
 	$(BIN)/python bench/backups.py
