@@ -46,7 +46,7 @@ from tests.test_backups import (  # noqa: F401  (pool: a fixture; restore_server
     seeded_customer,
 )
 from tests.test_hostile_tenant import foreign_runs, tenant_counts
-from tests.test_pitr import _processes_naming, _scratch_dirs
+from tests.test_pitr import _scratch_dirs, _scratch_processes
 
 SERVER = "vps1"
 CAROL = "U0CAROL"
@@ -189,7 +189,7 @@ def test_a_point_in_time_restore_runs_nothing_of_a_hostile_tenant_as_anyone_else
     assert foreign == [], "\n".join(map(str, foreign))
     assert result.pitr is not None and result.pitr["steps"][-1] == "cleaned"
     assert not Path(scratch.scratch).exists() and _scratch_dirs(server) == []
-    assert _processes_naming(pitr.SCRATCH_PREFIX) == []
+    assert _scratch_processes(server) == []
 
     # The live cluster: the swap's load (into <db>_restore_<time>) evaluated the CHECK
     # constraints, and nothing of the tenant's ran as anyone else there, before or since.

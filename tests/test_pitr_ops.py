@@ -34,7 +34,7 @@ from core.report import render_status_text, render_text
 from storage.events import EventLog
 from storage.models_incidents import IncidentRow
 from tests.test_backups import Seeded, query, seeded_customer
-from tests.test_pitr import _admin, _processes_naming, _scratch_dirs, _server, _wait_archived
+from tests.test_pitr import _admin, _scratch_dirs, _scratch_processes, _server, _wait_archived
 
 SERVER = "vps1"
 CAROL, ALICE = "U0CAROL", "U0ALICE"
@@ -287,7 +287,7 @@ def test_weekly_physical_restore_test_is_recorded_like_the_dump_tests(
     (event,) = events.query(kind="backup.verified")
     assert event.subject == SERVER and event.payload["kind"] == "physical"
     assert event.payload["ok"] is True and event.payload["databases"] >= 3
-    assert _scratch_dirs(fleet.servers[0]) == [] and _processes_naming(pitr.SCRATCH_PREFIX) == []
+    assert _scratch_dirs(fleet.servers[0]) == [] and _scratch_processes(fleet.servers[0]) == []
 
 
 # --- Backups.restore_to_time, end to end ------------------------------------------------------
@@ -356,6 +356,6 @@ def test_restore_to_time_through_backups(
     assert query(other.conninfo, "SELECT count(*) FROM accounts")[0][0] == other_after
     status = json.loads((Path(result.pitr["path"]) / "status").read_text())
     assert status["source"] == "pitr" and status["ok"] is True
-    assert _scratch_dirs(server) == [] and _processes_naming(pitr.SCRATCH_PREFIX) == []
+    assert _scratch_dirs(server) == [] and _scratch_processes(server) == []
     kinds = [e.kind for e in events.query(subject=one.name) if e.kind.startswith("restore.")]
     assert "restore.pitr_dumped" in kinds and kinds[-1] == "restore.done"

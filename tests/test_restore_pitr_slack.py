@@ -51,8 +51,8 @@ from tests.test_backups import (  # noqa: F401  (restore_server_logs: autouse)
 from tests.test_blocks_contract import check_contract
 from tests.test_pitr import (  # noqa: F401  (pool, two_customers: fixtures)
     SERVER,
-    _processes_naming,
     _scratch_dirs,
+    _scratch_processes,
     _server,
     pool,
     two_customers,
@@ -218,7 +218,7 @@ def test_refusals_say_what_can_be_restored_and_change_nothing(
     # Nothing changed: the same database with the same rows, no scratch instance, and the log
     # has each refusal (three of the plan, one of the confirmed restore) and no restore begun.
     assert snapshot(customer) == before
-    assert _scratch_dirs(server) == [] and _processes_naming(pitr.SCRATCH_PREFIX) == []
+    assert _scratch_dirs(server) == [] and _scratch_processes(server) == []
     found = restore_events(router, name)
     assert [e.kind for e in found] == ["restore.refused"] * 4, found
     for said_, times in (("before the recovery window", 1), ("in the future", 1), ("disk", 2)):
@@ -403,7 +403,7 @@ def test_restore_to_a_moment_through_the_modal(
         # The other customer on the same server: its work after T still there.
         assert query(other.conninfo, "SELECT count(*) FROM accounts")[0][0] == other_after
         # No scratch instance left; the log has the dump taken from it, then the swap.
-        assert _scratch_dirs(server) == [] and _processes_naming(pitr.SCRATCH_PREFIX) == []
+        assert _scratch_dirs(server) == [] and _scratch_processes(server) == []
         kinds = [e.kind for e in restore_events(router, one.name)]
         assert "restore.pitr_dumped" in kinds and kinds[-1] == "restore.done", kinds
         (done,) = router.events.query(kind="restore.done", limit=10)
