@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -402,6 +403,15 @@ def archive_now(runner: Runner, server: Server, *, timeout: float = ARCHIVE_WAIT
 
 
 # --- a restore to a time: the plan -----------------------------------------------------------
+
+
+_TIME_OF_DAY = re.compile(r"^[0-9]{1,2}:[0-9]{2}")  # 02:00, 9:30:00-05:00
+
+
+def is_time_of_day(word: str) -> bool:
+    """Whether ``word`` starts like a time of day: the second half of a moment typed with a
+    space (`--to 2026-11-22 09:30`), which the command line split off into the next word."""
+    return bool(_TIME_OF_DAY.match(word))
 
 
 def parse_target(text: str, timezone: str) -> datetime:

@@ -66,7 +66,7 @@ from core.maintenance import (
 )
 from core.names import validate_server_name
 from core.notify import Message, MessageRef, NotifyError
-from core.pitr import parse_target
+from core.pitr import is_time_of_day, parse_target
 from core.units import parse_span, pretty_span
 from core.windows import Window, window_ref
 
@@ -86,7 +86,6 @@ REASON_SHOWN = 120  # a reason's characters in the list (the announcement shows 
 ERROR_MAX = 150  # a field's error under it in the modal
 NARROW = "/db maintenance list <server|customer>"
 EXAMPLE = "/db maintenance vps1 2h --at 2026-12-05T02:00 --notify kernel upgrade"
-_CLOCK = re.compile(r"^[0-9]{1,2}:[0-9]{2}")  # a time of day: 02:00, 9:30:00-05:00
 
 
 def service(rt: Rt) -> Maintenance:
@@ -298,7 +297,7 @@ def _schedule(call: Call) -> Reply:
             hint=f"E.g. `/db maintenance {target} {args['duration']} kernel upgrade`.",
         )
     at = args.get("at")
-    if at is not None and _CLOCK.match(reason):
+    if at is not None and is_time_of_day(reason):
         # `--at 2026-12-05 02:00`: the words split at the space, and the time of day landed
         # at the start of the reason.
         clock = reason.split()[0]

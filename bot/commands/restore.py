@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -60,7 +59,7 @@ from bot.views.blocks import Reply, escape
 from bot.views.render import local_time
 from core.backups import BackupInfo, RestoreFailed, RestorePreview, RestoreResult, parse_stamp
 from core.errors import DbopsError
-from core.pitr import Refused, RestorePlan, parse_target
+from core.pitr import Refused, RestorePlan, is_time_of_day, parse_target
 from core.units import pretty_age, pretty_bytes
 from storage.spool import RECORD_LATER
 
@@ -73,11 +72,10 @@ OPTIONS_MAX = 100  # Slack's limit for a static select
 OPTION_TEXT_MAX = 75
 TO_FORM_ID = "db_restore_to"  # the point-in-time modal's callback_id
 TO_MAX = 64  # longer than any ISO 8601 moment
-_CLOCK = re.compile(r"^[0-9]{1,2}:[0-9]{2}")  # a time of day: 09:30, 9:30:00-05:00
 
 
 def _backup(value: str) -> str:
-    if _CLOCK.match(value):
+    if is_time_of_day(value):
         # `--to 2026-11-22 09:30`: the words split at the space, and the time of day landed
         # where a backup's name goes.
         raise DbopsError(
